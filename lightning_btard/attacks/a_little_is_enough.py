@@ -1,0 +1,67 @@
+"""A little is enough: colluders send ``mu - z * sigma`` of their honest gradients, coordinate-wise.
+
+From Baruch et al., 2019, "A Little Is Enough: Circumventing Defenses For Distributed Learning".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from statistics import NormalDist
+from typing import ClassVar, Optional
+
+import torch
+from torch import Tensor
+
+from lightning_btard.attacks.base import Attack, AttackContext
+
+__all__ = ["ALittleIsEnough", "alie_z_max"]
+
+
+def alie_z_max(n: int, f: int) -> float:
+    """The paper's ``z_max`` for ``n`` peers of which ``f`` are Byzantine.
+
+    ``s = floor(n/2 + 1) - f`` honest peers must be won over; ``z_max = Phi^{-1}((n - s) / n)``.
+    """
+    s = math.floor(n / 2 + 1) - f
+    if not 0 < s < n:
+        raise ValueError(
+            f"ALittleIsEnough's z_max is undefined for n={n} peers with f={f} Byzantine "
+            f"(needs 0 < floor(n/2 + 1) - f < n): pass z explicitly"
+        )
+    return NormalDist().inv_cdf((n - s) / n)
+
+
+class ALittleIsEnough(Attack):
+    """Every attacker sends ``mu - z * sigma``: the colluders' coordinate-wise mean and standard deviation.
+
+    ``sigma`` is the unbiased (Bessel-corrected) standard deviation over the colluders, as in the
+    paper's code; with a single colluder it is 0. With ``z=None`` the paper's ``z_max`` is
+    recomputed at every attack from the peers taking part and the number of colluders.
+
+    Args:
+        z: how many standard deviations to shift by (``None``: the paper's ``z_max``).
+    """
+
+    colluding: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        byzantine: Sequence[int],
+        attack_start: int = 0,
+        attack_every: int = 1,
+        ban_prob: Optional[float] = None,
+        seed: int = 0,
+        z: Optional[float] = None,
+    ) -> None:
+        super().__init__(byzantine, attack_start, attack_every, ban_prob, seed)
+        self.z = None if z is None else float(z)
+
+    def attack_gradient(self, gradient: Tensor, ctx: AttackContext) -> Tensor:
+        peers = self.colluders_gradients
+        if peers.dtype.itemsize < 4:
+            peers = peers.to(torch.float32)
+        k = peers.shape[0]
+        z = self.z if self.z is not None else alie_z_max(ctx.world_size, k)
+        sigma, mu = torch.std_mean(peers, dim=0, correction=1 if k > 1 else 0)
+        return mu.sub_(sigma, alpha=z).to(gradient.dtype).view_as(gradient)

@@ -1,0 +1,157 @@
+"""The attack interface: simulated Byzantine peers as Lightning Callbacks.
+
+An attack names its Byzantine peers (ranks), when it starts and how often it fires. The strategy
+calls :meth:`Attack.on_before_aggregate` on every peer once per optimizer step, just before the
+flat gradient is aggregated (not in ``on_after_backward``, which fires once per micro-batch under
+gradient accumulation); attacks on the data use the ordinary Callback hooks. ``ban_prob`` is the
+released BTARD code's cheap detection *simulation*: after each attack the attacker is caught with
+this probability and from then on behaves honestly (as if replaced by an honest peer).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from lightning_btard.transports.base import Transport
+
+__all__ = ["Attack", "AttackContext", "honest_norm", "seeded_direction"]
+
+log = logging.getLogger("lightning_btard.attacks")
+
+
+@dataclass
+class AttackContext:
+    """What an attack may know when it fires: the step, who it is, and the run."""
+
+    step: int
+    """Optimizer step about to be taken (``trainer.global_step``)."""
+    rank: int
+    """This peer's id (its global rank on torch.distributed)."""
+    world_size: int
+    """Peers taking part in this step's aggregation."""
+    trainer: Optional["pl.Trainer"] = None
+    pl_module: Optional["pl.LightningModule"] = None
+
+
+class Attack(pl.Callback):
+    """Base class of every attack. Subclasses override :meth:`attack_gradient` and/or Callback hooks.
+
+    Args:
+        byzantine: ranks of the attacking peers (the same list on every peer).
+        attack_start: first step at which the attack fires.
+        attack_every: fire every this many steps from ``attack_start``.
+        ban_prob: the released code's simulated detection (``None``: no simulation).
+        seed: seed of the simulation's coin flips and of any shared random choice of the colluders.
+    """
+
+    colluding: ClassVar[bool] = False
+    """Whether the attackers exchange their honest gradients among themselves (set up by the strategy)."""
+
+    def __init__(
+        self,
+        byzantine: Sequence[int],
+        attack_start: int = 0,
+        attack_every: int = 1,
+        ban_prob: Optional[float] = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if attack_every < 1:
+            raise ValueError(f"attack_every must be >= 1, got {attack_every}")
+        if ban_prob is not None and not 0.0 <= ban_prob <= 1.0:
+            raise ValueError(f"ban_prob must be in [0, 1] or None, got {ban_prob}")
+        self.byzantine = sorted({int(r) for r in byzantine})
+        self.attack_start = int(attack_start)
+        self.attack_every = int(attack_every)
+        self.ban_prob = ban_prob
+        self.seed = int(seed)
+        self.caught = False
+        self.fired_steps: list[int] = []
+        self.collusion: Optional["Transport"] = None
+        self._coin: Optional[random.Random] = None
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def scheduled(self, step: int) -> bool:
+        """Whether the schedule fires at ``step`` (for any attacker, caught or not)."""
+        return step >= self.attack_start and (step - self.attack_start) % self.attack_every == 0
+
+    def is_attacking(self, step: int, rank: int) -> bool:
+        """Whether peer ``rank`` attacks at ``step``."""
+        return rank in self.byzantine and not self.caught and self.scheduled(step)
+
+    def on_before_aggregate(self, gradient: Tensor, ctx: AttackContext) -> Tensor:
+        """Called by the strategy on every peer, once per step; returns the gradient this peer sends."""
+        if ctx.rank not in self.byzantine or not self.scheduled(ctx.step):
+            return gradient
+        if self.colluding:
+            if self.collusion is None:
+                raise RuntimeError(f"{self.name} is a colluding attack but the strategy gave it no collusion channel")
+            k, d = self.collusion.world_size, gradient.numel()
+            peers = self.collusion.gather_parts(gradient, [d] * k).view(k, d)
+            self.colluders_gradients = peers
+        if self.caught:
+            return gradient
+        out = self.attack_gradient(gradient, ctx)
+        self._record(ctx)
+        return out
+
+    def attack_gradient(self, gradient: Tensor, ctx: AttackContext) -> Tensor:
+        """The malicious gradient to send instead of ``gradient`` (default: unchanged, for data attacks)."""
+        return gradient
+
+    def _record(self, ctx: AttackContext) -> None:
+        self.fired_steps.append(ctx.step)
+        if len(self.fired_steps) == 1 or len(self.fired_steps) % 100 == 0:
+            log.warning("peer %d: %s fired at step %d (%d times so far)", ctx.rank, self.name, ctx.step, len(self.fired_steps))
+        if self.ban_prob is not None:
+            if self._coin is None:
+                self._coin = random.Random(f"{self.seed}/{ctx.rank}/{self.name}")
+            if self._coin.random() < self.ban_prob:
+                self.caught = True
+                log.warning("peer %d: %s simulated ban at step %d (ban_prob=%s): honest from now on", ctx.rank, self.name, ctx.step, self.ban_prob)
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", *args: Any, **kwargs: Any) -> None:
+        """Log how many peers fired this attack at the step just taken (summed over peers)."""
+        fired = float(bool(self.fired_steps) and self.fired_steps[-1] == trainer.global_step - 1)
+        pl_module.log(f"attack/{self.name}", fired, on_step=True, on_epoch=False, reduce_fx="sum", sync_dist=True, batch_size=1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"caught": self.caught, "fired_steps": list(self.fired_steps), "coin": self._coin.getstate() if self._coin else None}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.caught = state_dict["caught"]
+        self.fired_steps = list(state_dict["fired_steps"])
+        if state_dict.get("coin") is not None:
+            self._coin = random.Random()
+            self._coin.setstate(state_dict["coin"])
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(byzantine=tuple(self.byzantine), start=self.attack_start)
+
+    def __repr__(self) -> str:
+        return f"{self.name}(byzantine={self.byzantine}, attack_start={self.attack_start}, attack_every={self.attack_every}, ban_prob={self.ban_prob})"
+
+
+def honest_norm(gradient: Tensor) -> Tensor:
+    """Norm of this peer's honest gradient, in float64 (what scaled attacks measure against)."""
+    return gradient.double().norm().to(gradient.dtype)
+
+
+def seeded_direction(numel: int, seed: int, like: Tensor) -> Tensor:
+    """A unit random direction that every colluder derives identically from ``seed``."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    z = torch.randn(numel, generator=gen, dtype=torch.float64)
+    return (z / z.norm()).to(dtype=like.dtype, device=like.device)

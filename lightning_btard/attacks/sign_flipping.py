@@ -1,0 +1,38 @@
+"""Sign flipping: the attacker sends its honest gradient times a large negative ``scale``.
+
+From the released BTARD code (``SignFlipper``, which multiplied the gradient by -1000).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
+
+from torch import Tensor
+
+from lightning_btard.attacks.base import Attack, AttackContext
+
+__all__ = ["SignFlipping"]
+
+
+class SignFlipping(Attack):
+    """Send ``scale * g`` instead of the honest gradient ``g``.
+
+    Args:
+        scale: factor applied to the honest gradient (the released code's default is -1000).
+    """
+
+    def __init__(
+        self,
+        byzantine: Sequence[int],
+        attack_start: int = 0,
+        attack_every: int = 1,
+        ban_prob: Optional[float] = None,
+        seed: int = 0,
+        scale: float = -1000.0,
+    ) -> None:
+        super().__init__(byzantine, attack_start, attack_every, ban_prob, seed)
+        self.scale = float(scale)
+
+    def attack_gradient(self, gradient: Tensor, ctx: AttackContext) -> Tensor:
+        return gradient * self.scale

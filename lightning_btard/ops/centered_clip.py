@@ -1,0 +1,196 @@
+"""CenteredClip: the robust aggregate of a few vectors, solved to a stated residual.
+
+The aggregate of rows ``x_1..x_n`` with weights ``w_i`` is the fixed point ``v`` of
+
+    sum_i w_i * min(1, tau / ||x_i - v||) * (x_i - v) = 0,
+
+the minimiser of ``sum_i w_i * huber_tau(||x_i - v||)``. The released BTARD code took up to 500 plain
+steps ``v += sum_i w_i c_i (x_i - v) / sum_i w_i`` from the coordinate-wise median, which stops short
+of the fixed point when ``tau`` is small against the spread of the rows. The verification protocol
+checks the fixed point, so here we solve for it: reweighting ``v = sum_i w_i c_i x_i / sum_i w_i c_i``
+(the same fixed points, monotone in the Huber objective) reaches a residual of 1e-12 in tens of steps.
+
+Speed: every iterate lies in ``v0 + span(x_i - v0)``, so the iterations run on the small ``n x n``
+Gram matrix of the centred rows (float64) and the full vectors are touched a constant number of
+times per pass. A pass ends by measuring the residual on the full vectors; a second pass, centred
+on the first pass's result, corrects what float32 rounding in the first Gram matrix left.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from lightning_btard.ops.finite import finite_rows
+from lightning_btard.ops.median import coordinate_median
+
+__all__ = ["CenteredClipResult", "centered_clip", "centered_clip_with_stats", "clip_coefficients"]
+
+_MAX_PASSES = 4
+
+
+@dataclass(frozen=True)
+class CenteredClipResult:
+    """The aggregate and how it was reached."""
+
+    value: Tensor
+    """``[d]`` aggregate, in the input's dtype (float32 for half-precision inputs)."""
+    iterations: int
+    """Reweighting iterations in all passes (0 for ``tau=inf``)."""
+    residual: float
+    """``||sum_i w_i c_i (x_i - v)|| / sum_i w_i`` at the returned ``v``, measured on the full vectors."""
+    clipped: int
+    """How many rows (with a positive weight) lie farther than ``tau`` from ``v``."""
+    converged: bool
+    """Whether ``residual <= eps`` was reached within ``max_iters``."""
+
+
+def clip_coefficients(distances: Tensor, tau: float) -> Tensor:
+    """``min(1, tau / distance)``, with 1 for a zero distance."""
+    if math.isinf(tau):
+        return torch.ones_like(distances)
+    return torch.where(distances > tau, tau / distances.clamp_min(torch.finfo(distances.dtype).tiny), 1.0)
+
+
+class _Workspace(threading.local):
+    """Per-thread reusable buffers: allocating (and page-faulting) a fresh ``[n, d]`` block costs more
+    than the whole aggregation on a CPU, and the strategy calls us with the same shape every step."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, Tensor] = {}
+
+    def get(self, shape: tuple[int, ...], like: Tensor, slot: str) -> Tensor:
+        key = (slot, shape, like.dtype, like.device)
+        buf = self.buffers.get(key)
+        if buf is None:
+            for old in [k for k in self.buffers if k[0] == slot]:
+                del self.buffers[old]  # keep one shape per slot
+            buf = self.buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return buf
+
+
+_workspace = _Workspace()
+
+
+def _validate(x: Tensor, tau: float, weights: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    if x.dim() != 2:
+        raise ValueError(f"centered_clip expects an [n, d] tensor, got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError("centered_clip needs at least one row")
+    if not (tau > 0):
+        raise ValueError(f"tau must be positive (or inf), got {tau}")
+    if not x.is_floating_point():
+        raise ValueError(f"centered_clip expects a floating-point tensor, got {x.dtype}")
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    if not bool(finite_rows(x).all()):
+        raise ValueError("centered_clip got non-finite values (NaN or Inf): such inputs are malformed, not aggregated")
+    if weights is None:
+        w = torch.ones(x.shape[0], dtype=torch.float64, device=x.device)
+    else:
+        w = torch.as_tensor(weights, device=x.device).to(torch.float64).flatten()
+        if w.shape[0] != x.shape[0]:
+            raise ValueError(f"got {w.shape[0]} weights for {x.shape[0]} rows")
+        if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+            raise ValueError("weights must be finite and non-negative")
+        if not float(w.sum()) > 0:
+            raise ValueError("weights sum to zero: nothing to aggregate")
+    return x, w
+
+
+def _solve_in_span(gram: Tensor, w: Tensor, tau: float, eps: float, budget: int) -> tuple[Tensor, int]:
+    """Reweighting iterations in the coordinates ``u = sum_j beta_j d_j`` of the centred rows ``d_j``.
+
+    ``gram`` is ``[m, m]`` float64 (``d_i . d_j``). Stops when a step moves ``u`` by less than
+    ``eps / 100`` (the full-vector residual, measured by the caller, is what certifies the result).
+    """
+    diag = gram.diagonal()
+    beta = torch.zeros_like(w)
+    for it in range(1, budget + 1):
+        g_beta = gram @ beta
+        dist = (diag - 2 * g_beta + beta @ g_beta).clamp_min(0).sqrt()
+        wc = w * clip_coefficients(dist, tau)
+        new_beta = wc / wc.sum()
+        delta = new_beta - beta
+        beta = new_beta
+        if float(delta @ gram @ delta) <= (eps * 1e-2) ** 2:
+            return beta, it
+    return beta, budget
+
+
+def centered_clip_with_stats(
+    x: Tensor,
+    tau: float,
+    weights: Optional[Tensor] = None,
+    *,
+    max_iters: int = 500,
+    eps: float = 1e-6,
+) -> CenteredClipResult:
+    """CenteredClip of the rows of ``x`` (``[n, d]``), with how it was reached. See :func:`centered_clip`."""
+    x, w = _validate(x, float(tau), weights)
+    tau = float(tau)
+    active = w > 0
+    if not bool(active.all()):
+        x, w = x[active], w[active]
+    w_total = w.sum()
+    n, d = x.shape
+
+    if math.isinf(tau) or n == 1:
+        value = (w / w_total).to(x.dtype) @ x
+        return CenteredClipResult(value=value, iterations=0, residual=0.0, clipped=0, converged=True)
+
+    work = _workspace.get((n, d), x, "rows")
+    v = coordinate_median(x, workspace=work)  # the released code's starting point
+    iterations = 0
+    residual = math.inf
+    clipped = 0
+    for _ in range(_MAX_PASSES):
+        torch.sub(x, v, out=work)  # d_i = x_i - v
+        gram = (work @ work.T).double()
+        coef = clip_coefficients(gram.diagonal().clamp_min(0).sqrt(), tau)
+        clipped = int((coef < 1).sum())
+        r = ((w * coef) / w_total).to(x.dtype) @ work
+        residual = float(r.double().norm())
+        if residual <= eps or iterations >= max_iters:
+            break
+        beta, spent = _solve_in_span(gram, w, tau, eps, max_iters - iterations)
+        iterations += spent
+        v = v + beta.to(x.dtype) @ work
+    converged = residual <= eps
+    if not converged:
+        warnings.warn(
+            f"centered_clip stopped short of the fixed point: residual {residual:.3g} > eps {eps:.3g} after "
+            f"{iterations} iterations (raise max_iters, or eps if the inputs are too large for float32)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return CenteredClipResult(value=v, iterations=iterations, residual=residual, clipped=clipped, converged=converged)
+
+
+def centered_clip(
+    x: Tensor,
+    tau: float,
+    weights: Optional[Tensor] = None,
+    *,
+    max_iters: int = 500,
+    eps: float = 1e-6,
+) -> Tensor:
+    """Robust aggregate of the rows of ``x``: the fixed point of CenteredClip with radius ``tau``.
+
+    Args:
+        x: ``[n, d]`` rows to aggregate.
+        tau: clipping radius; ``float("inf")`` gives the (weighted) mean.
+        weights: ``[n]`` non-negative weights (default: all ones); rows of weight 0 are ignored.
+        max_iters: cap on reweighting iterations; a result that stopped short warns.
+        eps: target residual ``||sum_i w_i c_i (x_i - v)|| / sum_i w_i``.
+
+    Returns:
+        ``[d]`` aggregate. Raises ``ValueError`` on non-finite inputs, bad shapes or bad weights.
+    """
+    return centered_clip_with_stats(x, tau, weights, max_iters=max_iters, eps=eps).value

@@ -1,0 +1,1 @@
+"""The BTARD protocol: rounds as explicit phases over a transport."""

@@ -1,0 +1,85 @@
+"""ButterflyClip: one aggregation round of BTARD without verification.
+
+Every peer cuts its flat gradient into ``n`` parts and sends part ``j`` to peer ``j`` (the
+aggregator of part ``j``); peer ``j`` aggregates the ``n`` copies of its part (CenteredClip, or any
+aggregator); every peer gathers all aggregated parts. Each peer sends ``(n-1)/n`` of its gradient
+and receives the same amount back, like a ring all-reduce. The aggregators' statistics travel with
+the parts, so every peer learns every part's statistics without another collective.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from lightning_btard.aggregators.base import STAT_KEYS, Aggregator
+from lightning_btard.ops.finite import finite_rows
+from lightning_btard.ops.partition import part_sizes
+from lightning_btard.transports.base import Transport
+
+__all__ = ["ButterflyStats", "ROUND_STAT_KEYS", "butterfly_aggregate"]
+
+ROUND_STAT_KEYS = STAT_KEYS + ("malformed",)
+"""Per-part statistics of a round: the aggregator's, and how many parts were malformed (non-finite)."""
+
+
+@dataclass
+class ButterflyStats:
+    """What one round did, identical on every peer except the timings."""
+
+    part_stats: Tensor
+    """``[n, len(ROUND_STAT_KEYS)]``: each part's statistics (clipped, iterations, residual, malformed)."""
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Wall time of each phase on this peer: scatter, aggregate, gather."""
+    bytes_sent: int = 0
+
+    def summary(self) -> dict[str, float]:
+        """Totals over parts: clipped rows summed, iterations and residual at their maximum."""
+        s = self.part_stats
+        out = {
+            "clipped": float(s[:, 0].sum()),
+            "iterations": float(s[:, 1].max()),
+            "residual": float(s[:, 2].max()),
+            "malformed": float(s[:, 3].sum()),
+        }
+        out.update({f"time_{k}": v for k, v in self.seconds.items()})
+        return out
+
+
+def butterfly_aggregate(
+    flat: Tensor, transport: Transport, aggregator: Aggregator, weights: Optional[Tensor] = None
+) -> tuple[Tensor, ButterflyStats]:
+    """Aggregate every peer's ``flat`` (same size everywhere) part by part; returns the aggregate and stats."""
+    n, me = transport.world_size, transport.rank
+    sizes = part_sizes(flat.numel(), n)
+    t0 = time.perf_counter()
+    received = transport.scatter_parts(flat, sizes)
+    t1 = time.perf_counter()
+    ok = finite_rows(received)
+    malformed = int((~ok).sum())
+    if malformed:  # a non-finite part is malformed: never aggregated (the verification protocol bans its sender)
+        received = torch.where(ok[:, None], received, torch.zeros((), dtype=received.dtype, device=received.device))
+        mask = ok.to(torch.float64)
+        weights = mask if weights is None else weights.to(torch.float64) * mask
+    result = aggregator(received, weights)
+    values = [result.stats[k] for k in STAT_KEYS] + [float(malformed)]
+    stats = torch.tensor(values, dtype=flat.dtype, device=flat.device)
+    t2 = time.perf_counter()
+    k = len(ROUND_STAT_KEYS)
+    packed = transport.gather_parts(torch.cat([result.value.to(flat.dtype), stats]), [s + k for s in sizes])
+    t3 = time.perf_counter()
+    bounds = torch.tensor([0] + [s + k for s in sizes]).cumsum(0).tolist()
+    chunks = [packed[bounds[i] : bounds[i + 1]] for i in range(n)]
+    aggregate = torch.cat([c[:-k] for c in chunks])
+    part_stats = torch.stack([c[-k:] for c in chunks]).double().cpu()
+    elem = flat.element_size()
+    sent = (flat.numel() - sizes[me]) * elem + (n - 1) * (sizes[me] + k) * elem
+    return aggregate, ButterflyStats(
+        part_stats=part_stats,
+        seconds={"scatter": t1 - t0, "aggregate": t2 - t1, "gather": t3 - t2},
+        bytes_sent=sent,
+    )

@@ -1,0 +1,341 @@
+"""BTARDStrategy: Lightning's multi-process training with BTARD robust aggregation instead of DDP.
+
+There is no DistributedDataParallel wrapper. After backward (after ``on_after_backward``, once per
+optimizer step under gradient accumulation) and before ``on_before_optimizer_step``, gradient
+clipping and ``optimizer.step``, the flat gradient of the optimizer's parameters is replaced by its
+ButterflyClip aggregate over all peers. Everything else — launching, devices, precision,
+checkpoints — is Lightning's, as in its DDP strategy.
+
+Buffers (e.g. BatchNorm running statistics) are *not* aggregated: every peer keeps its own, as
+computed from its own batches, and rank 0's are the ones checkpointed. A Byzantine peer could
+poison any buffer it were allowed to share; parameters, which are shared, stay identical on every
+peer (checked every ``check_params_every`` steps).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, Literal, Optional, Union
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from lightning_fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning_fabric.utilities.distributed import _init_dist_connection
+from lightning_fabric.utilities.optimizer import _optimizers_to_device
+from lightning_fabric.utilities.seed import reset_seed
+from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
+from pytorch_lightning.plugins.precision import Precision
+from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
+from pytorch_lightning.strategies import StrategyRegistry
+from pytorch_lightning.strategies.parallel import ParallelStrategy
+from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_btard.aggregators import Aggregator, resolve_aggregator
+from lightning_btard.attacks.base import Attack, AttackContext
+from lightning_btard.ops.partition import assign_grads, flatten_grads, trainable_params
+from lightning_btard.protocol.butterfly import ButterflyStats, butterfly_aggregate
+from lightning_btard.transports.base import Transport
+from lightning_btard.transports.torch_distributed import TorchDistributedTransport
+
+__all__ = ["BTARDStrategy"]
+
+log = logging.getLogger(__name__)
+
+
+class BTARDStrategy(ParallelStrategy):
+    """Multi-process training where gradients are combined by BTARD's ButterflyClip.
+
+    Args:
+        tau: CenteredClip radius (per part). ``float("inf")`` averages.
+        aggregator: a registered aggregator name (``"centered_clip"``, ``"mean"``) or an object
+            ``(parts [n, d], weights [n] | None) -> AggregationResult``.
+        eps: CenteredClip's target residual.
+        max_iters: cap on CenteredClip iterations.
+        check_params_every: every this many steps, check (and log) that every peer holds identical parameters.
+        backend: the transport: ``"torch"`` (torch.distributed).
+        process_group_backend: ``"gloo"`` / ``"nccl"``; default by device.
+        timeout: collective timeout.
+        start_method: ``"popen"`` (a script re-launched per process, like Lightning's ``ddp``) or
+            ``"spawn"``/``"fork"``/``"forkserver"``.
+    """
+
+    strategy_name = "btard"
+
+    def __init__(
+        self,
+        tau: float = 1.0,
+        aggregator: Union[str, Callable[..., Any]] = "centered_clip",
+        eps: float = 1e-6,
+        max_iters: int = 500,
+        check_params_every: int = 100,
+        backend: Literal["torch"] = "torch",
+        process_group_backend: Optional[str] = None,
+        timeout: Union[float, timedelta] = 1800.0,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        accelerator: Optional["pl.accelerators.Accelerator"] = None,
+        parallel_devices: Optional[list[torch.device]] = None,
+        cluster_environment: Optional[ClusterEnvironment] = None,
+        checkpoint_io: Optional[CheckpointIO] = None,
+        precision_plugin: Optional[Precision] = None,
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+        )
+        if backend != "torch":
+            raise ValueError(f"unknown BTARD backend {backend!r}: this version supports backend='torch'")
+        if check_params_every < 1:
+            raise ValueError(f"check_params_every must be >= 1, got {check_params_every}")
+        self.tau = float(tau)
+        self.aggregator: Aggregator = resolve_aggregator(aggregator, tau=self.tau, eps=eps, max_iters=max_iters)
+        self.check_params_every = int(check_params_every)
+        self.backend = backend
+        self._process_group_backend = process_group_backend
+        self._timeout = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
+        self._start_method = start_method
+        self._num_nodes = 1
+        self.transport: Optional[Transport] = None
+        self.last_round: Optional[ButterflyStats] = None
+        self._round_seconds = 0.0
+
+    # ----------------------------------------------------------------- devices and processes
+    @property
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    def num_nodes(self) -> int:
+        return self._num_nodes
+
+    @num_nodes.setter
+    def num_nodes(self, num_nodes: int) -> None:
+        self._num_nodes = num_nodes
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    def is_distributed(self) -> bool:
+        """Tells Lightning to install its distributed sampler and to sync ``self.log(sync_dist=True)``."""
+        return True
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        return {"num_replicas": self.num_nodes * self.num_processes, "rank": self.global_rank}
+
+    @property
+    def process_group_backend(self) -> str:
+        return self._process_group_backend or ("nccl" if self.root_device.type == "cuda" else "gloo")
+
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        if self._start_method == "popen":
+            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+        else:
+            self._launcher = _MultiProcessingLauncher(self, start_method=self._start_method)
+
+    def set_world_ranks(self) -> None:
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
+
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        reset_seed()
+        self.set_world_ranks()
+        assert self.cluster_environment is not None
+        kwargs: dict[str, Any] = {"timeout": self._timeout}
+        if self.root_device.type != "cpu":
+            kwargs["device_id"] = self.root_device
+        _init_dist_connection(self.cluster_environment, self.process_group_backend, **kwargs)
+        self.transport = TorchDistributedTransport()
+
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
+
+    def setup(self, trainer: "pl.Trainer") -> None:
+        assert self.accelerator is not None and self.model is not None
+        self.accelerator.setup(trainer)
+        self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        self._broadcast_module_state()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+            self._setup_attacks(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING:
+            _optimizers_to_device(self.optimizers, self.root_device)
+            self._check_manual_optimization()
+            rank_zero_info(f"BTARD: {self.world_size} peers, aggregator {self.aggregator!r}, transport {self.backend}")
+
+    def _broadcast_module_state(self) -> None:
+        """Start every peer from rank 0's parameters and buffers (nothing else does it without DDP)."""
+        assert self.model is not None and self.transport is not None
+        with torch.no_grad():
+            for tensor in list(self.model.parameters()) + list(self.model.buffers()):
+                self.transport.broadcast_tensor_(tensor.data, src=0)
+
+    def _setup_attacks(self, trainer: "pl.Trainer") -> None:
+        """Give colluding attacks their channel among the Byzantine peers (a collective: every peer calls it)."""
+        assert self.transport is not None
+        for attack in self._attacks(trainer):
+            if attack.colluding:
+                attack.collusion = self.transport.subgroup(attack.byzantine)
+
+    def _check_manual_optimization(self) -> None:
+        module = self.lightning_module
+        if module is not None and not module.automatic_optimization:
+            rank_zero_info(
+                "BTARD with manual optimization: gradients are aggregated at every `optimizer.step()`; "
+                "every peer must call it the same number of times."
+            )
+
+    @staticmethod
+    def _attacks(trainer: Optional["pl.Trainer"]) -> list[Attack]:
+        return [cb for cb in (trainer.callbacks if trainer is not None else []) if isinstance(cb, Attack)]
+
+    # ----------------------------------------------------------------- the aggregation
+    def optimizer_step(
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: Optional[Union["pl.LightningModule", torch.nn.Module]] = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Run the closure (forward, backward), replace the gradients by their aggregate, then step."""
+
+        def closure_then_aggregate() -> Any:
+            result = closure()
+            self.aggregate_gradients(optimizer)
+            return result
+
+        output = super().optimizer_step(optimizer, closure_then_aggregate, model, **kwargs)
+        self._log_round()
+        return output
+
+    def aggregate_gradients(self, optimizer: Optimizer) -> None:
+        """Replace the gradients of ``optimizer``'s parameters with the ButterflyClip aggregate over all peers."""
+        assert self.transport is not None
+        start = time.perf_counter()
+        params = trainable_params(optimizer.param_groups)
+        flat = flatten_grads(params)
+        scale = self._grad_scale()
+        if scale is not None:
+            flat.div_(scale)
+            if self._any_peer_overflowed(flat):
+                # fp16 overflow somewhere: every peer skips this step together (the scaler sees inf and backs off)
+                assign_grads(params, torch.full_like(flat, float("inf")))
+                self.last_round = None
+                return
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        ctx = AttackContext(
+            step=trainer.global_step if trainer is not None else 0,
+            rank=self.global_rank,
+            world_size=self.transport.world_size,
+            trainer=trainer,
+            pl_module=self.lightning_module,
+        )
+        for attack in self._attacks(trainer):
+            flat = attack.on_before_aggregate(flat, ctx)
+        aggregate, stats = butterfly_aggregate(flat, self.transport, self.aggregator)
+        if scale is not None:
+            aggregate.mul_(scale)
+        assign_grads(params, aggregate)
+        self.last_round = stats
+        self._round_seconds = time.perf_counter() - start
+
+    def _grad_scale(self) -> Optional[float]:
+        scaler = getattr(self.precision_plugin, "scaler", None)
+        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None
+
+    def _any_peer_overflowed(self, flat: Tensor) -> bool:
+        assert self.transport is not None
+        mine = torch.tensor([0.0 if bool(torch.isfinite(flat).all()) else 1.0], device=flat.device)
+        return bool(self.transport.all_reduce(mine, "max").item() > 0)
+
+    def _log_round(self) -> None:
+        module, stats = self.lightning_module, self.last_round
+        if module is None or stats is None or module._current_fx_name is None:
+            return
+        summary = stats.summary()
+        metrics = {
+            "btard/clipped": summary["clipped"],
+            "btard/cc_iterations": summary["iterations"],
+            "btard/cc_residual": summary["residual"],
+            "btard/malformed": summary.get("malformed", 0.0),
+            "btard/time_aggregation": self._round_seconds,
+            "btard/time_scatter": summary["time_scatter"],
+            "btard/time_aggregate": summary["time_aggregate"],
+            "btard/time_gather": summary["time_gather"],
+            "btard/mbytes_sent": stats.bytes_sent / 2**20,
+        }
+        module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+        module.log("btard/clipped_bar", summary["clipped"], prog_bar=True, on_step=True, on_epoch=False, batch_size=1, logger=False)
+        trainer = module.trainer
+        if trainer.global_step % self.check_params_every == 0:
+            module.log("btard/params_in_sync", float(self.check_parameters_identical()), on_step=True, on_epoch=False, batch_size=1)
+
+    def check_parameters_identical(self) -> bool:
+        """Compare a digest of the parameters across peers; raise on this peer if it disagrees with the majority."""
+        assert self.transport is not None and self.lightning_module is not None
+        digest = hashlib.blake2b(digest_size=16)
+        for p in self.lightning_module.parameters():
+            digest.update(p.detach().cpu().contiguous().numpy().tobytes())
+        digests = self.transport.all_gather_object(digest.hexdigest())
+        majority = max(set(digests), key=digests.count)
+        differing = [r for r, d in enumerate(digests) if d != majority]
+        if differing:
+            log.warning("BTARD: parameters differ across peers at step %s: peers %s", self.lightning_module.trainer.global_step, differing)
+            if digests[self.transport.rank] != majority:
+                raise RuntimeError(
+                    f"BTARD: this peer's parameters differ from the majority's (peers out of sync: {differing}). "
+                    "Every peer must apply the same aggregate with the same optimizer: check for non-deterministic "
+                    "optimizer code or per-rank parameter changes outside the optimizer."
+                )
+        return not differing
+
+    # ----------------------------------------------------------------- collectives Lightning uses
+    def reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Union[str, Any]] = "mean") -> Any:
+        """Sum/mean/max/min of a logged tensor over peers (``self.log(sync_dist=True)``)."""
+        if not isinstance(tensor, Tensor) or self.transport is None:
+            return tensor
+        op = str(reduce_op).lower().split(".")[-1] if reduce_op is not None else "mean"
+        op = {"avg": "mean", "average": "mean"}.get(op, op)
+        if op not in ("sum", "mean", "max", "min"):
+            raise ValueError(f"BTARDStrategy.reduce does not support reduce_op={reduce_op!r}")
+        out = self.transport.all_reduce(tensor.float() if op == "mean" else tensor, "sum" if op == "mean" else op)
+        return out / self.transport.world_size if op == "mean" else out
+
+    def barrier(self, name: Optional[str] = None) -> None:
+        if self.transport is not None and dist.is_initialized():
+            self.transport.barrier()
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if self.transport is None or not dist.is_initialized():
+            return obj
+        return self.transport.broadcast_object(obj, src)
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register("btard", cls, description="BTARD-SGD: ButterflyClip aggregation (popen launcher)")
+        strategy_registry.register(
+            "btard_spawn", cls, description="BTARD-SGD: ButterflyClip aggregation (spawn launcher)", start_method="spawn"
+        )
+
+
+BTARDStrategy.register_strategies(StrategyRegistry)

@@ -1,0 +1,69 @@
+"""The transport interface: the only code that moves bytes between peers.
+
+The protocol layer speaks to peers only through these collectives over the current *members*
+(ranks ``0..world_size-1`` in the order every peer agrees on). torch.distributed, hivemind and the
+in-process transport for tests implement the same interface, so the same protocol runs on each.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, Optional
+
+from torch import Tensor
+
+__all__ = ["Transport", "TransportError"]
+
+
+class TransportError(RuntimeError):
+    """A peer could not be reached or answered out of protocol within the transport's timeout."""
+
+
+class Transport(ABC):
+    """Collectives over an ordered set of peers."""
+
+    @property
+    @abstractmethod
+    def rank(self) -> int:
+        """This peer's index among the members."""
+
+    @property
+    @abstractmethod
+    def world_size(self) -> int:
+        """Number of members."""
+
+    @abstractmethod
+    def scatter_parts(self, flat: Tensor, sizes: Sequence[int]) -> Tensor:
+        """Send contiguous part ``j`` of ``flat`` (``sizes[j]`` elements) to member ``j``.
+
+        Returns ``[world_size, sizes[rank]]``: row ``i`` is the part member ``i`` sent to us.
+        """
+
+    @abstractmethod
+    def gather_parts(self, part: Tensor, sizes: Sequence[int]) -> Tensor:
+        """Every member contributes its part (member ``i``: ``sizes[i]`` elements); returns their concatenation."""
+
+    @abstractmethod
+    def all_reduce(self, tensor: Tensor, op: str = "sum") -> Tensor:
+        """``op`` in ``sum | max | min`` of ``tensor`` over members; returns a new tensor."""
+
+    @abstractmethod
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every member's (picklable) ``obj``, in rank order: the public board."""
+
+    @abstractmethod
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """Member ``src``'s ``obj`` on every member."""
+
+    @abstractmethod
+    def broadcast_tensor_(self, tensor: Tensor, src: int = 0) -> Tensor:
+        """Overwrite ``tensor`` in place with member ``src``'s."""
+
+    @abstractmethod
+    def barrier(self) -> None:
+        """Wait until every member arrives."""
+
+    @abstractmethod
+    def subgroup(self, members: Sequence[int]) -> Optional["Transport"]:
+        """A transport over ``members`` only (called by every member); ``None`` on non-members."""

@@ -1,0 +1,122 @@
+"""In-process transport: n peers as threads of one process, for protocol tests with scripted peers."""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Sequence
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from lightning_btard.transports.base import Transport, TransportError
+
+__all__ = ["InProcessHub", "InProcessTransport", "run_peers"]
+
+
+class InProcessHub:
+    """The shared meeting point of ``n`` in-process peers: a slot per peer and a barrier."""
+
+    def __init__(self, n: int, timeout: float = 60.0) -> None:
+        self.n = n
+        self.timeout = timeout
+        self.slots: list[Any] = [None] * n
+        self.barrier = threading.Barrier(n)
+        self.children: dict[tuple[int, ...], InProcessHub] = {}
+        self.lock = threading.Lock()
+
+    def exchange(self, rank: int, value: Any) -> list[Any]:
+        """Every peer posts ``value``; each gets all posted values (deep-copied: no shared tensors)."""
+        try:
+            self.slots[rank] = value
+            self.barrier.wait(self.timeout)
+            out = [copy.deepcopy(v) if i != rank else v for i, v in enumerate(self.slots)]
+            self.barrier.wait(self.timeout)
+        except threading.BrokenBarrierError as e:
+            self.barrier.abort()
+            raise TransportError(f"in-process peers did not meet within {self.timeout}s") from e
+        return out
+
+    def child(self, members: tuple[int, ...]) -> "InProcessHub":
+        with self.lock:
+            if members not in self.children:
+                self.children[members] = InProcessHub(len(members), self.timeout)
+            return self.children[members]
+
+
+class InProcessTransport(Transport):
+    """Peer ``rank`` of an :class:`InProcessHub`."""
+
+    def __init__(self, hub: InProcessHub, rank: int) -> None:
+        self.hub, self._rank = hub, rank
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self.hub.n
+
+    def scatter_parts(self, flat: Tensor, sizes: Sequence[int]) -> Tensor:
+        everyone = self.hub.exchange(self.rank, list(torch.split(flat, list(sizes))))
+        return torch.stack([parts[self.rank] for parts in everyone])
+
+    def gather_parts(self, part: Tensor, sizes: Sequence[int]) -> Tensor:
+        return torch.cat(self.hub.exchange(self.rank, part))
+
+    def all_reduce(self, tensor: Tensor, op: str = "sum") -> Tensor:
+        stacked = torch.stack(self.hub.exchange(self.rank, tensor))
+        return {"sum": stacked.sum(0), "max": stacked.amax(0), "min": stacked.amin(0)}[op]
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        return self.hub.exchange(self.rank, obj)
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        return self.hub.exchange(self.rank, obj)[src]
+
+    def broadcast_tensor_(self, tensor: Tensor, src: int = 0) -> Tensor:
+        return tensor.copy_(self.hub.exchange(self.rank, tensor)[src])
+
+    def barrier(self) -> None:
+        self.hub.exchange(self.rank, None)
+
+    def subgroup(self, members: Sequence[int]) -> Optional[Transport]:
+        members_t = tuple(sorted(members))
+        self.barrier()  # a collective, like torch.distributed.new_group
+        if self.rank not in members_t:
+            return None
+        return InProcessTransport(self.hub.child(members_t), members_t.index(self.rank))
+
+
+def run_peers(n: int, fn: Callable[[Transport], Any], timeout: float = 60.0) -> list[Any]:
+    """Run ``fn(transport)`` on ``n`` in-process peers (threads); return their results in rank order.
+
+    An exception on any peer is re-raised here (after the others stop or time out).
+    """
+    hub = InProcessHub(n, timeout)
+    results: list[Any] = [None] * n
+    errors: list[Optional[BaseException]] = [None] * n
+
+    def target(rank: int) -> None:
+        try:
+            results[rank] = fn(InProcessTransport(hub, rank))
+        except BaseException as e:  # noqa: BLE001 - reported to the caller below
+            errors[rank] = e
+            hub.barrier.abort()
+
+    threads = [threading.Thread(target=target, args=(r,), daemon=True) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout * 4)
+    for rank, e in enumerate(errors):
+        if e is not None and not isinstance(e, TransportError):
+            raise RuntimeError(f"in-process peer {rank} failed: {e!r}") from e
+    for rank, e in enumerate(errors):
+        if e is not None:
+            raise e
+    if any(t.is_alive() for t in threads):
+        raise TransportError("in-process peers did not finish")
+    return results
