@@ -108,6 +108,7 @@ class BTARDStrategy(ParallelStrategy):
         self.transport: Optional[Transport] = None
         self.last_round: Optional[ButterflyStats] = None
         self._round_seconds = 0.0
+        self._attack_counts: dict[str, float] = {}
 
     # ----------------------------------------------------------------- devices and processes
     @property
@@ -253,11 +254,22 @@ class BTARDStrategy(ParallelStrategy):
         for attack in self._attacks(trainer):
             flat = attack.on_before_aggregate(flat, ctx)
         aggregate, stats = butterfly_aggregate(flat, self.transport, self.aggregator)
+        self._attack_counts = self._count_attackers(trainer, ctx.step)
         if scale is not None:
             aggregate.mul_(scale)
         assign_grads(params, aggregate)
         self.last_round = stats
         self._round_seconds = time.perf_counter() - start
+
+    def _count_attackers(self, trainer: Optional["pl.Trainer"], step: int) -> dict[str, float]:
+        """How many peers fired each attack at ``step`` (one small collective; every peer runs the same callbacks)."""
+        attacks = self._attacks(trainer)
+        if not attacks:
+            return {}
+        assert self.transport is not None
+        mine = torch.tensor([float(a.fired_at(step)) for a in attacks], device=self.root_device)
+        counts = self.transport.all_reduce(mine, "sum").tolist()
+        return {f"attack/{a.name}": c for a, c in zip(attacks, counts)}
 
     def _grad_scale(self) -> Optional[float]:
         scaler = getattr(self.precision_plugin, "scaler", None)
@@ -284,6 +296,7 @@ class BTARDStrategy(ParallelStrategy):
             "btard/time_gather": summary["time_gather"],
             "btard/mbytes_sent": stats.bytes_sent / 2**20,
         }
+        metrics.update(self._attack_counts)
         module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
         module.log("btard/clipped_bar", summary["clipped"], prog_bar=True, on_step=True, on_epoch=False, batch_size=1, logger=False)
         trainer = module.trainer

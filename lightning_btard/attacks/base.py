@@ -77,6 +77,8 @@ class Attack(pl.Callback):
         self.caught = False
         self.fired_steps: list[int] = []
         self.collusion: Optional["Transport"] = None
+        self.colluders_gradients: Optional[Tensor] = None
+        """``[k, d]``: the k colluders' honest gradients of the current step (colluding attacks only)."""
         self._coin: Optional[random.Random] = None
 
     @property
@@ -122,10 +124,9 @@ class Attack(pl.Callback):
                 self.caught = True
                 log.warning("peer %d: %s simulated ban at step %d (ban_prob=%s): honest from now on", ctx.rank, self.name, ctx.step, self.ban_prob)
 
-    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", *args: Any, **kwargs: Any) -> None:
-        """Log how many peers fired this attack at the step just taken (summed over peers)."""
-        fired = float(bool(self.fired_steps) and self.fired_steps[-1] == trainer.global_step - 1)
-        pl_module.log(f"attack/{self.name}", fired, on_step=True, on_epoch=False, reduce_fx="sum", sync_dist=True, batch_size=1)
+    def fired_at(self, step: int) -> bool:
+        """Whether this peer fired the attack at ``step`` (the strategy logs it once per step)."""
+        return bool(self.fired_steps) and self.fired_steps[-1] == step
 
     def state_dict(self) -> dict[str, Any]:
         return {"caught": self.caught, "fired_steps": list(self.fired_steps), "coin": self._coin.getstate() if self._coin else None}

@@ -22,7 +22,8 @@ class RandomDirection(Attack):
     Every attacker (sharing ``seed``) sends the same direction at every attack step, with the norm
     of its own honest gradient ``g`` times ``scale``. The released code drew and scaled the
     direction per parameter tensor; here it is one direction over the whole flat gradient, so only
-    its overall norm (not each tensor's) is tied to the honest gradient.
+    its overall norm (not each tensor's) is tied to the honest gradient. The direction is drawn
+    once and cached (one extra flat-gradient-sized tensor on each attacker).
 
     Args:
         scale: multiple of the attacker's honest gradient norm (the released code's default is 1000).

@@ -1,0 +1,20 @@
+"""Simulated Byzantine peers, each a Lightning Callback: gradient attacks and label flipping."""
+
+from lightning_btard.attacks.a_little_is_enough import ALittleIsEnough
+from lightning_btard.attacks.base import Attack, AttackContext
+from lightning_btard.attacks.delayed_gradient import DelayedGradient
+from lightning_btard.attacks.inner_product_manipulation import InnerProductManipulation
+from lightning_btard.attacks.label_flipping import LabelFlipping
+from lightning_btard.attacks.random_direction import RandomDirection
+from lightning_btard.attacks.sign_flipping import SignFlipping
+
+__all__ = [
+    "ALittleIsEnough",
+    "Attack",
+    "AttackContext",
+    "DelayedGradient",
+    "InnerProductManipulation",
+    "LabelFlipping",
+    "RandomDirection",
+    "SignFlipping",
+]

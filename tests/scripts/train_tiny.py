@@ -1,0 +1,103 @@
+"""A tiny Lightning training under a chosen strategy; every rank saves its final parameters and metrics.
+
+Usage: train_tiny.py OUT_DIR [--strategy btard|ddp] [--devices N] [--aggregator NAME] [--tau T] ...
+Launched once: Lightning's popen launcher re-runs this script for the other ranks.
+"""
+
+import argparse
+import json
+import os
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_btard import BTARDStrategy
+from lightning_btard.attacks.base import Attack
+
+p = argparse.ArgumentParser()
+p.add_argument("out_dir")
+p.add_argument("--strategy", default="btard")
+p.add_argument("--devices", type=int, default=4)
+p.add_argument("--aggregator", default="centered_clip")
+p.add_argument("--tau", type=float, default=1.0)
+p.add_argument("--steps", type=int, default=12)
+p.add_argument("--accumulate", type=int, default=1)
+p.add_argument("--clip", type=float, default=None)
+p.add_argument("--momentum", type=float, default=0.9)
+p.add_argument("--manual", action="store_true")
+p.add_argument("--precision", default="32-true")
+p.add_argument("--check-every", type=int, default=5)
+args = p.parse_args()
+
+
+class Tiny(pl.LightningModule):
+    def __init__(self, manual: bool = False) -> None:
+        super().__init__()
+        self.automatic_optimization = not manual
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(8, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2)
+        )
+        self.unused = torch.nn.Linear(3, 3)  # never gets a gradient: the layout must still match
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(self.net(x), y)
+        self.log("train/loss", loss, sync_dist=True)
+        if not self.automatic_optimization:
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=args.momentum)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(512, 8, generator=g)
+        y = ((x[:, 0] + 0.5 * x[:, 1]) > 0).long()
+        return DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True)
+
+
+class Record(pl.Callback):
+    def __init__(self) -> None:
+        self.steps_seen = []
+
+    def on_train_start(self, trainer, pl_module):
+        params = {k: v.detach().clone() for k, v in pl_module.named_parameters()}
+        torch.save(params, os.path.join(args.out_dir, f"init{trainer.global_rank}.pt"))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps_seen.append(trainer.global_step)
+
+
+if __name__ == "__main__":
+    pl.seed_everything(0)
+    if args.strategy == "btard":
+        strategy = BTARDStrategy(tau=args.tau, aggregator=args.aggregator, check_params_every=args.check_every)
+    else:
+        strategy = args.strategy
+    rec = Record()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        strategy=strategy,
+        max_steps=args.steps,
+        accumulate_grad_batches=args.accumulate if not args.manual else 1,
+        gradient_clip_val=args.clip,
+        precision=args.precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[rec],
+    )
+    model = Tiny(manual=args.manual)
+    trainer.fit(model)
+    rank = trainer.global_rank
+    torch.save({k: v.detach().clone() for k, v in model.named_parameters()}, os.path.join(args.out_dir, f"params{rank}.pt"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    with open(os.path.join(args.out_dir, f"metrics{rank}.json"), "w") as f:
+        json.dump({"metrics": metrics, "global_step": trainer.global_step, "batches": len(rec.steps_seen)}, f)

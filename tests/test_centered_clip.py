@@ -1,0 +1,166 @@
+"""CenteredClip against independent float64 computations, its identities, and its input checks."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import minimize
+
+from lightning_btard import centered_clip, centered_clip_with_stats
+from lightning_btard.ops.median import coordinate_median
+
+
+def reference_fixed_point(x: np.ndarray, tau: float, w: np.ndarray | None = None, iters: int = 20000) -> np.ndarray:
+    """Float64 reweighting on the full vectors, from the mean, until the iterate stops moving."""
+    w = np.ones(len(x)) if w is None else np.asarray(w, dtype=np.float64)
+    v = (w[:, None] * x).sum(0) / w.sum()
+    for _ in range(iters):
+        dist = np.linalg.norm(x - v, axis=1)
+        c = np.minimum(1.0, tau / np.maximum(dist, 1e-300))
+        new = (w * c) @ x / (w * c).sum()
+        if np.linalg.norm(new - v) < 1e-15 * (1 + np.linalg.norm(v)):
+            return new
+        v = new
+    return v
+
+
+def residual64(x: np.ndarray, v: np.ndarray, tau: float, w: np.ndarray | None = None) -> float:
+    w = np.ones(len(x)) if w is None else np.asarray(w, dtype=np.float64)
+    d = x - v
+    c = np.minimum(1.0, tau / np.maximum(np.linalg.norm(d, axis=1), 1e-300))
+    return float(np.linalg.norm(((w * c)[:, None] * d).sum(0)) / w.sum())
+
+
+def with_outliers(n: int, d: int, n_bad: int, seed: int, scale: float = 100.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    center = torch.randn(d, generator=g) * 0.1
+    x = center + torch.randn(n, d, generator=g) * (1.0 / d**0.5)
+    x[:n_bad] = torch.randn(n_bad, d, generator=g) * scale / d**0.5 + 3.0
+    return x
+
+
+@pytest.mark.parametrize("tau", [0.05, 0.3, 1.0, 10.0])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matches_float64_fixed_point_with_outliers(tau: float, seed: int) -> None:
+    x = with_outliers(n=12, d=2000, n_bad=4, seed=seed)
+    r = centered_clip_with_stats(x, tau, eps=1e-6)
+    ref = reference_fixed_point(x.double().numpy(), tau)
+    assert r.converged and r.residual <= 1e-6
+    assert residual64(x.double().numpy(), r.value.double().numpy(), tau) <= 2e-6
+    np.testing.assert_allclose(r.value.double().numpy(), ref, atol=2e-5, rtol=0)
+    # the outliers (distance ~100) are clipped at every tau used here
+    assert r.clipped >= 4
+
+
+def test_minimises_the_huber_objective() -> None:
+    """An independent characterisation: the fixed point minimises sum_i w_i huber_tau(||x_i - v||)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(9, 15))
+    x[:3] += 8.0
+    w = rng.uniform(0.5, 2.0, size=9)
+    tau = 0.7
+
+    def objective(v: np.ndarray) -> float:
+        r = np.linalg.norm(x - v, axis=1)
+        return float((w * np.where(r <= tau, 0.5 * r**2, tau * r - 0.5 * tau**2)).sum())
+
+    best = minimize(objective, x.mean(0), method="BFGS", options={"gtol": 1e-12, "maxiter": 10000}).x
+    ours = centered_clip(torch.tensor(x), tau, torch.tensor(w), eps=1e-12).numpy()
+    np.testing.assert_allclose(ours, best, atol=1e-6)
+    assert objective(ours) <= objective(best) + 1e-12
+
+
+def test_tau_inf_is_the_weighted_mean() -> None:
+    x = with_outliers(n=7, d=300, n_bad=2, seed=3)
+    assert torch.allclose(centered_clip(x, float("inf")), x.mean(0), atol=1e-6)
+    w = torch.tensor([1.0, 2.0, 0.5, 0.0, 3.0, 1.0, 1.0])
+    expected = (w[:, None] * x).sum(0) / w.sum()
+    assert torch.allclose(centered_clip(x, float("inf"), w), expected, atol=1e-6)
+
+
+def test_integer_weights_equal_repeated_rows_and_zero_weights_drop_rows() -> None:
+    x = with_outliers(n=6, d=500, n_bad=2, seed=4).double()
+    w = torch.tensor([2.0, 1.0, 1.0, 3.0, 1.0, 0.0])
+    repeated = torch.cat([x[0:1], x[0:1], x[1:3], x[3:4], x[3:4], x[3:4], x[4:5]])
+    a = centered_clip(x, 0.5, w, eps=1e-9)
+    b = centered_clip(repeated, 0.5, eps=1e-9)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_equivariance_translation_and_permutation() -> None:
+    x = with_outliers(n=8, d=400, n_bad=3, seed=5).double()
+    shift = torch.randn(400, dtype=torch.float64)
+    base = centered_clip(x, 0.4, eps=1e-9)
+    assert torch.allclose(centered_clip(x + shift, 0.4, eps=1e-9), base + shift, atol=1e-5)
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(centered_clip(x[perm], 0.4, eps=1e-9), base, atol=1e-5)
+
+
+def test_bounded_influence_of_outliers() -> None:
+    """Moving the outliers 1000x further changes the result by at most what their clipped pull allows."""
+    x = with_outliers(n=10, d=100, n_bad=3, seed=6, scale=10.0)
+    y = x.clone()
+    y[:3] *= 1000.0
+    a, b = centered_clip(x, 1.0), centered_clip(y, 1.0)
+    # each outlier pulls with force tau; the 7 honest rows hold v within a ball of radius ~ 3*tau/7 around their clip
+    assert float((a - b).norm()) < 3 * 1.0 * 2
+    assert float((y.mean(0) - b).norm()) > 100
+
+
+def test_stopped_short_warns_and_reports_the_residual() -> None:
+    x = with_outliers(n=10, d=1000, n_bad=4, seed=7).double()  # float64: eps=1e-9 is reachable
+    with pytest.warns(RuntimeWarning, match="stopped short"):
+        r = centered_clip_with_stats(x, 0.05, max_iters=1, eps=1e-9)
+    assert not r.converged and r.residual > 1e-9
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert centered_clip_with_stats(x, 0.05, eps=1e-9).converged
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_inputs_raise(bad: float) -> None:
+    x = torch.randn(5, 20)
+    x[2, 7] = bad
+    with pytest.raises(ValueError, match="non-finite"):
+        centered_clip(x, 1.0)
+
+
+def test_bad_arguments_raise() -> None:
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError):
+        centered_clip(torch.randn(3), 1.0)
+    with pytest.raises(ValueError):
+        centered_clip(x, 0.0)
+    with pytest.raises(ValueError):
+        centered_clip(x, 1.0, torch.tensor([1.0, -1.0, 1.0, 1.0]))
+    with pytest.raises(ValueError):
+        centered_clip(x, 1.0, torch.zeros(4))
+    with pytest.raises(ValueError):
+        centered_clip(x, 1.0, torch.ones(3))
+    with pytest.raises(ValueError):
+        centered_clip(torch.ones(4, 3, dtype=torch.int64), 1.0)
+
+
+def test_half_precision_inputs_aggregate_in_float32() -> None:
+    x = with_outliers(n=6, d=64, n_bad=1, seed=8).to(torch.bfloat16)
+    out = centered_clip(x, 1.0)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, centered_clip(x.float(), 1.0))
+
+
+def test_single_row_and_identical_rows() -> None:
+    x = torch.randn(1, 10)
+    assert torch.equal(centered_clip(x, 1.0), x[0])
+    same = x.repeat(5, 1)
+    assert torch.allclose(centered_clip(same, 0.1), x[0])
+
+
+@pytest.mark.parametrize("n", list(range(1, 34)))
+def test_sorting_network_median_equals_torch_median(n: int) -> None:
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, 257, generator=g)
+    x[:, :64] = torch.randint(0, 3, (n, 64), generator=g).float()  # ties
+    assert torch.equal(coordinate_median(x), x.median(dim=0).values)

@@ -1,0 +1,99 @@
+"""BTARDStrategy under Lightning: identical parameters, equivalence with DDP, accumulation, clipping, precision."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from pytorch_lightning import Trainer
+from pytorch_lightning.strategies import StrategyRegistry
+
+from lightning_btard import BTARDStrategy
+from lightning_btard.aggregators import AggregationResult
+from procs import run_script
+
+
+def load_run(out_dir, n):
+    params = [torch.load(out_dir / f"params{r}.pt") for r in range(n)]
+    metrics = [json.loads((out_dir / f"metrics{r}.json").read_text()) for r in range(n)]
+    return params, metrics
+
+
+def assert_identical(params):
+    for other in params[1:]:
+        for name, value in params[0].items():
+            assert torch.equal(value, other[name]), name
+
+
+@pytest.mark.timeout(300)
+def test_four_peers_stay_identical_with_accumulation_and_clipping(tmp_path) -> None:
+    run_script("train_tiny.py", [str(tmp_path), "--devices", "4", "--steps", "10", "--accumulate", "2", "--clip", "0.5"], timeout=240)
+    params, metrics = load_run(tmp_path, 4)
+    assert_identical(params)
+    for m in metrics:
+        assert m["global_step"] == 10 and m["batches"] == 20
+        assert m["metrics"]["btard/params_in_sync"] == 1.0
+        assert m["metrics"]["btard/cc_residual"] <= 1e-6
+        for key in ("btard/clipped", "btard/cc_iterations", "btard/time_aggregation", "train/loss"):
+            assert key in m["metrics"]
+    # the layout includes the parameter that never got a gradient: it stays as initialised, everywhere
+    assert torch.equal(params[0]["unused.weight"], params[3]["unused.weight"])
+
+
+@pytest.mark.timeout(300)
+def test_btard_with_mean_equals_lightning_ddp(tmp_path) -> None:
+    (tmp_path / "btard").mkdir()
+    (tmp_path / "ddp").mkdir()
+    common = ["--devices", "2", "--steps", "8"]
+    run_script("train_tiny.py", [str(tmp_path / "btard"), "--aggregator", "mean", *common], timeout=200)
+    run_script("train_tiny.py", [str(tmp_path / "ddp"), "--strategy", "ddp_find_unused_parameters_true", *common], timeout=200)
+    btard, _ = load_run(tmp_path / "btard", 2)
+    ddp, _ = load_run(tmp_path / "ddp", 2)
+    for name, value in ddp[0].items():
+        assert torch.allclose(btard[0][name], value, atol=2e-6, rtol=1e-5), name
+    # both started from the same parameters, and training did move them (the comparison is not trivially true)
+    start_btard, start_ddp = torch.load(tmp_path / "btard" / "init1.pt"), torch.load(tmp_path / "ddp" / "init1.pt")
+    assert all(torch.equal(start_btard[k], start_ddp[k]) for k in start_ddp)
+    assert sum(float((start_ddp[k] - ddp[0][k]).abs().sum()) for k in ddp[0]) > 0.1
+
+
+@pytest.mark.timeout(300)
+def test_manual_optimization_aggregates_at_every_step(tmp_path) -> None:
+    run_script("train_tiny.py", [str(tmp_path), "--devices", "2", "--steps", "6", "--manual"], timeout=200)
+    params, metrics = load_run(tmp_path, 2)
+    assert_identical(params)
+    assert all(m["global_step"] == 6 for m in metrics)
+    assert "btard/clipped" in metrics[0]["metrics"]
+
+
+@pytest.mark.timeout(300)
+def test_fp16_mixed_precision_with_grad_scaler(tmp_path) -> None:
+    run_script("train_tiny.py", [str(tmp_path), "--devices", "2", "--steps", "6", "--precision", "16-mixed"], timeout=200)
+    params, metrics = load_run(tmp_path, 2)
+    assert_identical(params)
+    assert all(m["global_step"] == 6 for m in metrics)
+
+
+def test_registered_name_and_config_errors() -> None:
+    assert "btard" in StrategyRegistry and "btard_spawn" in StrategyRegistry
+    trainer = Trainer(accelerator="cpu", devices=2, strategy="btard", logger=False, enable_checkpointing=False)
+    assert isinstance(trainer.strategy, BTARDStrategy)
+    assert trainer.strategy.is_distributed and trainer.strategy.num_processes == 2
+    with pytest.raises(ValueError, match="tau"):
+        BTARDStrategy(tau=0.0)
+    with pytest.raises(ValueError, match="unknown aggregator 'krum'.*centered_clip"):
+        BTARDStrategy(aggregator="krum")
+    with pytest.raises(ValueError, match="backend"):
+        BTARDStrategy(backend="carrier-pigeon")  # type: ignore[arg-type]
+
+
+def test_aggregator_object_is_used_as_is() -> None:
+    class Median:
+        def __call__(self, parts, weights=None):
+            return AggregationResult(parts.median(0).values, {"clipped": 0.0, "iterations": 0.0, "residual": 0.0})
+
+    agg = Median()
+    assert BTARDStrategy(aggregator=agg).aggregator is agg
+    assert BTARDStrategy(aggregator="mean", tau=5.0).aggregator.__class__.__name__ == "Mean"
+    assert BTARDStrategy(tau=0.25).aggregator.tau == 0.25
