@@ -20,12 +20,14 @@ __all__ = ["write_synthetic_cifar10", "SYNTHETIC_MARKER", "PARAMS_FILE", "BASE_F
 BASE_FOLDER = "cifar-10-batches-py"
 SYNTHETIC_MARKER = "SYNTHETIC"
 PARAMS_FILE = "synthetic.json"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # bump whenever the generated images change, so stale directories are rewritten
 _NUM_CLASSES = 10
 _SIZE = 32
 _MAX_SHIFT = 4
 _N_FREQ = 3
-_TEMPLATE_STD = 40.0
+_COMMON_STD = 36.0
+_CLASS_STD = 28.0
+_JITTER_STD = 20.0
 _LABEL_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 _CHANNEL_MEAN = np.array([0.4914, 0.4822, 0.4465]) * 255.0
 _TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
@@ -68,8 +70,11 @@ def _dump(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _class_templates(rng: np.random.Generator) -> np.ndarray:
-    """One smooth random colour image per class, on a grid larger than 32x32 so it can be shifted."""
+def _smooth_images(rng: np.random.Generator, count: int, std: float) -> np.ndarray:
+    """``count`` mutually orthogonal smooth random colour images ``[count, 3, S, S]`` (S > 32) of RMS ``std``.
+
+    Zero mean colour over the centre crop; equidistant classes make the difficulty similar for every seed.
+    """
     size = _SIZE + 2 * _MAX_SHIFT
     coords = np.arange(size) / size
     freqs = np.arange(_N_FREQ)
@@ -77,14 +82,20 @@ def _class_templates(rng: np.random.Generator) -> np.ndarray:
     basis = np.concatenate(
         [np.cos(2 * np.pi * freqs[:, None] * coords[None, :]), np.sin(2 * np.pi * freqs[:, None] * coords[None, :])]
     )
-    coef = rng.standard_normal((_NUM_CLASSES, 3, basis.shape[0], basis.shape[0]))
+    coef = rng.standard_normal((count, 3, basis.shape[0], basis.shape[0]))
     coef /= 1.0 + np.add.outer(np.arange(basis.shape[0]) % _N_FREQ, np.arange(basis.shape[0]) % _N_FREQ)
-    coef[:, :, _N_FREQ, :] = 0.0  # sin(0 * x) is the zero function
-    coef[:, :, :, _N_FREQ] = 0.0
-    templates = np.einsum("kcij,iy,jx->kcyx", coef, basis, basis)
-    templates -= templates.mean(axis=(2, 3), keepdims=True)
-    templates *= _TEMPLATE_STD / templates.std(axis=(1, 2, 3), keepdims=True)
-    return templates + _CHANNEL_MEAN[None, :, None, None]
+    images = np.einsum("kcij,iy,jx->kcyx", coef, basis, basis)
+    centre = images[:, :, _MAX_SHIFT : _MAX_SHIFT + _SIZE, _MAX_SHIFT : _MAX_SHIFT + _SIZE]
+    images -= centre.mean(axis=(2, 3), keepdims=True)  # zero mean colour where the crops are taken
+    ortho, _ = np.linalg.qr(images.reshape(count, -1).T)
+    return ortho.T.reshape(images.shape) * (std * np.sqrt(images[0].size))
+
+
+def _class_templates(rng: np.random.Generator) -> np.ndarray:
+    """One smooth colour image per class: a background shared by all classes plus a weaker class-specific part."""
+    common = _smooth_images(rng, 1, _COMMON_STD)
+    specific = _smooth_images(rng, _NUM_CLASSES, _CLASS_STD)
+    return common + specific + _CHANNEL_MEAN[None, :, None, None]
 
 
 def _make_split(rng: np.random.Generator, templates: np.ndarray, n: int, noise: float) -> tuple[np.ndarray, list[int]]:
@@ -92,10 +103,11 @@ def _make_split(rng: np.random.Generator, templates: np.ndarray, n: int, noise: 
     labels = rng.permutation(np.arange(n) % _NUM_CLASSES)
     data = np.empty((n, 3, _SIZE, _SIZE), dtype=np.uint8)
     shifts = rng.integers(0, 2 * _MAX_SHIFT + 1, size=(n, 2))
+    jitter = _JITTER_STD * rng.standard_normal((n, 3, 1, 1))
     for i in range(n):
         dy, dx = shifts[i]
         img = templates[labels[i], :, dy : dy + _SIZE, dx : dx + _SIZE]
-        img = img + noise * rng.standard_normal(img.shape)
+        img = img + jitter[i] + noise * rng.standard_normal(img.shape)
         data[i] = np.clip(np.rint(img), 0, 255).astype(np.uint8)
     return data.reshape(n, -1), [int(v) for v in labels]
 
@@ -115,9 +127,10 @@ def write_synthetic_cifar10(
 ) -> Path:
     """Write a synthetic 10-class stand-in for CIFAR-10 under ``root/cifar-10-batches-py`` and return ``root``.
 
-    Each class is a fixed random low-frequency colour template; every image is its template shifted by up
-    to 4 pixels plus Gaussian pixel noise of std ``noise`` (0..255 scale). Deterministic for a seed;
-    does nothing if the same parameters were already written there.
+    Each class is a fixed random low-frequency colour template (a background shared by all classes plus a
+    weaker class-specific pattern); every image is its template shifted by up to 4 pixels, with a random
+    colour cast and Gaussian pixel noise of std ``noise`` (0..255 scale). A SmallCNN needs a few hundred SGD
+    steps to learn it. Deterministic for a seed; does nothing if the same parameters were already written.
     """
     if n_train < 1 or n_test < 1:
         raise ValueError(f"n_train and n_test must be positive, got n_train={n_train}, n_test={n_test}")

@@ -47,10 +47,18 @@ def _kill(proc: subprocess.Popen) -> None:
 def run_script(
     script: str, args: Sequence[str] = (), *, timeout: float, env: Optional[dict[str, str]] = None, cwd: Optional[Path] = None
 ) -> subprocess.CompletedProcess:
-    """Run ``tests/scripts/<script>`` (which may launch its own ranks) in a fresh session; kill the whole session
-    on timeout. Raises with the output when the run fails."""
+    """Run ``tests/scripts/<script>`` (which may launch its own ranks); see :func:`run_command`."""
+    return run_command([sys.executable, str(SCRIPTS / script), *args], timeout=timeout, env=env, cwd=cwd)
+
+
+def run_command(
+    cmd: Sequence[str], *, timeout: float, env: Optional[dict[str, str]] = None, cwd: Optional[Path] = None, check: bool = True
+) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in a fresh session; kill the whole session (every rank it launched) when it ends or times out.
+    Raises with the output when the run fails and ``check``."""
+    script = Path(cmd[1]).name if len(cmd) > 1 else cmd[0]
     proc = subprocess.Popen(
-        [sys.executable, str(SCRIPTS / script), *args],
+        list(cmd),
         env=env or base_env(),
         cwd=cwd,
         stdout=subprocess.PIPE,
@@ -66,8 +74,8 @@ def run_script(
         raise AssertionError(f"{script} timed out after {timeout}s:\n{out[-6000:]}")
     finally:
         _kill(proc)  # whatever it launched goes too
-    if proc.returncode != 0:
-        raise AssertionError(f"{script} exited with {proc.returncode}:\n{out[-6000:]}")
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited with {proc.returncode}:\n{out[-6000:]}")
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, None)
 
 

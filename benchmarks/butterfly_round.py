@@ -1,0 +1,76 @@
+"""One ButterflyClip round with tau=inf (the plain mean) against gloo's all_reduce, same tensors, same processes.
+
+    ./run bench butterfly_round            # 11M floats, 4 processes (target: <= 1.0x)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lightning_btard.aggregators import resolve_aggregator
+from lightning_btard.protocol.butterfly import butterfly_aggregate
+from lightning_btard.transports import TorchDistributedTransport
+
+
+def worker(rank: int, world: int, port: int, numel: int, repeat: int, tau: float, queue) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    transport = TorchDistributedTransport()
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(rank))
+    agg = resolve_aggregator("centered_clip", tau=tau)
+
+    def timed(fn):
+        times = []
+        for i in range(repeat + 1):
+            dist.barrier()
+            t = time.perf_counter()
+            fn()
+            if i:
+                times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    buf = x.clone()
+    t_allreduce = timed(lambda: dist.all_reduce(buf))
+    t_butterfly = timed(lambda: butterfly_aggregate(x, transport, agg))
+    if rank == 0:
+        queue.put((t_allreduce, t_butterfly))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--world", type=int, default=4)
+    p.add_argument("--numel", type=int, default=11_000_000)
+    p.add_argument("--repeat", type=int, default=7)
+    p.add_argument("--tau", type=float, default=float("inf"))
+    a = p.parse_args()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=worker, args=(r, a.world, port, a.numel, a.repeat, a.tau, queue)) for r in range(a.world)]
+    for proc in procs:
+        proc.start()
+    t_allreduce, t_butterfly = queue.get(timeout=600)
+    for proc in procs:
+        proc.join(60)
+    print(f"ButterflyClip round vs gloo all_reduce: {a.numel:,} floats, {a.world} processes, tau={a.tau}\n")
+    print("| what | time (median) | ratio |\n|---|---|---|")
+    print(f"| gloo all_reduce (sum) | {t_allreduce * 1e3:,.1f} ms | 1.00x |")
+    print(f"| butterfly_aggregate (scatter, aggregate, gather) | {t_butterfly * 1e3:,.1f} ms | {t_butterfly / t_allreduce:.2f}x |")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

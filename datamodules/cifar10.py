@@ -1,0 +1,196 @@
+"""CIFAR-10 as a LightningDataModule: torchvision's reader, the standard augmentation, the test split for evaluation.
+
+It knows nothing of BTARD: under a distributed strategy Lightning installs the sampler that shards the data.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Optional
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities.rank_zero import rank_zero_warn
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import transforms as T
+from torchvision.datasets import CIFAR10
+
+from datamodules.synthetic import BASE_FOLDER, SYNTHETIC_MARKER
+
+__all__ = ["CIFAR10DataModule", "CIFAR10_MEAN", "CIFAR10_STD"]
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+class _SyntheticCIFAR10(CIFAR10):
+    """torchvision's CIFAR10 reader for synthetic stand-in data: files must exist, their md5 is not checked."""
+
+    def _file_paths(self) -> list[str]:
+        names = [name for name, _ in self.train_list + self.test_list] + [self.meta["filename"]]
+        return [os.path.join(self.root, self.base_folder, name) for name in names]
+
+    def _check_integrity(self) -> bool:
+        return all(os.path.isfile(path) for path in self._file_paths())
+
+    def _load_meta(self) -> None:
+        path = os.path.join(self.root, self.base_folder, self.meta["filename"])
+        with open(path, "rb") as infile:
+            self.classes = pickle.load(infile, encoding="latin1")[self.meta["key"]]
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+
+
+class CIFAR10DataModule(pl.LightningDataModule):
+    """CIFAR-10 (or the synthetic stand-in from ``write_synthetic_cifar10``) with crop+flip augmentation.
+
+    ``download=None`` downloads only when the files are missing, ``False`` never downloads. Validation and test
+    both use the CIFAR-10 test split (the BTARD paper reports test accuracy during training); ``val_subset``
+    keeps only its first N samples for quick periodic evaluation.
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        batch_size: int = 8,
+        num_workers: int = 0,
+        download: Optional[bool] = None,
+        augment: bool = True,
+        eval_batch_size: int = 256,
+        val_subset: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or eval_batch_size < 1:
+            raise ValueError(
+                f"batch sizes must be positive, got batch_size={batch_size}, eval_batch_size={eval_batch_size}"
+            )
+        if val_subset is not None and val_subset < 1:
+            raise ValueError(f"val_subset must be a positive number of samples or None, got {val_subset}")
+        self.save_hyperparameters()
+        self.data_dir = str(data_dir)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.download = download
+        self.augment = augment
+        self.eval_batch_size = eval_batch_size
+        self.val_subset = val_subset
+        self.train_set: Optional[Dataset] = None
+        self.test_set: Optional[Dataset] = None
+        self._warned_synthetic = False
+
+    @property
+    def folder(self) -> Path:
+        """The ``cifar-10-batches-py`` directory the data is read from."""
+        return Path(self.data_dir) / BASE_FOLDER
+
+    @property
+    def is_synthetic(self) -> bool:
+        """True when ``data_dir`` holds the synthetic stand-in (its ``SYNTHETIC`` marker), not CIFAR-10."""
+        return (self.folder / SYNTHETIC_MARKER).is_file()
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (10)."""
+        return 10
+
+    def train_transform(self) -> T.Compose:
+        """Random crop with 4-pixel padding and horizontal flip (when ``augment``), then normalisation."""
+        steps: list = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if self.augment else []
+        return T.Compose([*steps, T.ToTensor(), T.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
+
+    def eval_transform(self) -> T.Compose:
+        """Normalisation only."""
+        return T.Compose([T.ToTensor(), T.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
+
+    def _files_present(self) -> bool:
+        names = [name for name, _ in CIFAR10.train_list + CIFAR10.test_list] + [CIFAR10.meta["filename"]]
+        return all((self.folder / name).is_file() for name in names)
+
+    def _missing_error(self, reason: str) -> FileNotFoundError:
+        return FileNotFoundError(
+            f"CIFAR-10 not found: looked for {self.folder.resolve()} (data_dir={self.data_dir!r}) and {reason}. "
+            f"To fix: put the extracted '{BASE_FOLDER}' directory under data_dir, or run once with internet access "
+            "and download=None/True, or for offline demos and tests write the synthetic stand-in with "
+            f"`datamodules.write_synthetic_cifar10({self.data_dir!r})` (it is NOT CIFAR-10)."
+        )
+
+    def prepare_data(self) -> None:
+        """Download CIFAR-10 when it is missing and downloading is allowed (called on one process per node)."""
+        if self.is_synthetic or (self._files_present() and not self.download):
+            return
+        if self.download is False:
+            raise self._missing_error("download=False, so it was not downloaded")
+        try:
+            CIFAR10(self.data_dir, train=True, download=True)
+        except Exception as err:  # noqa: BLE001 - any network/archive failure becomes one clear message
+            raise self._missing_error(f"could not download it ({type(err).__name__}: {err})") from None
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Build the datasets the stage needs: the train split for ``fit``, the test split for evaluation."""
+        if not self._files_present():
+            reason = "download=False, so it was not downloaded" if self.download is False else (
+                "it is not there on this machine (prepare_data downloads it only where it runs)"
+            )
+            raise self._missing_error(reason)
+        if self.is_synthetic and not self._warned_synthetic:
+            self._warned_synthetic = True
+            rank_zero_warn(
+                f"TRAINING ON SYNTHETIC STAND-IN DATA, NOT CIFAR-10: {self.folder} was written by "
+                "write_synthetic_cifar10 (SYNTHETIC marker found; md5 checks skipped). "
+                "Accuracies measured on it say nothing about CIFAR-10."
+            )
+        if stage in (None, "fit") and self.train_set is None:
+            self.train_set = self._dataset(train=True, transform=self.train_transform())
+        if stage in (None, "fit", "validate", "test") and self.test_set is None:
+            self.test_set = self._dataset(train=False, transform=self.eval_transform())
+
+    def _dataset(self, train: bool, transform: T.Compose) -> Dataset:
+        cls = _SyntheticCIFAR10 if self.is_synthetic else CIFAR10
+        try:
+            return cls(self.data_dir, train=train, transform=transform, download=False)
+        except RuntimeError:
+            raise RuntimeError(
+                f"The CIFAR-10 files in {self.folder.resolve()} failed torchvision's md5 integrity check: they are "
+                "corrupted or not the real CIFAR-10. Delete that directory and download again (download=None/True "
+                "with internet access); if it is meant to be the synthetic stand-in, rewrite it with "
+                f"`datamodules.write_synthetic_cifar10` (its {SYNTHETIC_MARKER} marker is missing)."
+            ) from None
+
+    def _require(self, dataset: Optional[Dataset], stage: str) -> Dataset:
+        if dataset is None:
+            raise RuntimeError(f"CIFAR10DataModule.setup({stage!r}) must run before its dataloaders are requested")
+        return dataset
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches; the last incomplete batch is dropped so every step has ``batch_size`` samples."""
+        return DataLoader(
+            self._require(self.train_set, "fit"),
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        """The test split (its first ``val_subset`` samples when set), unshuffled."""
+        dataset = self._require(self.test_set, "validate")
+        if self.val_subset is not None and self.val_subset < len(dataset):
+            dataset = Subset(dataset, range(self.val_subset))
+        return self._eval_loader(dataset)
+
+    def test_dataloader(self) -> DataLoader:
+        """The whole test split, unshuffled."""
+        return self._eval_loader(self._require(self.test_set, "test"))
+
+    def _eval_loader(self, dataset: Dataset) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
