@@ -40,6 +40,8 @@ from torch.optim import Optimizer
 
 from lightning_btard.aggregators import Aggregator, resolve_aggregator
 from lightning_btard.attacks.base import Attack, AttackContext
+from lightning_btard.ops.finite import all_finite
+from lightning_btard.ops.workspace import Workspace
 from lightning_btard.ops.partition import assign_grads, flatten_grads, trainable_params
 from lightning_btard.protocol.butterfly import ButterflyStats, butterfly_aggregate
 from lightning_btard.transports.base import Transport
@@ -109,6 +111,7 @@ class BTARDStrategy(ParallelStrategy):
         self.last_round: Optional[ButterflyStats] = None
         self._round_seconds = 0.0
         self._attack_counts: dict[str, float] = {}
+        self._buffers = Workspace()
 
     # ----------------------------------------------------------------- devices and processes
     @property
@@ -234,7 +237,8 @@ class BTARDStrategy(ParallelStrategy):
         assert self.transport is not None
         start = time.perf_counter()
         params = trainable_params(optimizer.param_groups)
-        flat = flatten_grads(params)
+        numel = sum(p.numel() for p in params)
+        flat = flatten_grads(params, out=self._buffers.get("flat", (numel,), torch.float32, self.root_device))
         scale = self._grad_scale()
         if scale is not None:
             flat.div_(scale)
@@ -251,9 +255,10 @@ class BTARDStrategy(ParallelStrategy):
             trainer=trainer,
             pl_module=self.lightning_module,
         )
+        sent = flat
         for attack in self._attacks(trainer):
-            flat = attack.on_before_aggregate(flat, ctx)
-        aggregate, stats = butterfly_aggregate(flat, self.transport, self.aggregator)
+            sent = attack.on_before_aggregate(sent, ctx)
+        aggregate, stats = butterfly_aggregate(sent, self.transport, self.aggregator, out=flat)
         self._attack_counts = self._count_attackers(trainer, ctx.step)
         if scale is not None:
             aggregate.mul_(scale)
@@ -277,7 +282,7 @@ class BTARDStrategy(ParallelStrategy):
 
     def _any_peer_overflowed(self, flat: Tensor) -> bool:
         assert self.transport is not None
-        mine = torch.tensor([0.0 if bool(torch.isfinite(flat).all()) else 1.0], device=flat.device)
+        mine = torch.tensor([0.0 if all_finite(flat) else 1.0], device=flat.device)
         return bool(self.transport.all_reduce(mine, "max").item() > 0)
 
     def _log_round(self) -> None:

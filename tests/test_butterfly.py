@@ -68,3 +68,13 @@ def test_gloo_round_over_four_processes(tmp_path) -> None:
         assert torch.equal(r["clip_bf"], got[0]["clip_bf"])
         assert torch.allclose(r["clip_bf"], expected_clip, atol=1e-6)
         assert float((r["clip_bf"] - inputs.mean(0)).norm()) > 10  # the mean is ruined, the clip is not
+
+
+def test_all_parts_malformed_gives_nan_not_a_crash() -> None:
+    """An undefended run that diverged on every peer keeps going (with NaN), as plain averaging would."""
+    inputs = torch.full((3, 12), float("nan"))
+    agg = resolve_aggregator("centered_clip", tau=1.0)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        results = run_peers(3, lambda t: butterfly_aggregate(inputs[t.rank].clone(), t, agg))
+    value, stats = results[0]
+    assert torch.isnan(value).all() and stats.summary()["malformed"] == 9.0

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from lightning_btard.aggregators.base import AggregationResult, register_aggregator
+from lightning_btard.ops.workspace import Workspace
 
 
 @register_aggregator("mean")
@@ -16,12 +17,14 @@ class Mean:
 
     options = ()
 
+    def __init__(self) -> None:
+        self._out = Workspace()  # the result is consumed (sent) before the next call: reuse its memory
+
     def __call__(self, parts: Tensor, weights: Optional[Tensor] = None) -> AggregationResult:
-        if weights is None:
-            value = parts.mean(dim=0)
-        else:
-            w = weights.to(device=parts.device, dtype=parts.dtype)
-            value = (w / w.sum()) @ parts
+        out = self._out.get("mean", parts.shape[1:], parts.dtype, parts.device)
+        n = parts.shape[0]
+        w = torch.ones(n, dtype=parts.dtype, device=parts.device) if weights is None else weights.to(parts.device, parts.dtype)
+        value = torch.mv(parts.T, w / w.sum(), out=out)  # a gemv: faster on a CPU than mean(dim=0)
         return AggregationResult(value, {"clipped": 0.0, "iterations": 0.0, "residual": 0.0})
 
     def __repr__(self) -> str:

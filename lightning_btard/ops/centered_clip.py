@@ -19,7 +19,6 @@ on the first pass's result, corrects what float32 rounding in the first Gram mat
 from __future__ import annotations
 
 import math
-import threading
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -29,6 +28,7 @@ from torch import Tensor
 
 from lightning_btard.ops.finite import finite_rows
 from lightning_btard.ops.median import coordinate_median
+from lightning_btard.ops.workspace import Workspace
 
 __all__ = ["CenteredClipResult", "centered_clip", "centered_clip_with_stats", "clip_coefficients"]
 
@@ -58,24 +58,7 @@ def clip_coefficients(distances: Tensor, tau: float) -> Tensor:
     return torch.where(distances > tau, tau / distances.clamp_min(torch.finfo(distances.dtype).tiny), 1.0)
 
 
-class _Workspace(threading.local):
-    """Per-thread reusable buffers: allocating (and page-faulting) a fresh ``[n, d]`` block costs more
-    than the whole aggregation on a CPU, and the strategy calls us with the same shape every step."""
-
-    def __init__(self) -> None:
-        self.buffers: dict[tuple, Tensor] = {}
-
-    def get(self, shape: tuple[int, ...], like: Tensor, slot: str) -> Tensor:
-        key = (slot, shape, like.dtype, like.device)
-        buf = self.buffers.get(key)
-        if buf is None:
-            for old in [k for k in self.buffers if k[0] == slot]:
-                del self.buffers[old]  # keep one shape per slot
-            buf = self.buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
-        return buf
-
-
-_workspace = _Workspace()
+_workspace = Workspace()
 
 
 def _validate(x: Tensor, tau: float, weights: Optional[Tensor]) -> tuple[Tensor, Tensor]:
@@ -142,10 +125,10 @@ def centered_clip_with_stats(
     n, d = x.shape
 
     if math.isinf(tau) or n == 1:
-        value = (w / w_total).to(x.dtype) @ x
+        value = torch.mv(x.T, (w / w_total).to(x.dtype))  # a gemv: faster on a CPU than a weighted sum
         return CenteredClipResult(value=value, iterations=0, residual=0.0, clipped=0, converged=True)
 
-    work = _workspace.get((n, d), x, "rows")
+    work = _workspace.get("centered_clip.rows", (n, d), x.dtype, x.device)
     v = coordinate_median(x, workspace=work)  # the released code's starting point
     iterations = 0
     residual = math.inf

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["finite_rows"]
+__all__ = ["all_finite", "finite_rows"]
 
 
 def finite_rows(x: Tensor) -> Tensor:
@@ -19,3 +19,8 @@ def finite_rows(x: Tensor) -> Tensor:
         for i in (~ok).nonzero().flatten().tolist():
             ok[i] = bool(torch.isfinite(x[i]).all())
     return ok
+
+
+def all_finite(x: Tensor) -> bool:
+    """Whether every value of ``x`` is finite: a sum first (one read), the elementwise check only if it fails."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())

@@ -8,6 +8,7 @@ element longer, as ``torch.tensor_split``); peer ``j`` aggregates part ``j``.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -40,17 +41,18 @@ def trainable_params(param_groups: Iterable[dict]) -> list[torch.nn.Parameter]:
     return params
 
 
-def flatten_grads(params: Sequence[torch.nn.Parameter], dtype: torch.dtype = torch.float32) -> Tensor:
+def flatten_grads(
+    params: Sequence[torch.nn.Parameter], dtype: torch.dtype = torch.float32, out: Optional[Tensor] = None
+) -> Tensor:
     """All gradients as one vector (zeros where a gradient is ``None``, so the layout is the same on every peer)."""
     if not params:
         raise ValueError("no trainable parameters to aggregate")
     device = params[0].device
-    return torch.cat(
-        [
-            (p.grad.detach().reshape(-1).to(dtype) if p.grad is not None else torch.zeros(p.numel(), dtype=dtype, device=device))
-            for p in params
-        ]
-    )
+    pieces = [
+        (p.grad.detach().reshape(-1).to(dtype) if p.grad is not None else torch.zeros(p.numel(), dtype=dtype, device=device))
+        for p in params
+    ]
+    return torch.cat(pieces) if out is None else torch.cat(pieces, out=out)
 
 
 def assign_grads(params: Sequence[torch.nn.Parameter], flat: Tensor) -> None:

@@ -10,14 +10,15 @@ the parts, so every peer learns every part's statistics without another collecti
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from lightning_btard.aggregators.base import STAT_KEYS, Aggregator
-from lightning_btard.ops.finite import finite_rows
+from lightning_btard.aggregators.base import STAT_KEYS, AggregationResult, Aggregator
+from lightning_btard.ops.finite import all_finite, finite_rows
 from lightning_btard.ops.partition import part_sizes
 from lightning_btard.transports.base import Transport
 
@@ -50,34 +51,65 @@ class ButterflyStats:
         return out
 
 
+def _aggregate_finite(
+    received: Tensor, aggregator: Aggregator, weights: Optional[Tensor]
+) -> tuple[AggregationResult, int]:
+    """Aggregate, leaving out non-finite (malformed) parts; returns the result and how many parts were left out.
+
+    The fast path checks only the result (a NaN or Inf in an input shows in the mean, and CenteredClip
+    refuses it); the rows are checked one by one only when that fails.
+    """
+    try:
+        result = aggregator(received, weights)
+        if all_finite(result.value):
+            return result, 0
+        failure: Optional[Exception] = None
+    except ValueError as e:
+        failure = e
+    ok = finite_rows(received)
+    malformed = int((~ok).sum())
+    if malformed == 0:
+        if failure is not None:
+            raise failure
+        return result, 0
+    if malformed == received.shape[0]:
+        # nothing left to aggregate: training has diverged on every peer (e.g. an undefended mean under attack)
+        warnings.warn("every part of this round is non-finite: the aggregate is NaN (training has diverged)", RuntimeWarning)
+        nan = torch.full(received.shape[1:], float("nan"), dtype=received.dtype, device=received.device)
+        return AggregationResult(nan, {k: 0.0 for k in STAT_KEYS}), malformed
+    # a non-finite part is malformed: never aggregated (the verification protocol bans its sender)
+    received = torch.where(ok[:, None], received, torch.zeros((), dtype=received.dtype, device=received.device))
+    mask = ok.to(torch.float64)
+    weights = mask if weights is None else weights.to(torch.float64) * mask
+    return aggregator(received, weights), malformed
+
+
 def butterfly_aggregate(
-    flat: Tensor, transport: Transport, aggregator: Aggregator, weights: Optional[Tensor] = None
+    flat: Tensor,
+    transport: Transport,
+    aggregator: Aggregator,
+    weights: Optional[Tensor] = None,
+    out: Optional[Tensor] = None,
 ) -> tuple[Tensor, ButterflyStats]:
-    """Aggregate every peer's ``flat`` (same size everywhere) part by part; returns the aggregate and stats."""
+    """Aggregate every peer's ``flat`` (same size everywhere) part by part; returns the aggregate and stats.
+
+    ``out`` (may be ``flat`` itself: it is no longer read once the parts are sent) receives the aggregate.
+    """
     n, me = transport.world_size, transport.rank
     sizes = part_sizes(flat.numel(), n)
     t0 = time.perf_counter()
     received = transport.scatter_parts(flat, sizes)
     t1 = time.perf_counter()
-    ok = finite_rows(received)
-    malformed = int((~ok).sum())
-    if malformed:  # a non-finite part is malformed: never aggregated (the verification protocol bans its sender)
-        received = torch.where(ok[:, None], received, torch.zeros((), dtype=received.dtype, device=received.device))
-        mask = ok.to(torch.float64)
-        weights = mask if weights is None else weights.to(torch.float64) * mask
-    result = aggregator(received, weights)
+    result, malformed = _aggregate_finite(received, aggregator, weights)
     values = [result.stats[k] for k in STAT_KEYS] + [float(malformed)]
-    stats = torch.tensor(values, dtype=flat.dtype, device=flat.device)
+    stats = torch.tensor(values, dtype=torch.float64, device=flat.device)
     t2 = time.perf_counter()
+    aggregate = transport.gather_parts(result.value.to(flat.dtype), sizes, out=out)
     k = len(ROUND_STAT_KEYS)
-    packed = transport.gather_parts(torch.cat([result.value.to(flat.dtype), stats]), [s + k for s in sizes])
+    part_stats = transport.gather_parts(stats, [k] * n).view(n, k).cpu()
     t3 = time.perf_counter()
-    bounds = torch.tensor([0] + [s + k for s in sizes]).cumsum(0).tolist()
-    chunks = [packed[bounds[i] : bounds[i + 1]] for i in range(n)]
-    aggregate = torch.cat([c[:-k] for c in chunks])
-    part_stats = torch.stack([c[-k:] for c in chunks]).double().cpu()
     elem = flat.element_size()
-    sent = (flat.numel() - sizes[me]) * elem + (n - 1) * (sizes[me] + k) * elem
+    sent = (flat.numel() - sizes[me]) * elem + (n - 1) * sizes[me] * elem + (n - 1) * k * 8
     return aggregate, ButterflyStats(
         part_stats=part_stats,
         seconds={"scatter": t1 - t0, "aggregate": t2 - t1, "gather": t3 - t2},

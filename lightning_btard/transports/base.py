@@ -37,12 +37,14 @@ class Transport(ABC):
     def scatter_parts(self, flat: Tensor, sizes: Sequence[int]) -> Tensor:
         """Send contiguous part ``j`` of ``flat`` (``sizes[j]`` elements) to member ``j``.
 
-        Returns ``[world_size, sizes[rank]]``: row ``i`` is the part member ``i`` sent to us.
+        Returns ``[world_size, sizes[rank]]``: row ``i`` is the part member ``i`` sent to us. The result
+        may live in a buffer that the next ``scatter_parts`` call reuses.
         """
 
     @abstractmethod
-    def gather_parts(self, part: Tensor, sizes: Sequence[int]) -> Tensor:
-        """Every member contributes its part (member ``i``: ``sizes[i]`` elements); returns their concatenation."""
+    def gather_parts(self, part: Tensor, sizes: Sequence[int], out: Optional[Tensor] = None) -> Tensor:
+        """Every member contributes its part (member ``i``: ``sizes[i]`` elements); returns their concatenation
+        in rank order, written into ``out`` when given."""
 
     @abstractmethod
     def all_reduce(self, tensor: Tensor, op: str = "sum") -> Tensor:

@@ -63,8 +63,9 @@ class InProcessTransport(Transport):
         everyone = self.hub.exchange(self.rank, list(torch.split(flat, list(sizes))))
         return torch.stack([parts[self.rank] for parts in everyone])
 
-    def gather_parts(self, part: Tensor, sizes: Sequence[int]) -> Tensor:
-        return torch.cat(self.hub.exchange(self.rank, part))
+    def gather_parts(self, part: Tensor, sizes: Sequence[int], out: Optional[Tensor] = None) -> Tensor:
+        pieces = self.hub.exchange(self.rank, part)
+        return torch.cat(pieces) if out is None else torch.cat(pieces, out=out)
 
     def all_reduce(self, tensor: Tensor, op: str = "sum") -> Tensor:
         stacked = torch.stack(self.hub.exchange(self.rank, tensor))
