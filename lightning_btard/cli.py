@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Optional
 
@@ -35,6 +36,16 @@ class BTARDCLI(LightningCLI):
             run=run,
         )
 
+    def instantiate_classes(self) -> None:
+        """Building the configured objects: jsonargparse reports a bad value as ValueError; make it a user error."""
+        try:
+            super().instantiate_classes()
+        except ValueError as e:
+            raise UserError(f"invalid configuration: {e}") from e
+
+
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
 
 def main(args: Optional[list[str]] = None) -> None:
     """Console entry point. Errors a user can fix print one message and exit with status 2."""
@@ -43,6 +54,12 @@ def main(args: Optional[list[str]] = None) -> None:
     except (UserError, FileNotFoundError, MisconfigurationException) as e:
         print(f"btard: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except RuntimeError as e:
+        # A launched rank whose rank 0 stopped (e.g. on the error above) sees only a broken connection.
+        if os.environ.get("LOCAL_RANK", "0") != "0" and any(s in str(e) for s in _PEER_GONE):
+            print(f"btard: rank {os.environ['LOCAL_RANK']}: lost the connection to rank 0 (see its error above)", file=sys.stderr)
+            raise SystemExit(1) from None
+        raise
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ from lightning_btard.ops.partition import assign_grads, flatten_grads, trainable
 from lightning_btard.protocol.butterfly import ButterflyStats, butterfly_aggregate
 from lightning_btard.transports.base import Transport
 from lightning_btard.transports.torch_distributed import TorchDistributedTransport
+from lightning_btard.errors import UserError
 
 __all__ = ["BTARDStrategy"]
 
@@ -96,9 +97,9 @@ class BTARDStrategy(ParallelStrategy):
             precision_plugin=precision_plugin,
         )
         if backend != "torch":
-            raise ValueError(f"unknown BTARD backend {backend!r}: this version supports backend='torch'")
+            raise UserError(f"unknown BTARD backend {backend!r}: this version supports backend='torch'")
         if check_params_every < 1:
-            raise ValueError(f"check_params_every must be >= 1, got {check_params_every}")
+            raise UserError(f"check_params_every must be >= 1, got {check_params_every}")
         self.tau = float(tau)
         self.aggregator: Aggregator = resolve_aggregator(aggregator, tau=self.tau, eps=eps, max_iters=max_iters)
         self.check_params_every = int(check_params_every)

@@ -19,7 +19,7 @@ mkdir -p "$root"
 ) 9>"$root/.lock"
 export VIRTUAL_ENV="$venv" PATH="$venv/bin:$PATH"
 # The project itself: editable, pointing at this checkout (cheap; redone when another clone used the venv).
-if [ "$(python -c 'import lightning_btard, os; print(os.path.dirname(os.path.dirname(os.path.abspath(lightning_btard.__file__))))' 2>/dev/null)" != "$here" ] \
+if [ "$(cd / && python -c 'import lightning_btard, os; print(os.path.dirname(os.path.dirname(os.path.abspath(lightning_btard.__file__))))' 2>/dev/null)" != "$here" ] \
    || ! command -v btard >/dev/null; then
   (flock 9; pip install -q --no-deps --no-build-isolation -e "$here" >&2) 9>"$root/.lock"
 fi

@@ -97,3 +97,19 @@ def test_aggregator_object_is_used_as_is() -> None:
     assert BTARDStrategy(aggregator=agg).aggregator is agg
     assert BTARDStrategy(aggregator="mean", tau=5.0).aggregator.__class__.__name__ == "Mean"
     assert BTARDStrategy(tau=0.25).aggregator.tau == 0.25
+
+
+@pytest.mark.timeout(300)
+def test_resume_from_checkpoint_continues_identically(tmp_path) -> None:
+    ckpt = tmp_path / "step6.ckpt"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    run_script("train_tiny.py", [str(tmp_path / "a"), "--devices", "2", "--steps", "6", "--save-ckpt", str(ckpt)], timeout=200)
+    run_script("train_tiny.py", [str(tmp_path / "b"), "--devices", "2", "--steps", "10", "--resume", str(ckpt)], timeout=200)
+    params, metrics = load_run(tmp_path / "b", 2)
+    assert_identical(params)
+    assert all(m["global_step"] == 10 and m["batches"] == 4 for m in metrics)  # 4 more steps, not 10
+    # the resumed run started from the checkpoint's parameters
+    saved = torch.load(ckpt, weights_only=False)["state_dict"]
+    start = torch.load(tmp_path / "b" / "init0.pt")
+    assert all(torch.equal(saved[k], start[k]) for k in start)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol, Union, runtime_checkable
 
 from torch import Tensor
+from lightning_btard.errors import UserError
 
 __all__ = ["AggregationResult", "Aggregator", "AGGREGATORS", "register_aggregator", "resolve_aggregator", "STAT_KEYS"]
 
@@ -49,7 +50,7 @@ def resolve_aggregator(spec: Union[str, Aggregator], **options: float) -> Aggreg
     """An aggregator from a registered name (built with those ``options`` it accepts) or an object as is."""
     if isinstance(spec, str):
         if spec not in AGGREGATORS:
-            raise ValueError(f"unknown aggregator {spec!r}; registered: {sorted(AGGREGATORS)}")
+            raise UserError(f"unknown aggregator {spec!r}; registered: {sorted(AGGREGATORS)}")
         cls = AGGREGATORS[spec]
         accepted = getattr(cls, "options", ())
         return cls(**{k: v for k, v in options.items() if k in accepted})

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from lightning_btard.aggregators.base import AggregationResult, register_aggregator
 from lightning_btard.ops.centered_clip import centered_clip_with_stats
+from lightning_btard.errors import UserError
 
 
 @register_aggregator("centered_clip")
@@ -18,7 +19,7 @@ class CenteredClip:
 
     def __init__(self, tau: float = 1.0, eps: float = 1e-6, max_iters: int = 500) -> None:
         if not tau > 0:
-            raise ValueError(f"tau must be positive (or inf), got {tau}")
+            raise UserError(f"tau must be positive (or inf), got {tau}")
         self.tau, self.eps, self.max_iters = float(tau), float(eps), int(max_iters)
 
     def __call__(self, parts: Tensor, weights: Optional[Tensor] = None) -> AggregationResult:

@@ -28,6 +28,8 @@ p.add_argument("--momentum", type=float, default=0.9)
 p.add_argument("--manual", action="store_true")
 p.add_argument("--precision", default="32-true")
 p.add_argument("--check-every", type=int, default=5)
+p.add_argument("--save-ckpt", default=None, help="save a checkpoint here at the end")
+p.add_argument("--resume", default=None, help="resume from this checkpoint")
 args = p.parse_args()
 
 
@@ -95,7 +97,9 @@ if __name__ == "__main__":
         callbacks=[rec],
     )
     model = Tiny(manual=args.manual)
-    trainer.fit(model)
+    trainer.fit(model, ckpt_path=args.resume)
+    if args.save_ckpt:
+        trainer.save_checkpoint(args.save_ckpt)
     rank = trainer.global_rank
     torch.save({k: v.detach().clone() for k, v in model.named_parameters()}, os.path.join(args.out_dir, f"params{rank}.pt"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
