@@ -114,8 +114,13 @@ def centered_clip_with_stats(
     *,
     max_iters: int = 500,
     eps: float = 1e-6,
+    rel_eps: float = 0.0,
 ) -> CenteredClipResult:
-    """CenteredClip of the rows of ``x`` (``[n, d]``), with how it was reached. See :func:`centered_clip`."""
+    """CenteredClip of the rows of ``x`` (``[n, d]``), with how it was reached. See :func:`centered_clip`.
+
+    ``rel_eps`` adds a target relative to the result's norm: the solver stops at a residual of
+    ``max(eps, rel_eps * ||v||)`` (the verification protocol states its bound that way).
+    """
     x, w = _validate(x, float(tau), weights)
     tau = float(tau)
     active = w > 0
@@ -140,15 +145,16 @@ def centered_clip_with_stats(
         clipped = int((coef < 1).sum())
         r = ((w * coef) / w_total).to(x.dtype) @ work
         residual = float(r.double().norm())
-        if residual <= eps or iterations >= max_iters:
+        target = max(eps, rel_eps * float(v.double().norm())) if rel_eps else eps
+        if residual <= target or iterations >= max_iters:
             break
-        beta, spent = _solve_in_span(gram, w, tau, eps, max_iters - iterations)
+        beta, spent = _solve_in_span(gram, w, tau, target, max_iters - iterations)
         iterations += spent
         v = v + beta.to(x.dtype) @ work
-    converged = residual <= eps
+    converged = residual <= target
     if not converged:
         warnings.warn(
-            f"centered_clip stopped short of the fixed point: residual {residual:.3g} > eps {eps:.3g} after "
+            f"centered_clip stopped short of the fixed point: residual {residual:.3g} > target {target:.3g} after "
             f"{iterations} iterations (raise max_iters, or eps if the inputs are too large for float32)",
             RuntimeWarning,
             stacklevel=2,

@@ -1,0 +1,62 @@
+"""The CenteredClip check on random projections: never flags an honest aggregate, catches a 0.1% bias."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from lightning_btard.ops.centered_clip import centered_clip_with_stats
+from lightning_btard.ops.projection import ProjectionCheck, accurate_dots, clipped_projections, random_directions
+
+REL = 5e-7  # the solver's residual target, relative to ||G||; the check allows twice that
+
+
+def published(parts: torch.Tensor, aggregate: torch.Tensor, tau: float, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    numbers = [clipped_projections(z, g, aggregate, tau) for g in parts]
+    return torch.stack([s for s, _, _ in numbers]), torch.tensor([norm for _, norm, _ in numbers], dtype=torch.float64)
+
+
+def test_accurate_dots_match_float64() -> None:
+    g = torch.Generator().manual_seed(0)
+    for d in (1, 1023, 1024, 5000, 300_001):
+        z = torch.randn(3, d, generator=g)
+        x = torch.randn(d, generator=g) * 0.01 + 2.0  # a large mean: the hard case for float32 sums
+        exact = z.double() @ x.double()
+        assert torch.allclose(accurate_dots(z, x), exact, rtol=0, atol=1e-6 * float(x.double().norm()))
+
+
+def test_directions_are_shared_and_seed_dependent() -> None:
+    a = random_directions(b"seed", 3, 100, 2)
+    assert torch.equal(a, random_directions(b"seed", 3, 100, 2))
+    assert not torch.equal(a, random_directions(b"seed", 4, 100, 2))
+    assert not torch.equal(a, random_directions(b"other", 3, 100, 2))
+
+
+@pytest.mark.parametrize("tau", [0.3, 1.0])
+def test_catches_a_biased_aggregate_and_never_flags_an_honest_one(tau: float) -> None:
+    trials = int(os.environ.get("BTARD_CHECK_TRIALS", "1000"))
+    check = ProjectionCheck(tau=tau)
+    gen = torch.Generator().manual_seed(int(tau * 10))
+    honest_flags = misses = 0
+    for trial in range(trials):
+        n, d = 8, 1500
+        center = torch.randn(d, generator=gen) * (1.0 / d**0.5)
+        parts = center + torch.randn(n, d, generator=gen) * (0.5 / d**0.5)
+        parts[:3] = torch.randn(3, d, generator=gen) * (50.0 / d**0.5)  # Byzantine parts: clipping stays active
+        weights = torch.ones(n)
+        result = centered_clip_with_stats(parts, tau, eps=0.0, rel_eps=REL)
+        G = result.value
+        bound = 2 * REL * float(G.double().norm())
+        # the aggregator's bias is chosen before the directions are drawn (the MPRNG reveals them later)
+        u = torch.randn(d, generator=gen)
+        biased = G + 1e-3 * float(G.norm()) * u / u.norm()
+        z = random_directions(trial.to_bytes(4, "little"), 0, d, k=2)
+        s, norms = published(parts, G, tau, z)
+        honest_flags += not check.passes(weights, s, norms, bound)
+        s_b, norms_b = published(parts, biased, tau, z)
+        misses += check.passes(weights, s_b, norms_b, 2 * REL * float(biased.double().norm()))
+    assert honest_flags == 0
+    print(f"tau={tau}: {honest_flags} honest aggregates flagged, {misses} of {trials} biased ones missed")
+    assert misses <= trials // 1000, f"missed {misses} of {trials} biased aggregates"
