@@ -1,0 +1,55 @@
+"""Who takes part: the active peers and the ban list, with reasons and evidence kinds.
+
+Bans are final for the run. Every honest peer derives the same ban list from the same public
+evidence, so membership never needs a vote.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+__all__ = ["Ban", "Membership"]
+
+
+@dataclass(frozen=True)
+class Ban:
+    """One ban: who, at which step, why, and what kind of evidence proved it."""
+
+    peer: int
+    step: int
+    reason: str
+    evidence: str
+    """``signed-message`` (the culprit's own signed words contradict each other), ``missing-record``
+    (nothing published by the deadline), ``recomputation`` (validators recomputed its gradient), ..."""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Membership:
+    """The peers of the run (stable ids), the banned ones, and a generation counter bumped on every change."""
+
+    peers: list[int]
+    bans: list[Ban] = field(default_factory=list)
+    generation: int = 0
+
+    @property
+    def banned(self) -> set[int]:
+        return {b.peer for b in self.bans}
+
+    @property
+    def active(self) -> list[int]:
+        """Peers still in, sorted: the order every aggregation round uses."""
+        return sorted(p for p in self.peers if p not in self.banned)
+
+    def is_active(self, peer: int) -> bool:
+        return peer in self.peers and peer not in self.banned
+
+    def ban(self, peer: int, step: int, reason: str, evidence: str) -> bool:
+        """Ban ``peer``; returns False (and changes nothing) if it was already banned or is unknown."""
+        if not self.is_active(peer):
+            return False
+        self.bans.append(Ban(peer, step, reason, evidence))
+        self.generation += 1
+        return True
