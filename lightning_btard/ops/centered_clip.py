@@ -115,11 +115,13 @@ def centered_clip_with_stats(
     max_iters: int = 500,
     eps: float = 1e-6,
     rel_eps: float = 0.0,
+    out: Optional[Tensor] = None,
 ) -> CenteredClipResult:
     """CenteredClip of the rows of ``x`` (``[n, d]``), with how it was reached. See :func:`centered_clip`.
 
     ``rel_eps`` adds a target relative to the result's norm: the solver stops at a residual of
-    ``max(eps, rel_eps * ||v||)`` (the verification protocol states its bound that way).
+    ``max(eps, rel_eps * ||v||)`` (the verification protocol states its bound that way). ``out``
+    (``[d]``, the input's dtype) receives the result instead of a new tensor.
     """
     x, w = _validate(x, float(tau), weights)
     tau = float(tau)
@@ -129,12 +131,14 @@ def centered_clip_with_stats(
     w_total = w.sum()
     n, d = x.shape
 
+    v = torch.empty(d, dtype=x.dtype, device=x.device) if out is None else out
     if math.isinf(tau) or n == 1:
-        value = torch.mv(x.T, (w / w_total).to(x.dtype))  # a gemv: faster on a CPU than a weighted sum
-        return CenteredClipResult(value=value, iterations=0, residual=0.0, clipped=0, converged=True)
+        torch.mv(x.T, (w / w_total).to(x.dtype), out=v)  # a gemv: faster on a CPU than a weighted sum
+        return CenteredClipResult(value=v, iterations=0, residual=0.0, clipped=0, converged=True)
 
     work = _workspace.get("centered_clip.rows", (n, d), x.dtype, x.device)
-    v = coordinate_median(x, workspace=work)  # the released code's starting point
+    vec = _workspace.get("centered_clip.vector", (d,), x.dtype, x.device)
+    coordinate_median(x, workspace=work, out=v)  # the released code's starting point
     iterations = 0
     residual = math.inf
     clipped = 0
@@ -143,14 +147,14 @@ def centered_clip_with_stats(
         gram = (work @ work.T).double()
         coef = clip_coefficients(gram.diagonal().clamp_min(0).sqrt(), tau)
         clipped = int((coef < 1).sum())
-        r = ((w * coef) / w_total).to(x.dtype) @ work
-        residual = float(r.double().norm())
-        target = max(eps, rel_eps * float(v.double().norm())) if rel_eps else eps
+        r = torch.mv(work.T, ((w * coef) / w_total).to(x.dtype), out=vec)
+        residual = float(torch.linalg.vector_norm(r))  # float32 reduction: accurate to ~1e-7 relative, no copy
+        target = max(eps, rel_eps * float(torch.linalg.vector_norm(v))) if rel_eps else eps
         if residual <= target or iterations >= max_iters:
             break
         beta, spent = _solve_in_span(gram, w, tau, target, max_iters - iterations)
         iterations += spent
-        v = v + beta.to(x.dtype) @ work
+        v.add_(torch.mv(work.T, beta.to(x.dtype), out=vec))
     converged = residual <= target
     if not converged:
         warnings.warn(

@@ -70,17 +70,18 @@ def median_network(n: int) -> tuple[tuple[int, int], ...]:
     return tuple(pruned) + ((target, target),)
 
 
-def coordinate_median(x: Tensor, workspace: Optional[Tensor] = None) -> Tensor:
+def coordinate_median(x: Tensor, workspace: Optional[Tensor] = None, out: Optional[Tensor] = None) -> Tensor:
     """Lower coordinate-wise median of the rows of ``x`` (``[n, d]`` -> ``[d]``), equal to ``x.median(0).values``.
 
-    ``workspace``, a tensor like ``x``, is overwritten instead of allocating a copy (large fresh blocks
-    page-fault on every call, which costs more than the network itself).
+    ``workspace``, a tensor like ``x``, is overwritten instead of allocating a copy, and ``out`` (``[d]``)
+    receives the result (large fresh blocks page-fault on every call, which costs more than the network).
     """
     if x.dim() != 2:
         raise ValueError(f"expected a [n, d] tensor, got shape {tuple(x.shape)}")
     n = x.shape[0]
+    out = torch.empty_like(x[0]) if out is None else out
     if n <= 2:
-        return x.min(dim=0).values if n == 2 else x[0].clone()
+        return torch.minimum(x[0], x[-1], out=out)
     *pairs, (target, _) = median_network(n)
     work = x.clone() if workspace is None else workspace.copy_(x)  # comparators then run in place
     rows: list[Tensor] = list(work.unbind(0))
@@ -89,4 +90,4 @@ def coordinate_median(x: Tensor, workspace: Optional[Tensor] = None) -> Tensor:
         torch.minimum(rows[a], rows[b], out=spare)
         torch.maximum(rows[a], rows[b], out=rows[b])
         rows[a], spare = spare, rows[a]
-    return rows[target].clone()
+    return out.copy_(rows[target])
