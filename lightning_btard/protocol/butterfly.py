@@ -104,12 +104,11 @@ def butterfly_aggregate(
     values = [result.stats[k] for k in STAT_KEYS] + [float(malformed)]
     stats = torch.tensor(values, dtype=torch.float64, device=flat.device)
     t2 = time.perf_counter()
-    aggregate = transport.gather_parts(result.value.to(flat.dtype), sizes, out=out)
-    k = len(ROUND_STAT_KEYS)
-    part_stats = transport.gather_parts(stats, [k] * n).view(n, k).cpu()
+    aggregate, part_stats = transport.gather_parts_with_extra(result.value.to(flat.dtype), stats, sizes, out=out)
+    part_stats = part_stats.cpu()
     t3 = time.perf_counter()
     elem = flat.element_size()
-    sent = (flat.numel() - sizes[me]) * elem + (n - 1) * sizes[me] * elem + (n - 1) * k * 8
+    sent = (flat.numel() - sizes[me]) * elem + (n - 1) * sizes[me] * elem + (n - 1) * stats.numel() * 8
     return aggregate, ButterflyStats(
         part_stats=part_stats,
         seconds={"scatter": t1 - t0, "aggregate": t2 - t1, "gather": t3 - t2},

@@ -46,6 +46,15 @@ class Transport(ABC):
         """Every member contributes its part (member ``i``: ``sizes[i]`` elements); returns their concatenation
         in rank order, written into ``out`` when given."""
 
+    def gather_parts_with_extra(
+        self, part: Tensor, extra: Tensor, sizes: Sequence[int], out: Optional[Tensor] = None
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`gather_parts`, plus a small ``extra`` tensor from every member (same shape everywhere),
+        returned stacked as ``[world_size, *extra.shape]``. Transports may send both in one exchange."""
+        values = self.gather_parts(part, sizes, out=out)
+        extras = self.gather_parts(extra.reshape(-1), [extra.numel()] * self.world_size)
+        return values, extras.view(self.world_size, *extra.shape)
+
     @abstractmethod
     def all_reduce(self, tensor: Tensor, op: str = "sum") -> Tensor:
         """``op`` in ``sum | max | min`` of ``tensor`` over members; returns a new tensor."""

@@ -36,27 +36,31 @@ class TorchDistributedTransport(Transport):
     def world_size(self) -> int:
         return len(self.ranks)
 
-    def _exchange(self, sends: Sequence[Tensor], recvs: Sequence[Tensor]) -> None:
-        """Send ``sends[j]`` to member ``j`` and receive ``recvs[i]`` from member ``i`` (own slot excluded), all at once.
+    def _exchange(self, sends: Sequence[Sequence[Tensor]], recvs: Sequence[Sequence[Tensor]]) -> None:
+        """Send the tensors ``sends[j]`` to member ``j`` and receive ``recvs[i]`` from member ``i`` (own slot
+        excluded), all posted at once.
 
         Point-to-point messages posted in shifted order (member ``rank+k`` and ``rank-k`` in round ``k``):
-        on gloo this is faster than its all-to-all, and together the two phases of a round move the
-        same bytes as a ring all-reduce.
+        on gloo this is faster than its all-to-all and all-gather, and together the two phases of a
+        round move the same bytes as a ring all-reduce.
         """
         n, me = self.world_size, self.rank
-        if dist.get_backend(self.group) == "nccl":
-            ops = []
-            for k in range(1, n):
-                to, frm = (me + k) % n, (me - k) % n
-                ops.append(dist.P2POp(dist.isend, sends[to], self.ranks[to], self.group))
-                ops.append(dist.P2POp(dist.irecv, recvs[frm], self.ranks[frm], self.group))
-            works = dist.batch_isend_irecv(ops) if ops else []
-        else:
-            works = []
-            for k in range(1, n):
-                to, frm = (me + k) % n, (me - k) % n
-                works.append(dist.isend(sends[to].contiguous(), self.ranks[to], group=self.group))
-                works.append(dist.irecv(recvs[frm], self.ranks[frm], group=self.group))
+        nccl = dist.get_backend(self.group) == "nccl"
+        ops, works = [], []
+        for k in range(1, n):
+            to, frm = (me + k) % n, (me - k) % n
+            for tensor in sends[to]:
+                if nccl:
+                    ops.append(dist.P2POp(dist.isend, tensor, self.ranks[to], self.group))
+                else:
+                    works.append(dist.isend(tensor.contiguous(), self.ranks[to], group=self.group))
+            for tensor in recvs[frm]:
+                if nccl:
+                    ops.append(dist.P2POp(dist.irecv, tensor, self.ranks[frm], self.group))
+                else:
+                    works.append(dist.irecv(tensor, self.ranks[frm], group=self.group))
+        if ops:
+            works = dist.batch_isend_irecv(ops)
         for work in works:
             work.wait()
 
@@ -64,16 +68,27 @@ class TorchDistributedTransport(Transport):
         n, me = self.world_size, self.rank
         out = self._buffers.get("scatter", (n, sizes[me]), flat.dtype, flat.device)
         parts = torch.split(flat, list(sizes))
-        self._exchange(parts, list(out.unbind(0)))
+        self._exchange([[p] for p in parts], [[row] for row in out.unbind(0)])
         out[me].copy_(parts[me])
         return out
 
     def gather_parts(self, part: Tensor, sizes: Sequence[int], out: Optional[Tensor] = None) -> Tensor:
         out = torch.empty(sum(sizes), dtype=part.dtype, device=part.device) if out is None else out
         slots = torch.split(out, list(sizes))
-        self._exchange([part] * self.world_size, slots)
+        self._exchange([[part]] * self.world_size, [[slot] for slot in slots])
         slots[self.rank].copy_(part)
         return out
+
+    def gather_parts_with_extra(
+        self, part: Tensor, extra: Tensor, sizes: Sequence[int], out: Optional[Tensor] = None
+    ) -> tuple[Tensor, Tensor]:
+        out = torch.empty(sum(sizes), dtype=part.dtype, device=part.device) if out is None else out
+        slots = torch.split(out, list(sizes))
+        extras = torch.empty((self.world_size, *extra.shape), dtype=extra.dtype, device=extra.device)
+        self._exchange([[part, extra]] * self.world_size, [[slot, e] for slot, e in zip(slots, extras.unbind(0))])
+        slots[self.rank].copy_(part)
+        extras[self.rank].copy_(extra)
+        return out, extras
 
     def all_reduce(self, tensor: Tensor, op: str = "sum") -> Tensor:
         out = tensor.clone()
