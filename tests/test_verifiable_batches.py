@@ -1,0 +1,86 @@
+"""Verifiable batches: a peer's batch at a step, augmentation included, is rebuilt from the dataset alone."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from datamodules import CIFAR10DataModule, write_synthetic_cifar10
+from lightning_btard.verifiable_batches import (
+    VerifiableBatchSampler,
+    VerifiableDataset,
+    batch_keys,
+    rebuild_batch,
+    step_seed,
+)
+
+
+@pytest.fixture(scope="module")
+def augmented_train_set(tmp_path_factory):
+    root = write_synthetic_cifar10(tmp_path_factory.mktemp("cifar"), n_train=300, n_test=50, seed=1)
+    dm = CIFAR10DataModule(data_dir=str(root), download=False, augment=True)
+    dm.setup("fit")
+    return dm.train_dataloader().dataset
+
+
+def test_keys_are_a_function_of_seed_step_peer_micro() -> None:
+    a = batch_keys(1000, 8, run_seed=7, step=3, peer=2, micro=1)
+    assert a == batch_keys(1000, 8, run_seed=7, step=3, peer=2, micro=1)
+    assert [k.index for k in a] != [k.index for k in batch_keys(1000, 8, 7, 3, 3, 1)]  # another peer
+    assert [k.index for k in a] != [k.index for k in batch_keys(1000, 8, 7, 4, 2, 1)]  # another step
+    assert [k.index for k in a] != [k.index for k in batch_keys(1000, 8, 8, 3, 2, 1)]  # another run
+    assert all(0 <= k.index < 1000 and (k.step, k.peer, k.micro) == (3, 2, 1) for k in a)
+    assert [k.position for k in a] == list(range(8))
+    assert step_seed(7, 3, 2) != step_seed(7, 3, 1) != step_seed(7, 4, 2)
+
+
+def test_sampler_counts_steps_and_micro_batches_across_epochs() -> None:
+    s = VerifiableBatchSampler(dataset_len=100, batch_size=4, peer=1, run_seed=0, accumulate=2, batches_per_epoch=3)
+    first = list(s)
+    second = list(s)
+    got = [(b[0].step, b[0].micro) for b in first + second]
+    assert got == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
+    s.restart_at(10)
+    assert [(b[0].step, b[0].micro) for b in s][:2] == [(10, 0), (10, 1)]
+    assert len(s) == 3
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loader_batches_equal_a_validators_rebuild_with_augmentation(augmented_train_set, num_workers) -> None:
+    ds = VerifiableDataset(augmented_train_set, run_seed=42)
+    sampler = VerifiableBatchSampler(len(ds), batch_size=6, peer=3, run_seed=42, accumulate=2, batches_per_epoch=4)
+    loader = DataLoader(ds, batch_sampler=sampler, num_workers=num_workers)
+    batches = list(loader)
+    for b, (x, y) in enumerate(batches):
+        rx, ry = rebuild_batch(ds, 6, step=b // 2, peer=3, micro=b % 2)
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+    # augmentation is really random across keys: the same image index under two keys differs
+    key = batch_keys(len(ds), 6, 42, 0, 3, 0)[0]
+    other = key._replace(step=99)
+    assert not torch.equal(ds[key][0], ds[other][0])
+
+
+def test_global_rngs_are_left_as_they_were(augmented_train_set) -> None:
+    ds = VerifiableDataset(augmented_train_set, run_seed=1)
+    torch.manual_seed(5)
+    random.seed(5)
+    np.random.seed(5)
+    expected = (torch.rand(1), random.random(), np.random.rand())
+    torch.manual_seed(5)
+    random.seed(5)
+    np.random.seed(5)
+    ds[batch_keys(len(ds), 1, 1, 0, 0)[0]]
+    assert (torch.rand(1), random.random(), np.random.rand()) == expected
+
+
+def test_iterable_datasets_are_refused_with_a_clear_error() -> None:
+    class Stream(IterableDataset):
+        def __iter__(self):
+            yield from range(3)
+
+    with pytest.raises(TypeError, match="map-style"):
+        VerifiableDataset(Stream(), run_seed=0)
