@@ -33,6 +33,13 @@ class Transport(ABC):
     def world_size(self) -> int:
         """Number of members."""
 
+    def exchange(self, sends: Sequence[Sequence[Tensor]], recvs: Sequence[Sequence[Tensor]]) -> list[Optional[list[Any]]]:
+        """Send the tensors ``sends[j]`` to member ``j``; fill ``recvs[i]`` (preallocated, shapes known to the
+        protocol) with what member ``i`` sent us. Messages may differ per destination; our own slot is copied.
+        Returns, per member, ``None`` when its message had the expected shapes and dtypes, else the message
+        as received (malformed: evidence for the protocol)."""
+        raise NotImplementedError(f"{type(self).__name__} has no per-destination exchange")
+
     @abstractmethod
     def scatter_parts(self, flat: Tensor, sizes: Sequence[int]) -> Tensor:
         """Send contiguous part ``j`` of ``flat`` (``sizes[j]`` elements) to member ``j``.

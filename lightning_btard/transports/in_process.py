@@ -59,6 +59,19 @@ class InProcessTransport(Transport):
     def world_size(self) -> int:
         return self.hub.n
 
+    def exchange(self, sends: Sequence[Sequence[Tensor]], recvs: Sequence[Sequence[Tensor]]) -> list[Optional[list[Any]]]:
+        everyone = self.hub.exchange(self.rank, [list(msgs) for msgs in sends])
+        malformed: list[Optional[list[Any]]] = []
+        for i, theirs in enumerate(everyone):
+            msgs = list(theirs[self.rank])
+            good = len(msgs) == len(recvs[i]) and all(
+                isinstance(src, Tensor) and dst.shape == src.shape and dst.dtype == src.dtype for dst, src in zip(recvs[i], msgs)
+            )
+            for dst, src in zip(recvs[i], msgs if good else []):
+                dst.copy_(src)
+            malformed.append(None if good else msgs)
+        return malformed
+
     def scatter_parts(self, flat: Tensor, sizes: Sequence[int]) -> Tensor:
         everyone = self.hub.exchange(self.rank, list(torch.split(flat, list(sizes))))
         return torch.stack([parts[self.rank] for parts in everyone])

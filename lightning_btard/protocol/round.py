@@ -1,0 +1,388 @@
+"""One verified BTARD aggregation round (steps 2-7 of ``shared/design/protocol.md``), over a transport.
+
+Phases, each closed by a board round (``all_gather_object``: every peer sees the same records):
+
+1. **commit** — signed hashes of every part of my gradient and my MPRNG commitment;
+2. **scatter** — part ``j`` to aggregator ``j``, with my signature over its hash;
+3. **aggregate** — CenteredClip of my part; its hash published, signed;
+4. **gather** — my aggregate to every peer, signed;
+5. **reveal** — MPRNG secrets, checked against the commitments; the shared seed;
+6. **verify** — every peer publishes its projections of every part on the secret directions; the
+   aggregator of each part recomputes its senders' numbers from the parts it holds; everybody runs
+   the CenteredClip check, and a failed part whose aggregator raised no valid accusation bans it.
+
+What a peer receives is checked against the sender's own signed records. A contradiction is an
+accusation carrying the sender's signature as evidence (a part that is not what was committed or is
+not finite, an aggregate that is not the published one, numbers that do not match the signed part):
+every peer re-checks the evidence itself and bans the accused if it holds, the accuser if it does
+not. A message that arrives malformed or unsigned proves nothing about its sender; the sender must
+then publish it on the board, and is banned if it does not publish a valid copy. A round with a ban
+returns no aggregate: the caller re-runs it without the banned peers (step 7). Validation by
+recomputation (steps 8-9) is not in this file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from lightning_btard.ops.centered_clip import centered_clip_with_stats
+from lightning_btard.ops.finite import all_finite
+from lightning_btard.ops.partition import part_sizes
+from lightning_btard.ops.projection import ProjectionCheck, clipped_projections, random_directions
+from lightning_btard.protocol.digest import digest
+from lightning_btard.protocol.identity import Identity, verify_signature
+from lightning_btard.protocol.membership import Ban
+from lightning_btard.protocol.mprng import MPRNGSecret, check_reveal, shared_seed
+from lightning_btard.transports.base import Transport
+
+__all__ = ["Behaviour", "RoundConfig", "RoundOutcome", "verified_round"]
+
+_SIG = 64  # bytes in an Ed25519 signature
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    tau: float = 1.0
+    rel_eps: float = 5e-7
+    """CenteredClip's residual target relative to ``||G||``; the check allows twice that."""
+    directions: int = 2
+    max_iters: int = 500
+    number_rtol: float = 1e-5
+    """How far published projections may be from the aggregator's recomputation (relative)."""
+
+
+class Behaviour:
+    """What a peer sends at each point of the round. Honest by default; protocol attacks override one method."""
+
+    def part(self, step: int, receiver: int, part: Tensor) -> Tensor:
+        return part
+
+    def published_aggregate(self, step: int, aggregate: Tensor) -> Tensor:
+        return aggregate
+
+    def aggregate(self, step: int, receiver: int, aggregate: Tensor) -> Tensor:
+        return aggregate
+
+    def reveal(self, step: int, secret: bytes) -> Optional[bytes]:
+        return secret
+
+    def numbers(self, step: int, part: int, s: list[float], norm: float, p: list[float]) -> tuple[list[float], float, list[float]]:
+        return s, norm, p
+
+    def accusations(self, step: int, honest: list[tuple]) -> list[tuple]:
+        return honest
+
+    def republish(self, step: int, kind: str, receiver: int, content: Tensor) -> Optional[Tensor]:
+        return content
+
+
+@dataclass
+class RoundOutcome:
+    aggregate: Optional[Tensor]
+    """The agreed aggregate, or ``None`` when somebody was banned (re-run the round without them)."""
+    bans: list[Ban] = field(default_factory=list)
+    seed: Optional[bytes] = None
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def _sig_tensor(sig: bytes) -> Tensor:
+    return torch.frombuffer(bytearray(sig), dtype=torch.uint8)
+
+
+def _part_statement(step: int, sender: int, receiver: int, h: bytes) -> bytes:
+    return digest("part", step, sender, receiver, h)
+
+
+def _aggregate_statement(step: int, aggregator: int, h: bytes) -> bytes:
+    return digest("aggregate", step, aggregator, h)
+
+
+def _numbers_statement(step: int, peer: int, numbers: list) -> bytes:
+    return digest("numbers", step, peer, repr(numbers))
+
+
+def _unpack(message: list[Any]) -> tuple[Optional[Tensor], bytes]:
+    """A malformed (content, signature) message, as far as it can be read."""
+    if len(message) != 2 or not isinstance(message[0], Tensor) or not isinstance(message[1], Tensor):
+        return None, b""
+    return message[0], bytes(message[1].to(torch.uint8).flatten().tolist())
+
+
+def _close(published: Sequence[float], recomputed: Sequence[float], rtol: float, scale: float) -> bool:
+    return len(published) == len(recomputed) and all(abs(a - b) <= rtol * (abs(b) + scale) for a, b in zip(published, recomputed))
+
+
+class _Round:
+    """The state one peer keeps through a round; bans are decided identically on every honest peer."""
+
+    def __init__(self, flat: Tensor, transport: Transport, identity: Identity, keys: Sequence[bytes],
+                 peers: Sequence[int], step: int, config: RoundConfig, behaviour: Behaviour) -> None:
+        self.t, self.identity, self.keys, self.peers = transport, identity, list(keys), list(peers)
+        self.step, self.config, self.behaviour = step, config, behaviour
+        self.n, self.me = transport.world_size, transport.rank
+        self.sizes = part_sizes(flat.numel(), self.n)
+        self.parts = list(torch.split(flat, self.sizes))
+        self.flat = flat
+        self.bans: dict[int, Ban] = {}
+        self.committed: list[list[bytes]] = []
+        self.commitments: list[bytes] = []
+        self.agg_hashes: list[bytes] = []
+        self.received = torch.empty(0)
+        self.part_sigs: list[bytes] = []
+        self.aggregates: list[Tensor] = []
+        self.numbers: list[list] = []
+        self.directions: list[Tensor] = []
+
+    # ------------------------------------------------------------------ helpers
+    def ban(self, member: int, reason: str, evidence: str) -> None:
+        peer = self.peers[member]
+        if peer not in self.bans:
+            self.bans[peer] = Ban(peer, self.step, reason, evidence)
+
+    def signed_board(self, record: Any, statement: bytes) -> list[Any]:
+        """Publish ``record`` with my signature of ``statement``; return every member's (record, signature)."""
+        return self.t.all_gather_object((record, self.identity.sign(statement)))
+
+    def outcome(self, aggregate: Optional[Tensor] = None, seed: Optional[bytes] = None, **stats: float) -> RoundOutcome:
+        return RoundOutcome(None if self.bans else aggregate, list(self.bans.values()), seed, dict(stats))
+
+    # ------------------------------------------------------------------ phases
+    def commit(self) -> None:
+        hashes = [digest(p) for p in self.parts]
+        self.secret = MPRNGSecret.fresh(self.peers[self.me], self.step)
+        record = (self.step, self.peers[self.me], hashes, self.secret.commitment)
+        board = self.signed_board(record, digest(self.step, self.peers[self.me], *hashes, self.secret.commitment))
+        for i, entry in enumerate(board):
+            try:
+                (r_step, r_peer, r_hashes, r_commit), sig = entry
+                ok = r_step == self.step and r_peer == self.peers[i] and len(r_hashes) == self.n
+                ok = ok and verify_signature(self.keys[i], digest(self.step, self.peers[i], *r_hashes, r_commit), sig)
+            except (TypeError, ValueError):
+                ok, r_hashes, r_commit = False, [b""] * self.n, b""
+            self.committed.append(list(r_hashes))
+            self.commitments.append(r_commit)
+            if not ok:
+                self.ban(i, "malformed or missing commitment", "missing-record")
+
+    def scatter(self) -> None:
+        sends = []
+        for j in range(self.n):
+            content = self.behaviour.part(self.step, self.peers[j], self.parts[j])
+            sig = self.identity.sign(_part_statement(self.step, self.peers[self.me], self.peers[j], digest(content)))
+            sends.append([content, _sig_tensor(sig)])
+        self.received = torch.empty(self.n, self.sizes[self.me], dtype=self.flat.dtype, device=self.flat.device)
+        sigs = torch.zeros(self.n, _SIG, dtype=torch.uint8)
+        malformed = self.t.exchange(sends, [[self.received[i], sigs[i]] for i in range(self.n)])
+        self.part_sigs = [bytes(s.tolist()) for s in sigs]
+        accusations = []
+        for i in range(self.n):
+            content, sig = self.received[i], self.part_sigs[i]
+            if malformed[i] is not None:  # wrong shape or dtype: evidence if it is signed
+                content, sig = _unpack(malformed[i])
+                if content is None:
+                    accusations.append(("missing-part", i, None))
+                    continue
+            h = digest(content)
+            if not verify_signature(self.keys[i], _part_statement(self.step, self.peers[i], self.peers[self.me], h), sig):
+                accusations.append(("missing-part", i, None))
+            elif malformed[i] is not None or h != self.committed[i][self.me] or not all_finite(content):
+                accusations.append(("bad-part", i, (content.clone(), sig)))
+        self.resolve(accusations)
+
+    def aggregate(self) -> Any:
+        result = centered_clip_with_stats(
+            self.received, self.config.tau, max_iters=self.config.max_iters, eps=0.0, rel_eps=self.config.rel_eps
+        )
+        self.mine = self.behaviour.published_aggregate(self.step, result.value)
+        h = digest(self.mine)
+        board = self.signed_board(h, _aggregate_statement(self.step, self.peers[self.me], h))
+        for i, entry in enumerate(board):
+            try:
+                h_i, sig = entry
+                ok = isinstance(h_i, bytes) and verify_signature(self.keys[i], _aggregate_statement(self.step, self.peers[i], h_i), sig)
+            except (TypeError, ValueError):
+                ok, h_i = False, b""
+            self.agg_hashes.append(h_i)
+            if not ok:
+                self.ban(i, "malformed or missing aggregate hash", "missing-record")
+        return result
+
+    def gather(self) -> None:
+        sends = []
+        for j in range(self.n):
+            content = self.behaviour.aggregate(self.step, self.peers[j], self.mine)
+            sig = self.identity.sign(_aggregate_statement(self.step, self.peers[self.me], digest(content)))
+            sends.append([content, _sig_tensor(sig)])
+        self.aggregates = [torch.empty(s, dtype=self.flat.dtype, device=self.flat.device) for s in self.sizes]
+        sigs = torch.zeros(self.n, _SIG, dtype=torch.uint8)
+        malformed = self.t.exchange(sends, [[self.aggregates[i], sigs[i]] for i in range(self.n)])
+        accusations = []
+        for i in range(self.n):
+            content, sig = self.aggregates[i], bytes(sigs[i].tolist())
+            if malformed[i] is not None:
+                content, sig = _unpack(malformed[i])
+                if content is None:
+                    accusations.append(("missing-aggregate", i, None))
+                    continue
+            h = digest(content)
+            if not verify_signature(self.keys[i], _aggregate_statement(self.step, self.peers[i], h), sig):
+                accusations.append(("missing-aggregate", i, None))
+            elif h != self.agg_hashes[i]:
+                accusations.append(("equivocation", i, (h, sig)))
+        self.resolve(accusations)
+
+    def reveal(self) -> Optional[bytes]:
+        reveals = self.t.all_gather_object(self.behaviour.reveal(self.step, self.secret.secret))
+        valid = {}
+        for i, reveal in enumerate(reveals):
+            if check_reveal(self.commitments[i], reveal, self.peers[i], self.step):
+                valid[self.peers[i]] = reveal
+            else:
+                self.ban(i, "withheld or wrong MPRNG reveal", "missing-record")
+        return shared_seed(self.step, valid) if not self.bans else None
+
+    def my_numbers(self, member: int, part_index: int, part: Tensor) -> list:
+        s, norm, p = clipped_projections(self.directions[part_index], part, self.aggregates[part_index], self.config.tau)
+        return [s.tolist(), norm, p.tolist()]
+
+    def verify(self, seed: bytes) -> None:
+        self.directions = [random_directions(seed, j, self.sizes[j], self.config.directions, self.flat.device) for j in range(self.n)]
+        mine = [list(self.behaviour.numbers(self.step, j, *self.my_numbers(self.me, j, self.parts[j]))) for j in range(self.n)]
+        board = self.signed_board(mine, _numbers_statement(self.step, self.peers[self.me], mine))
+        for i, entry in enumerate(board):
+            try:
+                nums, sig = entry
+                ok = len(nums) == self.n and verify_signature(self.keys[i], _numbers_statement(self.step, self.peers[i], nums), sig)
+            except (TypeError, ValueError):
+                ok, nums = False, None
+            self.numbers.append(nums)
+            if not ok:
+                self.ban(i, "malformed or missing verification numbers", "missing-record")
+        if self.bans:
+            return
+        # as aggregator of part `me`, I hold every sender's signed part: recompute their numbers
+        accusations = []
+        for i in range(self.n):
+            if not self.numbers_match(i, self.me, self.received[i]):
+                accusations.append(("lying-numbers", i, (self.received[i].clone(), self.part_sigs[i])))
+        accusers = self.resolve(accusations)
+        check = ProjectionCheck(tau=self.config.tau)
+        weights = torch.ones(self.n, dtype=torch.float64)
+        for j in range(self.n):
+            s = torch.tensor([self.numbers[i][j][0] for i in range(self.n)], dtype=torch.float64)
+            norms = torch.tensor([float(self.numbers[i][j][1]) for i in range(self.n)], dtype=torch.float64)
+            bound = 2 * self.config.rel_eps * float(torch.linalg.vector_norm(self.aggregates[j]))
+            if not check.passes(weights, s, norms, bound) and j not in accusers:
+                self.ban(j, "its aggregate failed the CenteredClip check", "projection-check")
+
+    def numbers_match(self, member: int, part_index: int, part: Tensor) -> bool:
+        published = self.numbers[member][part_index]
+        s, norm, p = self.my_numbers(member, part_index, part)
+        scale = abs(norm) + float(torch.linalg.vector_norm(part))
+        flat_pub = list(published[0]) + [float(published[1])] + list(published[2])
+        return _close(flat_pub, s + [norm] + p, self.config.number_rtol, scale)
+
+    # ------------------------------------------------------------------ accusations
+    def resolve(self, accusations: list[tuple]) -> set[int]:
+        """Publish my accusations; judge everybody's from the evidence. Returns the members whose
+        accusations held (an aggregator that caught a liar is not blamed for its failed check)."""
+        mine = self.behaviour.accusations(self.step, accusations)
+        board = self.t.all_gather_object([(kind, accused, evidence) for kind, accused, evidence in mine])
+        upheld: set[int] = set()
+        disputes: list[tuple[int, str, int]] = []  # (accuser, kind, accused)
+        for accuser, items in enumerate(board):
+            for item in items if isinstance(items, list) else []:
+                try:
+                    kind, accused, evidence = item
+                    if kind in ("missing-part", "missing-aggregate"):
+                        disputes.append((accuser, kind, int(accused)))
+                        continue
+                    if self.evidence_holds(kind, accuser, int(accused), evidence):
+                        self.ban(int(accused), f"{kind} (accused by peer {self.peers[accuser]})", "signed-message")
+                        upheld.add(accuser)
+                    else:
+                        self.ban(accuser, f"false accusation: {kind} against peer {self.peers[int(accused)]}", "signed-message")
+                except (TypeError, ValueError, IndexError, KeyError):
+                    self.ban(accuser, "malformed accusation", "signed-message")
+        if disputes:
+            self.settle_disputes(disputes)
+        return upheld
+
+    def evidence_holds(self, kind: str, accuser: int, accused: int, evidence: Any) -> bool:
+        if kind == "bad-part":
+            content, sig = evidence
+            h = digest(content)
+            signed = verify_signature(self.keys[accused], _part_statement(self.step, self.peers[accused], self.peers[accuser], h), sig)
+            wrong = h != self.committed[accused][accuser] or content.shape != (self.sizes[accuser],)
+            return signed and (wrong or not content.is_floating_point() or not all_finite(content))
+        if kind == "equivocation":
+            h, sig = evidence
+            signed = verify_signature(self.keys[accused], _aggregate_statement(self.step, self.peers[accused], h), sig)
+            return signed and h != self.agg_hashes[accused]
+        if kind == "lying-numbers":
+            content, sig = evidence
+            h = digest(content)
+            genuine = h == self.committed[accused][accuser] and verify_signature(
+                self.keys[accused], _part_statement(self.step, self.peers[accused], self.peers[accuser], h), sig
+            )
+            return genuine and not self.numbers_match(accused, accuser, content)
+        raise ValueError(f"unknown accusation {kind!r}")
+
+    def settle_disputes(self, disputes: list[tuple[int, str, int]]) -> None:
+        """An unprovable claim ("I got nothing valid from you"): the accused publishes what it owed on the
+        board; a valid copy is used and nobody is banned, an invalid or missing one bans the accused."""
+        owed = [(accuser, kind) for accuser, kind, accused in disputes if accused == self.me]
+        publication = []
+        for accuser, kind in owed:
+            content = self.parts[accuser] if kind == "missing-part" else self.mine
+            publication.append((accuser, kind, self.behaviour.republish(self.step, kind, self.peers[accuser], content)))
+        board = self.t.all_gather_object(publication)
+        for accuser, kind, accused in disputes:
+            copy = next((c for a, k, c in board[accused] if a == accuser and k == kind), None) if isinstance(board[accused], list) else None
+            if kind == "missing-part":
+                valid = isinstance(copy, Tensor) and copy.shape == (self.sizes[accuser],) and digest(copy) == self.committed[accused][accuser]
+                valid = valid and all_finite(copy)
+                if valid and accuser == self.me:
+                    self.received[accused].copy_(copy)
+            else:
+                valid = isinstance(copy, Tensor) and copy.shape == (self.sizes[accused],) and digest(copy) == self.agg_hashes[accused]
+                if valid and accuser == self.me:
+                    self.aggregates[accused].copy_(copy)
+            if not valid:
+                self.ban(accused, f"{kind}: no valid copy published when disputed", "missing-record")
+
+
+def verified_round(
+    flat: Tensor,
+    transport: Transport,
+    identity: Identity,
+    keys: Sequence[bytes],
+    peers: Sequence[int],
+    step: int,
+    config: RoundConfig = RoundConfig(),
+    behaviour: Optional[Behaviour] = None,
+) -> RoundOutcome:
+    """One verified round among ``peers`` (member ``i`` is ``peers[i]`` with public key ``keys[i]``)."""
+    r = _Round(flat, transport, identity, keys, peers, step, config, behaviour or Behaviour())
+    r.commit()
+    if r.bans:
+        return r.outcome()
+    r.scatter()
+    if r.bans:
+        return r.outcome()
+    result = r.aggregate()
+    if r.bans:
+        return r.outcome()
+    r.gather()
+    if r.bans:
+        return r.outcome()
+    seed = r.reveal()
+    if seed is None:
+        return r.outcome()
+    r.verify(seed)
+    return r.outcome(torch.cat(r.aggregates), seed, clipped=float(result.clipped), iterations=float(result.iterations))

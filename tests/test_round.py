@@ -1,0 +1,164 @@
+"""The verified round over in-process peers: scripted Byzantine behaviour is banned, and only it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_btard.ops.centered_clip import centered_clip
+from lightning_btard.ops.partition import split_parts
+from lightning_btard.protocol.identity import Identity
+from lightning_btard.protocol.round import Behaviour, RoundConfig, verified_round
+from lightning_btard.transports import run_peers
+
+N, D, TAU = 5, 2003, 1.0
+
+
+def gradients(seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(D, generator=g) * 0.05 + torch.randn(N, D, generator=g) * 0.05
+
+
+def run(behaviours: dict[int, Behaviour], seed: int = 0):
+    grads = gradients(seed)
+    ids = [Identity.generate() for _ in range(N)]
+    keys = [i.public for i in ids]
+
+    def peer(t):
+        return verified_round(grads[t.rank].clone(), t, ids[t.rank], keys, list(range(N)), step=3,
+                              config=RoundConfig(tau=TAU), behaviour=behaviours.get(t.rank))
+
+    return grads, run_peers(N, peer)
+
+
+def run_until_clean(behaviours: dict[int, Behaviour], seed: int = 0, max_rounds: int = N):
+    """Re-run the round without the banned peers until one completes (step 7); returns all bans and the last outcomes."""
+    grads = gradients(seed)
+    ids = [Identity.generate() for _ in range(N)]
+    active, bans = list(range(N)), []
+    for _ in range(max_rounds):
+        keys = [ids[p].public for p in active]
+
+        def peer(t, active=active, keys=keys):
+            me = active[t.rank]
+            return verified_round(grads[me].clone(), t, ids[me], keys, active, step=3,
+                                  config=RoundConfig(tau=TAU), behaviour=behaviours.get(me))
+
+        outcomes = dict(zip(active, run_peers(len(active), peer)))
+        honest = [o for p, o in outcomes.items() if p not in behaviours]
+        round_bans = {b.peer for b in honest[0].bans}
+        assert all({b.peer for b in o.bans} == round_bans for o in honest)  # honest peers agree
+        if not round_bans:
+            return bans, outcomes
+        bans += sorted(round_bans)
+        active = [p for p in active if p not in round_bans]
+    raise AssertionError("rounds did not settle")
+
+
+def honest_outcomes(outcomes, byzantine):
+    return [o for r, o in enumerate(outcomes) if r not in byzantine]
+
+
+def assert_banned(outcomes, byzantine: set[int], expected: set[int]):
+    for o in honest_outcomes(outcomes, byzantine):
+        assert {b.peer for b in o.bans} == expected, [b for b in o.bans]
+        assert o.aggregate is None
+
+
+def test_honest_round_agrees_on_partwise_centered_clip() -> None:
+    grads, outcomes = run({})
+    expected = torch.cat([centered_clip(torch.stack([split_parts(x, N)[j] for x in grads]), TAU) for j in range(N)])
+    for o in outcomes:
+        assert o.bans == [] and o.aggregate is not None
+        assert torch.equal(o.aggregate, outcomes[0].aggregate)
+        assert o.seed == outcomes[0].seed
+    assert torch.allclose(outcomes[0].aggregate, expected, atol=1e-6)
+
+
+class WrongAggregate(Behaviour):
+    def published_aggregate(self, step, aggregate):
+        return aggregate * 1.001  # 0.1% off, consistently published and sent
+
+
+class Equivocate(Behaviour):
+    def aggregate(self, step, receiver, aggregate):
+        return aggregate + 0.01 if receiver == 0 else aggregate
+
+
+class PartNotCommitted(Behaviour):
+    def part(self, step, receiver, part):
+        return part + 0.5 if receiver == 2 else part
+
+
+class NaNPart(Behaviour):
+    def part(self, step, receiver, part):
+        return torch.full_like(part, float("nan")) if receiver == 1 else part
+
+
+class WrongShapePart(Behaviour):
+    def part(self, step, receiver, part):
+        return torch.cat([part, part[:5]]) if receiver == 0 else part  # oversized
+
+
+class LyingNumbers(Behaviour):
+    def numbers(self, step, part, s, norm, p):
+        return [2 * x for x in s], norm, p
+
+
+class WithholdReveal(Behaviour):
+    def reveal(self, step, secret):
+        return None
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [WrongAggregate, Equivocate, PartNotCommitted, NaNPart, WrongShapePart, LyingNumbers, WithholdReveal],
+    ids=lambda c: c.__name__,
+)
+def test_protocol_attack_bans_the_attacker_only(attack) -> None:
+    _, outcomes = run({3: attack()})
+    assert_banned(outcomes, {3}, {3})
+
+
+def test_two_attackers_are_both_banned_over_retries_and_the_rest_agree() -> None:
+    bans, outcomes = run_until_clean({1: WrongAggregate(), 4: LyingNumbers()})
+    assert sorted(bans) == [1, 4]
+    aggregates = [o.aggregate for p, o in outcomes.items()]
+    assert all(a is not None and torch.equal(a, aggregates[0]) for a in aggregates)
+
+
+class FalseAccuser(Behaviour):
+    def __init__(self, kind: str) -> None:
+        self.kind, self.calls = kind, 0
+
+    def accusations(self, step, honest):
+        self.calls += 1
+        if self.kind == "forged" and self.calls == 1:
+            return honest + [("bad-part", 0, (torch.zeros(D // N + 1), b"\x00" * 64))]
+        if self.kind == "missing" and self.calls == 1:
+            return honest + [("missing-part", 0, None)]
+        return honest
+
+
+def test_false_accusation_bans_the_accuser_not_the_accused() -> None:
+    _, outcomes = run({2: FalseAccuser("forged")})
+    assert_banned(outcomes, {2}, {2})
+
+
+def test_unprovable_claim_is_settled_by_publication_without_bans() -> None:
+    _, outcomes = run({2: FalseAccuser("missing")})
+    for o in honest_outcomes(outcomes, {2}):
+        assert o.bans == [] and o.aggregate is not None
+
+
+class NeverRepublish(Behaviour):
+    def part(self, step, receiver, part):
+        return part[:10] if receiver == 1 else part  # malformed (and, as signed, provable)
+
+    def republish(self, step, kind, receiver, content):
+        return None
+
+
+def test_withheld_republication_bans_the_sender() -> None:
+    _, outcomes = run({4: NeverRepublish()})
+    assert_banned(outcomes, {4}, {4})
