@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import sys
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -34,6 +36,7 @@ from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher, _Su
 from pytorch_lightning.strategies import StrategyRegistry
 from pytorch_lightning.strategies.parallel import ParallelStrategy
 from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only
 from torch import Tensor
 from torch.optim import Optimizer
@@ -44,6 +47,9 @@ from lightning_btard.ops.finite import all_finite
 from lightning_btard.ops.workspace import Workspace
 from lightning_btard.ops.partition import assign_grads, flatten_grads, trainable_params
 from lightning_btard.protocol.butterfly import ButterflyStats, butterfly_aggregate
+from lightning_btard.protocol.identity import Identity
+from lightning_btard.protocol.membership import Ban, Membership
+from lightning_btard.protocol.round import Behaviour, RoundConfig, verified_round
 from lightning_btard.transports.base import Transport
 from lightning_btard.transports.torch_distributed import TorchDistributedTransport
 from lightning_btard.errors import UserError
@@ -63,6 +69,10 @@ class BTARDStrategy(ParallelStrategy):
         eps: CenteredClip's target residual.
         max_iters: cap on CenteredClip iterations.
         check_params_every: every this many steps, check (and log) that every peer holds identical parameters.
+        verify: run BTARD's verification protocol in every round (signed commitments, MPRNG, projection
+            checks, accusations, bans; see ``protocol/round.py``). Validation by recomputation is not in yet,
+            so gradient attacks are clipped but not banned.
+        directions: secret random directions per part for the CenteredClip check (with ``verify``).
         backend: the transport: ``"torch"`` (torch.distributed).
         process_group_backend: ``"gloo"`` / ``"nccl"``; default by device.
         timeout: collective timeout.
@@ -79,6 +89,8 @@ class BTARDStrategy(ParallelStrategy):
         eps: float = 1e-6,
         max_iters: int = 500,
         check_params_every: int = 100,
+        verify: bool = False,
+        directions: int = 2,
         backend: Literal["torch"] = "torch",
         process_group_backend: Optional[str] = None,
         timeout: Union[float, timedelta] = 1800.0,
@@ -103,6 +115,13 @@ class BTARDStrategy(ParallelStrategy):
         self.tau = float(tau)
         self.aggregator: Aggregator = resolve_aggregator(aggregator, tau=self.tau, eps=eps, max_iters=max_iters)
         self.check_params_every = int(check_params_every)
+        self.verify = bool(verify)
+        if self.verify and aggregator != "centered_clip":
+            raise UserError("verify=True checks CenteredClip aggregates: use aggregator='centered_clip'")
+        self.round_config = RoundConfig(tau=self.tau, directions=int(directions), max_iters=int(max_iters))
+        self.membership: Optional[Membership] = None
+        self._identity: Optional[Identity] = None
+        self._keys: list[bytes] = []
         self.backend = backend
         self._process_group_backend = process_group_backend
         self._timeout = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
@@ -112,6 +131,7 @@ class BTARDStrategy(ParallelStrategy):
         self.last_round: Optional[ButterflyStats] = None
         self._round_seconds = 0.0
         self._attack_counts: dict[str, float] = {}
+        self._round_metrics: dict[str, float] = {}
         self._buffers = Workspace()
 
     # ----------------------------------------------------------------- devices and processes
@@ -168,6 +188,10 @@ class BTARDStrategy(ParallelStrategy):
             kwargs["device_id"] = self.root_device
         _init_dist_connection(self.cluster_environment, self.process_group_backend, **kwargs)
         self.transport = TorchDistributedTransport()
+        self.membership = Membership(peers=list(range(self.transport.world_size)))
+        if self.verify:
+            self._identity = Identity.generate()
+            self._keys = self.transport.all_gather_object(self._identity.public)
 
     def model_to_device(self) -> None:
         assert self.model is not None
@@ -182,6 +206,7 @@ class BTARDStrategy(ParallelStrategy):
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
             self._setup_attacks(trainer)
+            self._route_sigterm_broadcast(trainer)
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
@@ -194,6 +219,21 @@ class BTARDStrategy(ParallelStrategy):
         with torch.no_grad():
             for tensor in list(self.model.parameters()) + list(self.model.buffers()):
                 self.transport.broadcast_tensor_(tensor.data, src=0)
+
+    def _route_sigterm_broadcast(self, trainer: "pl.Trainer") -> None:
+        """Lightning broadcasts rank 0's SIGTERM flag over the default process group before every batch;
+        after a ban that group holds a departed peer and would hang, so send the flag over the members."""
+        loop = trainer.fit_loop.epoch_loop
+        if not hasattr(loop, "_broadcast_sigterm_tensor"):
+            return
+
+        def broadcast_over_members() -> None:
+            assert self.transport is not None
+            flag = torch.tensor([1.0 if getattr(trainer, "received_sigterm", False) else 0.0], device=self.root_device)
+            if self.transport.broadcast_tensor_(flag, src=0).item() > 0:
+                raise SIGTERMException()
+
+        loop._broadcast_sigterm_tensor = broadcast_over_members
 
     def _setup_attacks(self, trainer: "pl.Trainer") -> None:
         """Give colluding attacks their channel among the Byzantine peers (a collective: every peer calls it)."""
@@ -259,13 +299,78 @@ class BTARDStrategy(ParallelStrategy):
         sent = flat
         for attack in self._attacks(trainer):
             sent = attack.on_before_aggregate(sent, ctx)
-        aggregate, stats = butterfly_aggregate(sent, self.transport, self.aggregator, out=flat)
+        if self.verify:
+            aggregate = self._verified_aggregate(sent, ctx)
+        else:
+            aggregate, stats = butterfly_aggregate(sent, self.transport, self.aggregator, out=flat)
+            self.last_round = stats
+            self._round_metrics = _butterfly_metrics(stats)
         self._attack_counts = self._count_attackers(trainer, ctx.step)
         if scale is not None:
             aggregate.mul_(scale)
         assign_grads(params, aggregate)
-        self.last_round = stats
         self._round_seconds = time.perf_counter() - start
+
+    def _verified_aggregate(self, sent: Tensor, ctx: AttackContext) -> Tensor:
+        """Verified rounds among the active peers until one completes; banned peers are dropped between tries."""
+        assert self.transport is not None and self.membership is not None and self._identity is not None
+        behaviour = self._behaviour(ctx)
+        retries = 0
+        while True:
+            active = self.membership.active
+            outcome = verified_round(
+                sent, self.transport, self._identity, [self._keys[p] for p in active], active, ctx.step,
+                self.round_config, behaviour,
+            )
+            if outcome.aggregate is not None:
+                self._round_metrics = {
+                    "clipped": outcome.stats.get("clipped", 0.0),
+                    "cc_iterations": outcome.stats.get("iterations", 0.0),
+                    "retries": float(retries),
+                    "peers": float(len(active)),
+                    "banned": float(len(self.membership.bans)),
+                }
+                return outcome.aggregate.to(sent.device)
+            retries += 1
+            for ban in outcome.bans:
+                if self.membership.ban(ban.peer, ban.step, ban.reason, ban.evidence):
+                    log.warning("BTARD: banned peer %d at step %d: %s (%s)", ban.peer, ban.step, ban.reason, ban.evidence)
+            if self.global_rank in self.membership.banned:
+                self._leave()
+            self._rebuild_transport()
+
+    def _behaviour(self, ctx: AttackContext) -> Behaviour:
+        """This peer's conduct in the round: honest, unless a protocol attack callback scripts it."""
+        for attack in self._attacks(ctx.trainer):
+            scripted = attack.behaviour(ctx)
+            if scripted is not None:
+                return scripted
+        return Behaviour()
+
+    def _rebuild_transport(self) -> None:
+        """A private process group of the remaining peers (only they call this: no stall on the banned)."""
+        assert self.membership is not None
+        active = self.membership.active
+        group = dist.new_group(ranks=active, backend=self.process_group_backend, use_local_synchronization=True)
+        self.transport = TorchDistributedTransport(group=group, ranks=active)
+
+    def _leave(self) -> None:
+        """A banned peer stops here, with exit code 0 (the popen launcher kills every process on a non-zero exit)."""
+        assert self.membership is not None
+        ban = next(b for b in self.membership.bans if b.peer == self.global_rank)
+        print(
+            f"BTARD: this peer (rank {self.global_rank}) was banned at step {ban.step}: {ban.reason} "
+            f"[{ban.evidence}]. Leaving the training.",
+            flush=True,
+        )
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+    @property
+    def bans(self) -> list[Ban]:
+        """Every ban so far (peer = rank, step, reason, evidence kind), the same on every honest peer."""
+        return list(self.membership.bans) if self.membership is not None else []
 
     def _count_attackers(self, trainer: Optional["pl.Trainer"], step: int) -> dict[str, float]:
         """How many peers fired each attack at ``step`` (one small collective; every peer runs the same callbacks)."""
@@ -287,26 +392,15 @@ class BTARDStrategy(ParallelStrategy):
         return bool(self.transport.all_reduce(mine, "max").item() > 0)
 
     def _log_round(self) -> None:
-        module, stats = self.lightning_module, self.last_round
-        if module is None or stats is None or module._current_fx_name is None:
+        module = self.lightning_module
+        if module is None or not self._round_metrics or module._current_fx_name is None:
             return
-        summary = stats.summary()
-        metrics = {
-            "btard/clipped": summary["clipped"],
-            "btard/cc_iterations": summary["iterations"],
-            "btard/cc_residual": summary["residual"],
-            "btard/malformed": summary.get("malformed", 0.0),
-            "btard/time_aggregation": self._round_seconds,
-            "btard/time_scatter": summary["time_scatter"],
-            "btard/time_aggregate": summary["time_aggregate"],
-            "btard/time_gather": summary["time_gather"],
-            "btard/mbytes_sent": stats.bytes_sent / 2**20,
-        }
+        metrics = {f"btard/{k}": v for k, v in self._round_metrics.items()}
+        metrics["btard/time_aggregation"] = self._round_seconds
         metrics.update(self._attack_counts)
         module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
-        module.log("btard/clipped_bar", summary["clipped"], prog_bar=True, on_step=True, on_epoch=False, batch_size=1, logger=False)
-        trainer = module.trainer
-        if trainer.global_step % self.check_params_every == 0:
+        module.log("btard/clipped_bar", metrics["btard/clipped"], prog_bar=True, on_step=True, on_epoch=False, batch_size=1, logger=False)
+        if module.trainer.global_step % self.check_params_every == 0:
             module.log("btard/params_in_sync", float(self.check_parameters_identical()), on_step=True, on_epoch=False, batch_size=1)
 
     def check_parameters_identical(self) -> bool:
@@ -355,6 +449,20 @@ class BTARDStrategy(ParallelStrategy):
         strategy_registry.register(
             "btard_spawn", cls, description="BTARD-SGD: ButterflyClip aggregation (spawn launcher)", start_method="spawn"
         )
+
+
+def _butterfly_metrics(stats: ButterflyStats) -> dict[str, float]:
+    summary = stats.summary()
+    return {
+        "clipped": summary["clipped"],
+        "cc_iterations": summary["iterations"],
+        "cc_residual": summary["residual"],
+        "malformed": summary["malformed"],
+        "time_scatter": summary["time_scatter"],
+        "time_aggregate": summary["time_aggregate"],
+        "time_gather": summary["time_gather"],
+        "mbytes_sent": stats.bytes_sent / 2**20,
+    }
 
 
 BTARDStrategy.register_strategies(StrategyRegistry)

@@ -113,3 +113,30 @@ def test_resume_from_checkpoint_continues_identically(tmp_path) -> None:
     saved = torch.load(ckpt, weights_only=False)["state_dict"]
     start = torch.load(tmp_path / "b" / "init0.pt")
     assert all(torch.equal(saved[k], start[k]) for k in start)
+
+
+@pytest.mark.timeout(300)
+def test_verified_training_without_attackers_bans_nobody(tmp_path) -> None:
+    run_script("train_tiny.py", [str(tmp_path), "--devices", "4", "--steps", "12", "--verify"], timeout=240)
+    params, metrics = load_run(tmp_path, 4)
+    assert_identical(params)
+    for m in metrics:
+        assert m["bans"] == [] and m["global_step"] == 12
+        assert m["metrics"]["btard/peers"] == 4.0 and m["metrics"]["btard/retries"] == 0.0
+
+
+@pytest.mark.timeout(300)
+def test_verified_training_bans_a_wrong_aggregator_which_leaves_cleanly(tmp_path) -> None:
+    out = run_script(
+        "train_tiny.py", [str(tmp_path), "--devices", "4", "--steps", "8", "--verify", "--wrong-aggregate", "2", "--attack-start", "3"],
+        timeout=240,
+    )
+    assert "this peer (rank 2) was banned at step 3" in out.stdout
+    assert not (tmp_path / "metrics2.json").exists()  # it left before the end, with exit code 0
+    survivors = [0, 1, 3]
+    params = [torch.load(tmp_path / f"params{r}.pt") for r in survivors]
+    metrics = [json.loads((tmp_path / f"metrics{r}.json").read_text()) for r in survivors]
+    assert_identical(params)
+    for m in metrics:
+        assert [(b["peer"], b["step"], b["evidence"]) for b in m["bans"]] == [(2, 3, "projection-check")]
+        assert m["global_step"] == 8 and m["metrics"]["btard/peers"] == 3.0

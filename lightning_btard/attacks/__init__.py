@@ -7,6 +7,7 @@ from lightning_btard.attacks.inner_product_manipulation import InnerProductManip
 from lightning_btard.attacks.label_flipping import LabelFlipping
 from lightning_btard.attacks.random_direction import RandomDirection
 from lightning_btard.attacks.sign_flipping import SignFlipping
+from lightning_btard.attacks.wrong_aggregate import WrongAggregate
 
 __all__ = [
     "ALittleIsEnough",
@@ -17,4 +18,5 @@ __all__ = [
     "LabelFlipping",
     "RandomDirection",
     "SignFlipping",
+    "WrongAggregate",
 ]

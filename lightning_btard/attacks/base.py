@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
+    from lightning_btard.protocol.round import Behaviour
     from lightning_btard.transports.base import Transport
 
 __all__ = ["Attack", "AttackContext", "honest_norm", "seeded_direction"]
@@ -108,6 +109,10 @@ class Attack(pl.Callback):
         out = self.attack_gradient(gradient, ctx)
         self._record(ctx)
         return out
+
+    def behaviour(self, ctx: AttackContext) -> Optional["Behaviour"]:
+        """This peer's conduct in a verified round when the attack fires (protocol attacks), else ``None``."""
+        return None
 
     def attack_gradient(self, gradient: Tensor, ctx: AttackContext) -> Tensor:
         """The malicious gradient to send instead of ``gradient`` (default: unchanged, for data attacks)."""

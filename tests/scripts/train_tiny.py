@@ -29,6 +29,9 @@ p.add_argument("--manual", action="store_true")
 p.add_argument("--precision", default="32-true")
 p.add_argument("--check-every", type=int, default=5)
 p.add_argument("--save-ckpt", default=None, help="save a checkpoint here at the end")
+p.add_argument("--verify", action="store_true")
+p.add_argument("--wrong-aggregate", type=int, nargs="*", default=[], help="ranks running the WrongAggregate attack")
+p.add_argument("--attack-start", type=int, default=0)
 p.add_argument("--resume", default=None, help="resume from this checkpoint")
 args = p.parse_args()
 
@@ -78,10 +81,15 @@ class Record(pl.Callback):
 if __name__ == "__main__":
     pl.seed_everything(0)
     if args.strategy == "btard":
-        strategy = BTARDStrategy(tau=args.tau, aggregator=args.aggregator, check_params_every=args.check_every)
+        strategy = BTARDStrategy(tau=args.tau, aggregator=args.aggregator, check_params_every=args.check_every, verify=args.verify)
     else:
         strategy = args.strategy
     rec = Record()
+    callbacks = [rec]
+    if args.wrong_aggregate:
+        from lightning_btard.attacks import WrongAggregate
+
+        callbacks.append(WrongAggregate(byzantine=args.wrong_aggregate, attack_start=args.attack_start))
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=args.devices,
@@ -94,7 +102,7 @@ if __name__ == "__main__":
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[rec],
+        callbacks=callbacks,
     )
     model = Tiny(manual=args.manual)
     trainer.fit(model, ckpt_path=args.resume)
@@ -103,5 +111,6 @@ if __name__ == "__main__":
     rank = trainer.global_rank
     torch.save({k: v.detach().clone() for k, v in model.named_parameters()}, os.path.join(args.out_dir, f"params{rank}.pt"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    bans = [b.as_dict() for b in getattr(trainer.strategy, "bans", [])]
     with open(os.path.join(args.out_dir, f"metrics{rank}.json"), "w") as f:
-        json.dump({"metrics": metrics, "global_step": trainer.global_step, "batches": len(rec.steps_seen)}, f)
+        json.dump({"metrics": metrics, "global_step": trainer.global_step, "batches": len(rec.steps_seen), "bans": bans}, f)
