@@ -194,8 +194,8 @@ class _Round:
                 accusations.append(("bad-part", i, (content.clone(), sig)))
         self.resolve(accusations)
 
-    def aggregate(self) -> Any:
-        result = centered_clip_with_stats(
+    def aggregate(self) -> None:
+        self.result = result = centered_clip_with_stats(
             self.received, self.config.tau, max_iters=self.config.max_iters, eps=0.0, rel_eps=self.config.rel_eps
         )
         self.mine = self.behaviour.published_aggregate(self.step, result.value)
@@ -210,7 +210,6 @@ class _Round:
             self.agg_hashes.append(h_i)
             if not ok:
                 self.ban(i, "malformed or missing aggregate hash", "missing-record")
-        return result
 
     def gather(self) -> None:
         sends = []
@@ -369,20 +368,12 @@ def verified_round(
 ) -> RoundOutcome:
     """One verified round among ``peers`` (member ``i`` is ``peers[i]`` with public key ``keys[i]``)."""
     r = _Round(flat, transport, identity, keys, peers, step, config, behaviour or Behaviour())
-    r.commit()
-    if r.bans:
-        return r.outcome()
-    r.scatter()
-    if r.bans:
-        return r.outcome()
-    result = r.aggregate()
-    if r.bans:
-        return r.outcome()
-    r.gather()
-    if r.bans:
-        return r.outcome()
+    for phase in (r.commit, r.scatter, r.aggregate, r.gather):
+        phase()
+        if r.bans:  # every honest peer stops at the same phase: the bans come from the same records
+            return r.outcome()
     seed = r.reveal()
     if seed is None:
         return r.outcome()
     r.verify(seed)
-    return r.outcome(torch.cat(r.aggregates), seed, clipped=float(result.clipped), iterations=float(result.iterations))
+    return r.outcome(torch.cat(r.aggregates), seed, clipped=float(r.result.clipped), iterations=float(r.result.iterations))
