@@ -5,6 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lightning_btard.attacks import (
+    AttackContext,
+    EquivocatingAggregate,
+    FalseAccusation,
+    LyingNumbers,
+    MalformedPart,
+    UncommittedPart,
+    WithheldReveal,
+    WrongAggregate,
+)
 from lightning_btard.ops.centered_clip import centered_clip
 from lightning_btard.ops.partition import split_parts
 from lightning_btard.protocol.identity import Identity
@@ -75,78 +85,49 @@ def test_honest_round_agrees_on_partwise_centered_clip() -> None:
     assert torch.allclose(outcomes[0].aggregate, expected, atol=1e-6)
 
 
-class WrongAggregate(Behaviour):
-    def published_aggregate(self, step, aggregate):
-        return aggregate * 1.001  # 0.1% off, consistently published and sent
+CTX = AttackContext(step=3, rank=3, world_size=N)
+PROTOCOL_ATTACKS = {
+    "wrong-aggregate": lambda: WrongAggregate([3], scale=1.001).conduct(CTX),  # 0.1% off
+    "equivocating-aggregate": lambda: EquivocatingAggregate([3], victims=[0]).conduct(CTX),
+    "uncommitted-part": lambda: UncommittedPart([3]).conduct(CTX),
+    "nan-part": lambda: MalformedPart([3], kind="nan").conduct(CTX),
+    "inf-part": lambda: MalformedPart([3], kind="inf").conduct(CTX),
+    "oversized-part": lambda: MalformedPart([3], kind="oversized").conduct(CTX),
+    "float64-part": lambda: MalformedPart([3], kind="dtype").conduct(CTX),
+    "lying-numbers": lambda: LyingNumbers([3]).conduct(CTX),
+    "withheld-reveal": lambda: WithheldReveal([3]).conduct(CTX),
+    "false-accusation": lambda: FalseAccusation([3], victim=0).conduct(CTX),
+}
 
 
-class Equivocate(Behaviour):
-    def aggregate(self, step, receiver, aggregate):
-        return aggregate + 0.01 if receiver == 0 else aggregate
-
-
-class PartNotCommitted(Behaviour):
-    def part(self, step, receiver, part):
-        return part + 0.5 if receiver == 2 else part
-
-
-class NaNPart(Behaviour):
-    def part(self, step, receiver, part):
-        return torch.full_like(part, float("nan")) if receiver == 1 else part
-
-
-class WrongShapePart(Behaviour):
-    def part(self, step, receiver, part):
-        return torch.cat([part, part[:5]]) if receiver == 0 else part  # oversized
-
-
-class LyingNumbers(Behaviour):
-    def numbers(self, step, part, s, norm, p):
-        return [2 * x for x in s], norm, p
-
-
-class WithholdReveal(Behaviour):
-    def reveal(self, step, secret):
-        return None
-
-
-@pytest.mark.parametrize(
-    "attack",
-    [WrongAggregate, Equivocate, PartNotCommitted, NaNPart, WrongShapePart, LyingNumbers, WithholdReveal],
-    ids=lambda c: c.__name__,
-)
+@pytest.mark.parametrize("attack", sorted(PROTOCOL_ATTACKS))
 def test_protocol_attack_bans_the_attacker_only(attack) -> None:
-    _, outcomes = run({3: attack()})
+    _, outcomes = run({3: PROTOCOL_ATTACKS[attack]()})
     assert_banned(outcomes, {3}, {3})
 
 
 def test_two_attackers_are_both_banned_over_retries_and_the_rest_agree() -> None:
-    bans, outcomes = run_until_clean({1: WrongAggregate(), 4: LyingNumbers()})
+    bans, outcomes = run_until_clean({1: PROTOCOL_ATTACKS["wrong-aggregate"](), 4: PROTOCOL_ATTACKS["lying-numbers"]()})
     assert sorted(bans) == [1, 4]
     aggregates = [o.aggregate for p, o in outcomes.items()]
     assert all(a is not None and torch.equal(a, aggregates[0]) for a in aggregates)
 
 
-class FalseAccuser(Behaviour):
-    def __init__(self, kind: str) -> None:
-        self.kind, self.calls = kind, 0
+class UnprovableClaim(Behaviour):
+    """Claims, once, that peer 0 sent it nothing valid: unprovable, so settled by publication."""
+
+    def __init__(self) -> None:
+        self.done = False
 
     def accusations(self, step, honest):
-        self.calls += 1
-        if self.kind == "forged" and self.calls == 1:
-            return honest + [("bad-part", 0, (torch.zeros(D // N + 1), b"\x00" * 64))]
-        if self.kind == "missing" and self.calls == 1:
-            return honest + [("missing-part", 0, None)]
-        return honest
-
-
-def test_false_accusation_bans_the_accuser_not_the_accused() -> None:
-    _, outcomes = run({2: FalseAccuser("forged")})
-    assert_banned(outcomes, {2}, {2})
+        if self.done:
+            return honest
+        self.done = True
+        return honest + [("missing-part", 0, None)]
 
 
 def test_unprovable_claim_is_settled_by_publication_without_bans() -> None:
-    _, outcomes = run({2: FalseAccuser("missing")})
+    _, outcomes = run({2: UnprovableClaim()})
     for o in honest_outcomes(outcomes, {2}):
         assert o.bans == [] and o.aggregate is not None
 

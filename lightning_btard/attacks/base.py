@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from lightning_btard.protocol.round import Behaviour
     from lightning_btard.transports.base import Transport
 
-__all__ = ["Attack", "AttackContext", "honest_norm", "seeded_direction"]
+__all__ = ["Attack", "AttackContext", "ProtocolAttack", "honest_norm", "seeded_direction"]
 
 log = logging.getLogger("lightning_btard.attacks")
 
@@ -161,3 +161,14 @@ def seeded_direction(numel: int, seed: int, like: Tensor) -> Tensor:
     gen = torch.Generator(device="cpu").manual_seed(seed)
     z = torch.randn(numel, generator=gen, dtype=torch.float64)
     return (z / z.norm()).to(dtype=like.dtype, device=like.device)
+
+
+class ProtocolAttack(Attack):
+    """An attack on the verification protocol (needs ``BTARDStrategy(verify=True)``): when it fires, the
+    peer's conduct in the round is :meth:`conduct`'s :class:`~lightning_btard.protocol.round.Behaviour`."""
+
+    def conduct(self, ctx: AttackContext) -> "Behaviour":
+        raise NotImplementedError
+
+    def behaviour(self, ctx: AttackContext) -> Optional["Behaviour"]:
+        return self.conduct(ctx) if self.is_attacking(ctx.step, ctx.rank) else None

@@ -1,7 +1,7 @@
-"""Wrong aggregate: as aggregator, publish and send a CenteredClip result off by ``scale`` (a protocol attack).
+"""Wrong aggregate: as aggregator, publish and send a CenteredClip result off by ``scale``.
 
-Caught by the CenteredClip check on secret random directions (``verify=True``): its part fails the
-check and nobody it could blame lied, so every honest peer bans it.
+Caught by the CenteredClip check on secret random directions: its part fails the check and nobody
+it could blame lied, so every honest peer bans it.
 """
 
 from __future__ import annotations
@@ -9,23 +9,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Optional
 
+import torch
 from torch import Tensor
 
-from lightning_btard.attacks.base import Attack, AttackContext
+from lightning_btard.attacks.base import AttackContext, ProtocolAttack
 from lightning_btard.protocol.round import Behaviour
 
 __all__ = ["WrongAggregate"]
 
 
-class _Scaled(Behaviour):
-    def __init__(self, scale: float) -> None:
-        self.scale = scale
-
-    def published_aggregate(self, step: int, aggregate: Tensor) -> Tensor:
-        return aggregate * self.scale
-
-
-class WrongAggregate(Attack):
+class WrongAggregate(ProtocolAttack):
     """Aggregators among ``byzantine`` publish and send ``scale`` times their true aggregate."""
 
     def __init__(
@@ -40,5 +33,11 @@ class WrongAggregate(Attack):
         super().__init__(byzantine, attack_start, attack_every, ban_prob, seed)
         self.scale = float(scale)
 
-    def behaviour(self, ctx: AttackContext) -> Optional[Behaviour]:
-        return _Scaled(self.scale) if self.is_attacking(ctx.step, ctx.rank) else None
+    def conduct(self, ctx: AttackContext) -> Behaviour:
+        scale = self.scale
+
+        class Scaled(Behaviour):
+            def published_aggregate(self, step: int, aggregate: Tensor) -> Tensor:
+                return aggregate * scale
+
+        return Scaled()

@@ -30,7 +30,8 @@ p.add_argument("--precision", default="32-true")
 p.add_argument("--check-every", type=int, default=5)
 p.add_argument("--save-ckpt", default=None, help="save a checkpoint here at the end")
 p.add_argument("--verify", action="store_true")
-p.add_argument("--wrong-aggregate", type=int, nargs="*", default=[], help="ranks running the WrongAggregate attack")
+p.add_argument("--attack", default=None, help="an attack class from lightning_btard.attacks")
+p.add_argument("--byzantine", type=int, nargs="*", default=[])
 p.add_argument("--attack-start", type=int, default=0)
 p.add_argument("--resume", default=None, help="resume from this checkpoint")
 args = p.parse_args()
@@ -86,10 +87,10 @@ if __name__ == "__main__":
         strategy = args.strategy
     rec = Record()
     callbacks = [rec]
-    if args.wrong_aggregate:
-        from lightning_btard.attacks import WrongAggregate
+    if args.attack:
+        import lightning_btard.attacks
 
-        callbacks.append(WrongAggregate(byzantine=args.wrong_aggregate, attack_start=args.attack_start))
+        callbacks.append(getattr(lightning_btard.attacks, args.attack)(byzantine=args.byzantine, attack_start=args.attack_start))
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=args.devices,
