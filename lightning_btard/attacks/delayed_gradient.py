@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -38,14 +38,11 @@ class DelayedGradient(Attack):
     def __init__(
         self,
         byzantine: Sequence[int],
-        attack_start: int = 0,
-        attack_every: int = 1,
-        ban_prob: Optional[float] = None,
-        seed: int = 0,
         delay: int = 1000,
         attack_length: int = 500,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(byzantine, attack_start, attack_every, ban_prob, seed)
+        super().__init__(byzantine, **kwargs)
         if delay < 0 or attack_length < 0:
             raise ValueError(f"delay and attack_length must be >= 0, got delay={delay}, attack_length={attack_length}")
         self.delay = int(delay)

@@ -7,9 +7,8 @@ not the published one, two signed statements that contradict each other.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional
+from typing import Any
 
-import torch
 from torch import Tensor
 
 from lightning_btard.attacks.base import AttackContext, ProtocolAttack
@@ -24,14 +23,11 @@ class EquivocatingAggregate(ProtocolAttack):
     def __init__(
         self,
         byzantine: Sequence[int],
-        attack_start: int = 0,
-        attack_every: int = 1,
-        ban_prob: Optional[float] = None,
-        seed: int = 0,
         victims: Sequence[int] = (0,),
         shift: float = 0.01,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(byzantine, attack_start, attack_every, ban_prob, seed)
+        super().__init__(byzantine, **kwargs)
         self.victims, self.shift = set(int(v) for v in victims), float(shift)
 
     def conduct(self, ctx: AttackContext) -> Behaviour:

@@ -6,7 +6,7 @@ From Xie et al., 2020, "Fall of Empires: Breaking Byzantine-tolerant SGD by Inne
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar, Optional
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -28,13 +28,10 @@ class InnerProductManipulation(Attack):
     def __init__(
         self,
         byzantine: Sequence[int],
-        attack_start: int = 0,
-        attack_every: int = 1,
-        ban_prob: Optional[float] = None,
-        seed: int = 0,
         epsilon: float = 0.1,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(byzantine, attack_start, attack_every, ban_prob, seed)
+        super().__init__(byzantine, **kwargs)
         self.epsilon = float(epsilon)
 
     def attack_gradient(self, gradient: Tensor, ctx: AttackContext) -> Tensor:

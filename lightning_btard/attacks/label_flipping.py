@@ -5,8 +5,7 @@ From the released BTARD code (``LabelFlipper``); the gradient itself is sent unc
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -26,15 +25,6 @@ class LabelFlipping(Attack):
     Every micro-batch of an attack step is flipped; the attack is recorded once per step.
     """
 
-    def __init__(
-        self,
-        byzantine: Sequence[int],
-        attack_start: int = 0,
-        attack_every: int = 1,
-        ban_prob: Optional[float] = None,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(byzantine, attack_start, attack_every, ban_prob, seed)
 
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
         if not self.is_attacking(trainer.global_step, trainer.global_rank):

@@ -7,10 +7,7 @@ signed part) lets every peer recompute them too.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional
-
-import torch
-from torch import Tensor
+from typing import Any
 
 from lightning_btard.attacks.base import AttackContext, ProtocolAttack
 from lightning_btard.protocol.round import Behaviour
@@ -24,13 +21,10 @@ class LyingNumbers(ProtocolAttack):
     def __init__(
         self,
         byzantine: Sequence[int],
-        attack_start: int = 0,
-        attack_every: int = 1,
-        ban_prob: Optional[float] = None,
-        seed: int = 0,
         factor: float = 2.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(byzantine, attack_start, attack_every, ban_prob, seed)
+        super().__init__(byzantine, **kwargs)
         self.factor = float(factor)
 
     def conduct(self, ctx: AttackContext) -> Behaviour:

@@ -8,7 +8,7 @@ with the expected one), so ``kind="oversized"`` and ``"dtype"`` are for the in-p
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,13 +27,10 @@ class MalformedPart(ProtocolAttack):
     def __init__(
         self,
         byzantine: Sequence[int],
-        attack_start: int = 0,
-        attack_every: int = 1,
-        ban_prob: Optional[float] = None,
-        seed: int = 0,
         kind: str = "nan",
+        **kwargs: Any,
     ) -> None:
-        super().__init__(byzantine, attack_start, attack_every, ban_prob, seed)
+        super().__init__(byzantine, **kwargs)
         if kind not in _KINDS:
             raise ValueError(f"MalformedPart kind must be one of {_KINDS}, got {kind!r}")
         self.kind = kind

@@ -7,7 +7,7 @@ attackers, scaled to 1000 times the attacker's honest gradient norm.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional
+from typing import Any, Optional
 
 from torch import Tensor
 
@@ -32,13 +32,10 @@ class RandomDirection(Attack):
     def __init__(
         self,
         byzantine: Sequence[int],
-        attack_start: int = 0,
-        attack_every: int = 1,
-        ban_prob: Optional[float] = None,
-        seed: int = 0,
         scale: float = 1000.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(byzantine, attack_start, attack_every, ban_prob, seed)
+        super().__init__(byzantine, **kwargs)
         self.scale = float(scale)
         self._direction: Optional[Tensor] = None
 

@@ -6,7 +6,7 @@ From the released BTARD code (``SignFlipper``, which multiplied the gradient by 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional
+from typing import Any
 
 from torch import Tensor
 
@@ -25,13 +25,10 @@ class SignFlipping(Attack):
     def __init__(
         self,
         byzantine: Sequence[int],
-        attack_start: int = 0,
-        attack_every: int = 1,
-        ban_prob: Optional[float] = None,
-        seed: int = 0,
         scale: float = -1000.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(byzantine, attack_start, attack_every, ban_prob, seed)
+        super().__init__(byzantine, **kwargs)
         self.scale = float(scale)
 
     def attack_gradient(self, gradient: Tensor, ctx: AttackContext) -> Tensor:

@@ -5,11 +5,7 @@ Caught at the reveal phase: a missing reveal is a missing public record; the rou
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Optional
-
-import torch
-from torch import Tensor
 
 from lightning_btard.attacks.base import AttackContext, ProtocolAttack
 from lightning_btard.protocol.round import Behaviour
@@ -20,15 +16,6 @@ __all__ = ["WithheldReveal"]
 class WithheldReveal(ProtocolAttack):
     """Peers among ``byzantine`` never reveal their MPRNG secret."""
 
-    def __init__(
-        self,
-        byzantine: Sequence[int],
-        attack_start: int = 0,
-        attack_every: int = 1,
-        ban_prob: Optional[float] = None,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(byzantine, attack_start, attack_every, ban_prob, seed)
 
     def conduct(self, ctx: AttackContext) -> Behaviour:
         class Withhold(Behaviour):

@@ -7,9 +7,8 @@ it could blame lied, so every honest peer bans it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional
+from typing import Any
 
-import torch
 from torch import Tensor
 
 from lightning_btard.attacks.base import AttackContext, ProtocolAttack
@@ -24,13 +23,10 @@ class WrongAggregate(ProtocolAttack):
     def __init__(
         self,
         byzantine: Sequence[int],
-        attack_start: int = 0,
-        attack_every: int = 1,
-        ban_prob: Optional[float] = None,
-        seed: int = 0,
         scale: float = 1.01,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(byzantine, attack_start, attack_every, ban_prob, seed)
+        super().__init__(byzantine, **kwargs)
         self.scale = float(scale)
 
     def conduct(self, ctx: AttackContext) -> Behaviour:
