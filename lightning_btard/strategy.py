@@ -128,7 +128,6 @@ class BTARDStrategy(ParallelStrategy):
         self._start_method = start_method
         self._num_nodes = 1
         self.transport: Optional[Transport] = None
-        self.last_round: Optional[ButterflyStats] = None
         self._round_seconds = 0.0
         self._attack_counts: dict[str, float] = {}
         self._round_metrics: dict[str, float] = {}
@@ -286,7 +285,7 @@ class BTARDStrategy(ParallelStrategy):
             if self._any_peer_overflowed(flat):
                 # fp16 overflow somewhere: every peer skips this step together (the scaler sees inf and backs off)
                 assign_grads(params, torch.full_like(flat, float("inf")))
-                self.last_round = None
+                self._round_metrics = {}  # nothing was aggregated: log nothing for this step
                 return
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         ctx = AttackContext(
@@ -303,7 +302,6 @@ class BTARDStrategy(ParallelStrategy):
             aggregate = self._verified_aggregate(sent, ctx)
         else:
             aggregate, stats = butterfly_aggregate(sent, self.transport, self.aggregator, out=flat)
-            self.last_round = stats
             self._round_metrics = _butterfly_metrics(stats)
         self._attack_counts = self._count_attackers(trainer, ctx.step)
         if scale is not None:

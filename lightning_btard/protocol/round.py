@@ -245,13 +245,13 @@ class _Round:
                 self.ban(i, "withheld or wrong MPRNG reveal", "missing-record")
         return shared_seed(self.step, valid) if not self.bans else None
 
-    def my_numbers(self, member: int, part_index: int, part: Tensor) -> list:
+    def my_numbers(self, part_index: int, part: Tensor) -> list:
         s, norm, p = clipped_projections(self.directions[part_index], part, self.aggregates[part_index], self.config.tau)
         return [s.tolist(), norm, p.tolist()]
 
     def verify(self, seed: bytes) -> None:
         self.directions = [random_directions(seed, j, self.sizes[j], self.config.directions, self.flat.device) for j in range(self.n)]
-        mine = [list(self.behaviour.numbers(self.step, j, *self.my_numbers(self.me, j, self.parts[j]))) for j in range(self.n)]
+        mine = [list(self.behaviour.numbers(self.step, j, *self.my_numbers(j, self.parts[j]))) for j in range(self.n)]
         board = self.signed_board(mine, _numbers_statement(self.step, self.peers[self.me], mine))
         for i, entry in enumerate(board):
             try:
@@ -281,7 +281,7 @@ class _Round:
 
     def numbers_match(self, member: int, part_index: int, part: Tensor) -> bool:
         published = self.numbers[member][part_index]
-        s, norm, p = self.my_numbers(member, part_index, part)
+        s, norm, p = self.my_numbers(part_index, part)
         scale = abs(norm) + float(torch.linalg.vector_norm(part))
         flat_pub = list(published[0]) + [float(published[1])] + list(published[2])
         return _close(flat_pub, s + [norm] + p, self.config.number_rtol, scale)
