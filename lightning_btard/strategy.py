@@ -50,9 +50,12 @@ from lightning_btard.protocol.butterfly import ButterflyStats, butterfly_aggrega
 from lightning_btard.protocol.identity import Identity
 from lightning_btard.protocol.membership import Ban, Membership
 from lightning_btard.protocol.round import Behaviour, RoundConfig, verified_round
+from lightning_btard.protocol.validation import StepRecord, ValidationCheck, assign_validators, resolve_validations
+from lightning_btard.recomputation import Recomputer, TrainingData
 from lightning_btard.transports.base import Transport
 from lightning_btard.transports.torch_distributed import TorchDistributedTransport
 from lightning_btard.errors import UserError
+from lightning_btard.verifiable_batches import seeded_rngs, step_seed, verifiable_loader
 
 __all__ = ["BTARDStrategy"]
 
@@ -70,8 +73,13 @@ class BTARDStrategy(ParallelStrategy):
         max_iters: cap on CenteredClip iterations.
         check_params_every: every this many steps, check (and log) that every peer holds identical parameters.
         verify: run BTARD's verification protocol in every round (signed commitments, MPRNG, projection
-            checks, accusations, bans; see ``protocol/round.py``). Validation by recomputation is not in yet,
-            so gradient attacks are clipped but not banned.
+            checks, accusations, bans; see ``protocol/round.py``) and validate gradients by recomputation
+            (``protocol/validation.py``). Default: on with CenteredClip (what it checks), off otherwise.
+            Installs verifiable batches on the training dataloader and seeds each training step's RNGs.
+        validators: peers that validate a random other peer's previous gradient in each step (with
+            ``verify``; they skip their own gradient that step). 0 turns validation off.
+        validation_rtol: how far a recomputed gradient may be from the published one (relative, per part:
+            float non-determinism across machines; attacks differ by far more).
         directions: secret random directions per part for the CenteredClip check (with ``verify``).
         backend: the transport: ``"torch"`` (torch.distributed).
         process_group_backend: ``"gloo"`` / ``"nccl"``; default by device.
@@ -89,7 +97,9 @@ class BTARDStrategy(ParallelStrategy):
         eps: float = 1e-6,
         max_iters: int = 500,
         check_params_every: int = 100,
-        verify: bool = False,
+        verify: Optional[bool] = None,
+        validators: int = 1,
+        validation_rtol: float = 1e-3,
         directions: int = 2,
         backend: Literal["torch"] = "torch",
         process_group_backend: Optional[str] = None,
@@ -115,9 +125,22 @@ class BTARDStrategy(ParallelStrategy):
         self.tau = float(tau)
         self.aggregator: Aggregator = resolve_aggregator(aggregator, tau=self.tau, eps=eps, max_iters=max_iters)
         self.check_params_every = int(check_params_every)
-        self.verify = bool(verify)
+        self.verify = (aggregator == "centered_clip") if verify is None else bool(verify)
         if self.verify and aggregator != "centered_clip":
-            raise UserError("verify=True checks CenteredClip aggregates: use aggregator='centered_clip'")
+            raise UserError("verify=True checks CenteredClip aggregates: use aggregator='centered_clip' (or verify=False)")
+        if validators < 0:
+            raise UserError(f"validators must be >= 0, got {validators}")
+        if not validation_rtol > 0:
+            raise UserError(f"validation_rtol must be > 0, got {validation_rtol}")
+        self.validators = int(validators) if self.verify else 0
+        self.validation_check = ValidationCheck(rtol=float(validation_rtol))
+        self._run_seed = 0
+        self._recomputer: Optional[Recomputer] = None
+        self._record: Optional[StepRecord] = None
+        self._validating: Optional[int] = None
+        self._micro = 0
+        self._batch_idx = 0
+        self._validation_metrics: dict[str, float] = {}
         self.round_config = RoundConfig(tau=self.tau, directions=int(directions), max_iters=int(max_iters))
         self.membership: Optional[Membership] = None
         self._identity: Optional[Identity] = None
@@ -191,6 +214,9 @@ class BTARDStrategy(ParallelStrategy):
         if self.verify:
             self._identity = Identity.generate()
             self._keys = self.transport.all_gather_object(self._identity.public)
+            seed = os.environ.get("PL_GLOBAL_SEED")
+            mine = int(seed) if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+            self._run_seed = int(self.transport.broadcast_object(mine, 0))
 
     def model_to_device(self) -> None:
         assert self.model is not None
@@ -206,6 +232,7 @@ class BTARDStrategy(ParallelStrategy):
             self.setup_optimizers(trainer)
             self._setup_attacks(trainer)
             self._route_sigterm_broadcast(trainer)
+            self._setup_validation(trainer)
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
@@ -234,12 +261,26 @@ class BTARDStrategy(ParallelStrategy):
 
         loop._broadcast_sigterm_tensor = broadcast_over_members
 
-    def _setup_attacks(self, trainer: "pl.Trainer") -> None:
-        """Give colluding attacks their channel among the Byzantine peers (a collective: every peer calls it)."""
+    def _setup_attacks(self, trainer: Optional["pl.Trainer"]) -> None:
+        """Give colluding attacks their channel among the active Byzantine peers (a collective: every peer calls
+        it, at the start and after every ban)."""
         assert self.transport is not None
+        active = self.membership.active if self.membership is not None else list(range(self.transport.world_size))
         for attack in self._attacks(trainer):
-            if attack.colluding:
-                attack.collusion = self.transport.subgroup(attack.byzantine)
+            colluders = [m for m, peer in enumerate(active) if peer in attack.byzantine]
+            if attack.colluding and colluders:
+                attack.collusion = self.transport.subgroup(colluders)
+
+    def _setup_validation(self, trainer: "pl.Trainer") -> None:
+        module = self.lightning_module
+        if not self.validators or module is None:
+            return
+        if not module.automatic_optimization:
+            raise UserError(
+                "BTARD validators recompute gradients through training_step, which needs automatic optimization; "
+                "with manual optimization pass BTARDStrategy(validators=0) (the round is still verified) or verify=False"
+            )
+        self._recomputer = Recomputer(self._run_seed, trainer.accumulate_grad_batches, [self.root_device])
 
     def _check_manual_optimization(self) -> None:
         module = self.lightning_module
@@ -252,6 +293,104 @@ class BTARDStrategy(ParallelStrategy):
     @staticmethod
     def _attacks(trainer: Optional["pl.Trainer"]) -> list[Attack]:
         return [cb for cb in (trainer.callbacks if trainer is not None else []) if isinstance(cb, Attack)]
+
+    # ----------------------------------------------------------------- verifiable batches and validation
+    def process_dataloader(self, dataloader: object) -> object:
+        """Under ``verify``, the training dataloader becomes this peer's verifiable batches (see ``verifiable_batches.py``)."""
+        module = self.lightning_module
+        trainer = module.trainer if module is not None else None
+        if not self.verify or trainer is None or not trainer.training:
+            return dataloader
+        try:
+            loader = verifiable_loader(
+                dataloader, self._run_seed, self.global_rank, trainer.accumulate_grad_batches, lambda: trainer.global_step  # type: ignore[arg-type]
+            )
+        except TypeError as err:
+            raise UserError(f"BTARDStrategy(verify=True): {err}") from err
+        if self._recomputer is not None:
+            self._recomputer.data = TrainingData(loader.dataset, loader.batch_sampler.batch_size, loader.collate_fn)  # type: ignore[union-attr, arg-type]
+        return loader
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the module's training step with the step's RNGs seeded from ``(run seed, step, peer)``; a validator
+        runs its target's previous step instead, from the kept parameters, on the target's batch."""
+        if not self.verify or self.lightning_module is None:
+            return super().training_step(*args, **kwargs)
+        trainer = self.lightning_module.trainer
+        step, micro = trainer.global_step, self._micro
+        self._micro += 1
+        if micro == 0 and self._recomputer is not None:
+            self._begin_step(step, args[1] if len(args) > 1 else kwargs.get("batch_idx", 0))
+        if self._validating is None:
+            with seeded_rngs(step_seed(self._run_seed, step, self.global_rank, micro), [self.root_device]):
+                return super().training_step(*args, **kwargs)
+        assert self._record is not None and self._recomputer is not None
+        batch = self._recomputer.batch(self.lightning_module, self._record.step, self._validating, micro)
+        with self._recomputer.seeded(self._record.step, self._validating, micro):
+            return super().training_step(batch, self._record.batch_idx + micro)
+
+    def _begin_step(self, step: int, batch_idx: int) -> None:
+        """Keep ``x_step``; if this peer validates in this step, load ``x_{step-1}`` for the recomputation."""
+        assert self._recomputer is not None
+        params = self._params()
+        self._recomputer.snapshot(step, params)
+        self._batch_idx = int(batch_idx)
+        self._validating = None
+        record = self._record
+        if record is not None and record.step == step - 1 and self._recomputer.has(record.step):
+            mine = [a.target for a in record.assignments if a.validator == self.global_rank]
+            if mine:
+                self._validating = mine[0]
+                self._recomputer.load(record.step, params)
+
+    def _params(self) -> list[torch.nn.Parameter]:
+        return trainable_params(self.optimizers[0].param_groups)
+
+    def _validators_now(self, step: int) -> set[int]:
+        """The peers that validate (and contribute weight 0) in ``step``: public, from the previous step's seed."""
+        record = self._record
+        return {a.validator for a in record.assignments} if record is not None and record.step == step - 1 else set()
+
+    def _resolve_validations(self, flat: Tensor, ctx: AttackContext, behaviour: Behaviour) -> None:
+        """Publish this validator's verdict and judge every accusation (by recomputing); apply the bans."""
+        assert self.transport is not None and self.membership is not None and self._recomputer is not None
+        record = self._record
+        self._validation_metrics = {}
+        if record is None or record.step != ctx.step - 1 or not record.assignments:
+            return
+        claims: list[int] = []
+        if self._validating is not None:
+            agrees = self.validation_check.agrees(record, self._validating, flat)
+            claims = behaviour.validation_claims(ctx.step, self._validating, agrees)
+            self._validation_metrics["validation_agreed"] = float(agrees)
+        module, params = self.lightning_module, self._params()
+        assert module is not None
+
+        def recompute(peer: int) -> Tensor:
+            log.warning("BTARD: step %d: recomputing peer %d's gradient of step %d (accused by its validator)", ctx.step, peer, record.step)
+            return self._recomputer.gradient(  # type: ignore[union-attr]
+                module, params, record.step, peer, record.batch_idx, self.precision_plugin.train_step_context,
+                out=self._buffers.get("recomputed", (flat.numel(),), torch.float32, flat.device),
+            )
+
+        bans = resolve_validations(
+            self.transport, self.membership.active, claims, record, recompute, self.validation_check, ctx.step
+        )
+        self._validation_metrics["validations"] = float(len(record.assignments))
+        self._validation_metrics["validation_bans"] = float(len(bans))
+        if bans:
+            self._apply_bans(bans)
+
+    def _apply_bans(self, bans: list[Ban]) -> None:
+        """Record bans; a banned peer leaves, the others continue in a group of the remaining peers."""
+        assert self.membership is not None
+        for ban in bans:
+            if self.membership.ban(ban.peer, ban.step, ban.reason, ban.evidence):
+                log.warning("BTARD: banned peer %d at step %d: %s (%s)", ban.peer, ban.step, ban.reason, ban.evidence)
+        if self.global_rank in self.membership.banned:
+            self._leave()
+        self._rebuild_transport()
+        self._setup_attacks(self.lightning_module.trainer if self.lightning_module is not None else None)
 
     # ----------------------------------------------------------------- the aggregation
     def optimizer_step(
@@ -276,9 +415,12 @@ class BTARDStrategy(ParallelStrategy):
         """Replace the gradients of ``optimizer``'s parameters with the ButterflyClip aggregate over all peers."""
         assert self.transport is not None
         start = time.perf_counter()
+        self._micro = 0
         params = trainable_params(optimizer.param_groups)
         numel = sum(p.numel() for p in params)
         flat = flatten_grads(params, out=self._buffers.get("flat", (numel,), torch.float32, self.root_device))
+        if self._validating is not None and self._recomputer is not None:
+            self._recomputer.restore(params)  # the recomputation ran on x_{t-1}; this step updates x_t
         scale = self._grad_scale()
         if scale is not None:
             flat.div_(scale)
@@ -299,7 +441,7 @@ class BTARDStrategy(ParallelStrategy):
         for attack in self._attacks(trainer):
             sent = attack.on_before_aggregate(sent, ctx)
         if self.verify:
-            aggregate = self._verified_aggregate(sent, ctx)
+            aggregate = self._verified_aggregate(sent, ctx, flat)
         else:
             aggregate, stats = butterfly_aggregate(sent, self.transport, self.aggregator, out=flat)
             self._round_metrics = _butterfly_metrics(stats)
@@ -309,16 +451,23 @@ class BTARDStrategy(ParallelStrategy):
         assign_grads(params, aggregate)
         self._round_seconds = time.perf_counter() - start
 
-    def _verified_aggregate(self, sent: Tensor, ctx: AttackContext) -> Tensor:
-        """Verified rounds among the active peers until one completes; banned peers are dropped between tries."""
+    def _verified_aggregate(self, sent: Tensor, ctx: AttackContext, computed: Tensor) -> Tensor:
+        """Validation of the previous step, then verified rounds among the active peers until one completes
+        (banned peers are dropped between tries). ``computed`` is this peer's gradient before any attack."""
         assert self.transport is not None and self.membership is not None and self._identity is not None
         behaviour = self._behaviour(ctx)
+        if self._recomputer is not None:
+            self._resolve_validations(computed, ctx, behaviour)
+        validating = self._validators_now(ctx.step)
         retries = 0
         while True:
             active = self.membership.active
+            weights = [0.0 if p in validating else 1.0 for p in active]
+            if not any(weights):
+                weights = [1.0] * len(active)
             outcome = verified_round(
                 sent, self.transport, self._identity, [self._keys[p] for p in active], active, ctx.step,
-                self.round_config, behaviour,
+                self.round_config, behaviour, weights,
             )
             if outcome.aggregate is not None:
                 self._round_metrics = {
@@ -327,15 +476,30 @@ class BTARDStrategy(ParallelStrategy):
                     "retries": float(retries),
                     "peers": float(len(active)),
                     "banned": float(len(self.membership.bans)),
+                    **self._validation_metrics,
                 }
+                self._remember(ctx.step, active, weights, outcome)
                 return outcome.aggregate.to(sent.device)
             retries += 1
-            for ban in outcome.bans:
-                if self.membership.ban(ban.peer, ban.step, ban.reason, ban.evidence):
-                    log.warning("BTARD: banned peer %d at step %d: %s (%s)", ban.peer, ban.step, ban.reason, ban.evidence)
-            if self.global_rank in self.membership.banned:
-                self._leave()
-            self._rebuild_transport()
+            self._apply_bans(outcome.bans)
+
+    def _remember(self, step: int, active: list[int], weights: list[float], outcome: Any) -> None:
+        """What the next step's validators check: this round's published projections and the next validators."""
+        if self._recomputer is None:
+            return
+        contributors = [p for p, w in zip(active, weights) if w > 0]
+        record = StepRecord(
+            step=step,
+            peers=list(active),
+            sizes=list(outcome.sizes),
+            seed=outcome.seed,
+            projections={p: [list(nums[2]) for nums in outcome.numbers[i]] for i, p in enumerate(active)},
+            contributors=contributors,
+            batch_idx=self._batch_idx,
+            directions=self.round_config.directions,
+        )
+        record.assignments = assign_validators(outcome.seed, active, self.validators, contributors)
+        self._record = record
 
     def _behaviour(self, ctx: AttackContext) -> Behaviour:
         """This peer's conduct in the round: honest, unless a protocol attack callback scripts it."""
@@ -351,6 +515,21 @@ class BTARDStrategy(ParallelStrategy):
         active = self.membership.active
         group = dist.new_group(ranks=active, backend=self.process_group_backend, use_local_synchronization=True)
         self.transport = TorchDistributedTransport(group=group, ranks=active)
+        # torchmetrics metrics sync over the default group (which holds the departed peer) unless told otherwise
+        import torchmetrics
+
+        for module in self.lightning_module.modules() if self.lightning_module is not None else []:
+            if isinstance(module, torchmetrics.Metric):
+                module.process_group = group
+
+    def on_train_end(self) -> None:
+        """Print the ban list at the end of the run (it is also in ``strategy.bans`` and in the logs)."""
+        super().on_train_end()
+        if self.verify and self.membership is not None:
+            bans = self.membership.bans
+            lines = [f"BTARD: {len(bans)} peer(s) banned during the run" + (":" if bans else ".")]
+            lines += [f"  step {b.step:>6}  peer {b.peer:>3}  {b.reason} [{b.evidence}]" for b in bans]
+            rank_zero_info("\n".join(lines))
 
     def _leave(self) -> None:
         """A banned peer stops here, with exit code 0 (the popen launcher kills every process on a non-zero exit)."""

@@ -1,33 +1,41 @@
 """Verifiable batches: peer ``i``'s batch at step ``t`` is a function of ``(run seed, t, i)`` and the dataset alone.
 
 A validator must be able to recompute another peer's gradient, so which samples a peer trains on
-and every random draw in producing them (augmentation) derive from ``(run_seed, step, peer,
-micro_batch, position)`` only. :class:`VerifiableBatchSampler` yields, for each micro-batch, the keys
-of its samples; :class:`VerifiableDataset` wraps any map-style dataset and produces the sample of a
-key with the global RNGs (torch, ``random``, NumPy) seeded from it, restoring them afterwards;
-:func:`rebuild_batch` is what a validator calls. :func:`step_seed` seeds the random draws of the
-training step itself (dropout, masking) the same way.
+and every random draw in producing them derive from ``(run_seed, step, peer, micro_batch)`` only:
+
+- :class:`VerifiableBatchSampler` yields, for each micro-batch, the keys of its samples;
+- :class:`VerifiableDataset` wraps any map-style dataset and produces ``(key, sample)`` with the
+  global RNGs (torch, ``random``, NumPy) seeded from the key (augmentation), restoring them afterwards;
+- :class:`VerifiableCollate` collates with the RNGs seeded from the micro-batch (random masking in a
+  collate function, as in masked language modelling);
+- :func:`verifiable_loader` turns a training ``DataLoader`` into one that yields exactly these batches
+  (what :class:`~lightning_btard.BTARDStrategy` installs), :func:`rebuild_batch` is what a validator
+  calls, and :func:`step_seed` seeds the random draws of the training step itself (dropout).
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Iterator
 from typing import Any, Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate
 
 from lightning_btard.protocol.digest import digest
 
 __all__ = [
     "SampleKey",
     "VerifiableBatchSampler",
+    "VerifiableCollate",
     "VerifiableDataset",
     "batch_keys",
     "rebuild_batch",
+    "seeded_rngs",
     "step_seed",
+    "verifiable_loader",
 ]
 
 
@@ -43,6 +51,22 @@ class SampleKey(NamedTuple):
 
 def _seed(*items: Any) -> int:
     return int.from_bytes(digest(*items)[:8], "little") & ((1 << 63) - 1)
+
+
+@contextlib.contextmanager
+def seeded_rngs(seed: int, devices: Optional[list[torch.device]] = None) -> Iterator[None]:
+    """Run the block with torch's (CPU and ``devices``), Python's and NumPy's RNGs seeded from ``seed``; restore them after."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    cuda = [d for d in devices or [] if torch.device(d).type == "cuda"]
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed & 0xFFFFFFFF)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
 def step_seed(run_seed: int, step: int, peer: int, micro: int = 0) -> int:
@@ -61,10 +85,11 @@ def batch_keys(dataset_len: int, batch_size: int, run_seed: int, step: int, peer
 
 
 class VerifiableBatchSampler(Sampler[list[SampleKey]]):
-    """Yields the sample keys of consecutive micro-batches of one peer, from step ``start_step`` on.
+    """Yields the sample keys of consecutive micro-batches of one peer.
 
-    Batch ``b`` of the sampler's life is micro-batch ``b % accumulate`` of step ``start_step + b // accumulate``;
-    the count carries over epochs. Set ``start_step`` (e.g. to the trainer's step on resume) before iterating.
+    Batch ``b`` of an epoch is micro-batch ``b % accumulate`` of step ``start + b // accumulate``, where
+    ``start`` is ``step_source()`` when the epoch's iteration begins (the trainer's step: Lightning starts
+    every epoch with a fresh accumulation) or, without a source, the step after the previous epoch's last.
     """
 
     def __init__(
@@ -75,39 +100,32 @@ class VerifiableBatchSampler(Sampler[list[SampleKey]]):
         run_seed: int,
         accumulate: int = 1,
         batches_per_epoch: Optional[int] = None,
-        start_step: int = 0,
+        step_source: Optional[Callable[[], int]] = None,
     ) -> None:
         if batch_size < 1 or accumulate < 1:
             raise ValueError("batch_size and accumulate must be >= 1")
         self.dataset_len, self.batch_size, self.peer, self.run_seed = dataset_len, batch_size, peer, run_seed
         self.accumulate = accumulate
         self.batches_per_epoch = batches_per_epoch or max(1, dataset_len // batch_size)
-        self.start_step = start_step
-        self._consumed = 0
+        self.step_source = step_source
+        self._next_step = 0
 
     def __len__(self) -> int:
         return self.batches_per_epoch
 
     def __iter__(self) -> Iterator[list[SampleKey]]:
-        for _ in range(self.batches_per_epoch):
-            b = self._consumed
-            self._consumed += 1
-            yield batch_keys(
-                self.dataset_len, self.batch_size, self.run_seed,
-                self.start_step + b // self.accumulate, self.peer, b % self.accumulate,
-            )
-
-    def restart_at(self, step: int) -> None:
-        """Continue with micro-batch 0 of ``step`` (after a resume, or to re-align with the trainer)."""
-        self.start_step, self._consumed = step, 0
+        start = self.step_source() if self.step_source is not None else self._next_step
+        self._next_step = start + -(-self.batches_per_epoch // self.accumulate)
+        for b in range(self.batches_per_epoch):
+            yield batch_keys(self.dataset_len, self.batch_size, self.run_seed, start + b // self.accumulate, self.peer, b % self.accumulate)
 
 
 class VerifiableDataset(Dataset):
-    """A map-style dataset indexed by :class:`SampleKey`: the sample at ``key.index``, produced with every
-    global RNG seeded from the key (augmentations become reproducible), the RNGs restored afterwards."""
+    """A map-style dataset indexed by :class:`SampleKey`: ``(key, sample at key.index)``, the sample produced
+    with every global RNG seeded from the key (augmentations become reproducible), the RNGs restored afterwards."""
 
     def __init__(self, dataset: Dataset, run_seed: int) -> None:
-        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+        if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
             raise TypeError(
                 "verifiable batches need a map-style dataset (with __getitem__ and __len__): an iterable dataset "
                 "cannot be rebuilt by a validator. Use a map-style dataset, or BTARDStrategy(verify=False)."
@@ -117,18 +135,52 @@ class VerifiableDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, key: SampleKey) -> Any:
-        seed = _seed("sample", self.run_seed, key.step, key.peer, key.micro, key.position, key.index)
-        py_state, np_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            random.seed(seed)
-            np.random.seed(seed & 0xFFFFFFFF)
-            try:
-                return self.dataset[key.index]
-            finally:
-                random.setstate(py_state)
-                np.random.set_state(np_state)
+    def __getitem__(self, key: SampleKey) -> tuple[SampleKey, Any]:
+        with seeded_rngs(_seed("sample", self.run_seed, key.step, key.peer, key.micro, key.position, key.index)):
+            return key, self.dataset[key.index]
+
+
+class VerifiableCollate:
+    """Collates ``(key, sample)`` items with the wrapped ``collate_fn``, the RNGs seeded from the micro-batch."""
+
+    def __init__(self, collate_fn: Optional[Callable[[list[Any]], Any]], run_seed: int) -> None:
+        self.collate_fn = collate_fn or default_collate
+        self.run_seed = run_seed
+
+    def __call__(self, items: list[tuple[SampleKey, Any]]) -> Any:
+        key = items[0][0]
+        with seeded_rngs(_seed("collate", self.run_seed, key.step, key.peer, key.micro)):
+            return self.collate_fn([sample for _, sample in items])
+
+
+def verifiable_loader(
+    dataloader: DataLoader, run_seed: int, peer: int, accumulate: int, step_source: Callable[[], int]
+) -> DataLoader:
+    """A ``DataLoader`` over the same dataset, batch size, collate function and workers as ``dataloader``, whose
+    batches are peer ``peer``'s verifiable batches (as many per epoch as ``dataloader`` has)."""
+    if not isinstance(dataloader, DataLoader):
+        raise TypeError(
+            f"verify=True needs its training data as a torch DataLoader over a map-style dataset, got {type(dataloader).__name__}"
+        )
+    dataset = VerifiableDataset(dataloader.dataset, run_seed)
+    batch_size = dataloader.batch_size or getattr(dataloader.batch_sampler, "batch_size", None)
+    if not batch_size:
+        raise TypeError("verify=True needs a training DataLoader with a batch_size (a custom batch_sampler cannot be rebuilt)")
+    sampler = VerifiableBatchSampler(
+        len(dataset), batch_size, peer, run_seed, accumulate, batches_per_epoch=len(dataloader), step_source=step_source
+    )
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=VerifiableCollate(dataloader.collate_fn, run_seed),
+        num_workers=dataloader.num_workers,
+        pin_memory=dataloader.pin_memory,
+        timeout=dataloader.timeout,
+        worker_init_fn=dataloader.worker_init_fn,
+        multiprocessing_context=dataloader.multiprocessing_context if dataloader.num_workers else None,
+        persistent_workers=dataloader.persistent_workers,
+        prefetch_factor=dataloader.prefetch_factor if dataloader.num_workers else None,
+    )
 
 
 def rebuild_batch(
@@ -137,8 +189,11 @@ def rebuild_batch(
     step: int,
     peer: int,
     micro: int = 0,
-    collate_fn: Callable[[list[Any]], Any] = default_collate,
+    collate_fn: Optional[Callable[[list[Any]], Any]] = None,
 ) -> Any:
-    """Peer ``peer``'s micro-batch ``micro`` of ``step``, rebuilt from the dataset alone (what a validator does)."""
+    """Peer ``peer``'s micro-batch ``micro`` of ``step``, rebuilt from the dataset alone (what a validator does).
+    ``collate_fn`` is the training loader's (a :class:`VerifiableCollate` or the function it wraps)."""
+    if not isinstance(collate_fn, VerifiableCollate):
+        collate_fn = VerifiableCollate(collate_fn, dataset.run_seed)
     keys = batch_keys(len(dataset), batch_size, dataset.run_seed, step, peer, micro)
     return collate_fn([dataset[k] for k in keys])

@@ -45,10 +45,16 @@ def _kill(proc: subprocess.Popen) -> None:
 
 
 def run_script(
-    script: str, args: Sequence[str] = (), *, timeout: float, env: Optional[dict[str, str]] = None, cwd: Optional[Path] = None
+    script: str,
+    args: Sequence[str] = (),
+    *,
+    timeout: float,
+    env: Optional[dict[str, str]] = None,
+    cwd: Optional[Path] = None,
+    check: bool = True,
 ) -> subprocess.CompletedProcess:
     """Run ``tests/scripts/<script>`` (which may launch its own ranks); see :func:`run_command`."""
-    return run_command([sys.executable, str(SCRIPTS / script), *args], timeout=timeout, env=env, cwd=cwd)
+    return run_command([sys.executable, str(SCRIPTS / script), *args], timeout=timeout, env=env, cwd=cwd, check=check)
 
 
 def run_command(

@@ -6,6 +6,7 @@ Small CNN, 4 peers (one attacker), the synthetic stand-in for CIFAR-10 written i
 from __future__ import annotations
 
 import csv
+import re
 import sys
 from pathlib import Path
 
@@ -23,7 +24,7 @@ def data_dir(tmp_path_factory) -> Path:
     return write_synthetic_cifar10(tmp_path_factory.mktemp("cifar"), n_train=3000, n_test=500, seed=0)
 
 
-def fit(tmp: Path, data_dir: Path, aggregator: str, attack: bool) -> dict[int, float]:
+def fit(tmp: Path, data_dir: Path, aggregator: str, attack: bool) -> tuple[dict[int, float], str]:
     run = {
         "trainer": {
             "devices": 4,
@@ -52,18 +53,22 @@ def fit(tmp: Path, data_dir: Path, aggregator: str, attack: bool) -> dict[int, f
         for row in csv.DictReader(f):
             if row.get("val/acc"):
                 acc[int(row["step"])] = float(row["val/acc"])
-    return acc
+    return acc, out.stdout
 
 
 @pytest.mark.timeout(900)
 def test_sign_flipping_ruins_mean_but_not_btard(tmp_path, data_dir) -> None:
-    runs = {}
+    runs, outputs = {}, {}
     for name, aggregator, attack in [("clean", "centered_clip", False), ("mean", "mean", True), ("btard", "centered_clip", True)]:
         (tmp_path / name).mkdir()
-        runs[name] = fit(tmp_path / name, data_dir, aggregator, attack)
+        runs[name], outputs[name] = fit(tmp_path / name, data_dir, aggregator, attack)
     final = {name: acc[max(acc)] for name, acc in runs.items()}
     print("final test accuracy:", final)
     assert final["clean"] > 0.5, final  # the task is learnable in this many steps
     assert final["mean"] <= 0.2, final  # one sign-flipper (x -1000) destroys plain averaging
     # BTARD keeps most of the attack-free accuracy (measured: clean 0.91, BTARD 0.79, mean 0.10)
     assert final["btard"] >= max(0.6, final["clean"] - 0.2), final
+    # verification is on by default with CenteredClip: a validator catches the sign-flipper, nobody else is banned
+    assert "BTARD: 1 peer(s) banned during the run" in outputs["btard"]
+    assert re.search(r"step +\d+ +peer +2 +its gradient of step \d+ is not the one its batch gives", outputs["btard"])
+    assert "BTARD: 0 peer(s) banned during the run." in outputs["clean"]

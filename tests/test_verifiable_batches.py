@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from datamodules import CIFAR10DataModule, write_synthetic_cifar10
 from lightning_btard.verifiable_batches import (
@@ -16,6 +16,7 @@ from lightning_btard.verifiable_batches import (
     batch_keys,
     rebuild_batch,
     step_seed,
+    verifiable_loader,
 )
 
 
@@ -43,25 +44,36 @@ def test_sampler_counts_steps_and_micro_batches_across_epochs() -> None:
     first = list(s)
     second = list(s)
     got = [(b[0].step, b[0].micro) for b in first + second]
-    assert got == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
-    s.restart_at(10)
-    assert [(b[0].step, b[0].micro) for b in s][:2] == [(10, 0), (10, 1)]
+    # Lightning steps at an epoch's last batch even mid-accumulation: the next epoch starts a new step
+    assert got == [(0, 0), (0, 1), (1, 0), (2, 0), (2, 1), (3, 0)]
     assert len(s) == 3
+    trainer_step = [10]
+    s = VerifiableBatchSampler(100, 4, peer=1, run_seed=0, accumulate=2, batches_per_epoch=3, step_source=lambda: trainer_step[0])
+    assert [(b[0].step, b[0].micro) for b in s] == [(10, 0), (10, 1), (11, 0)]
+    trainer_step[0] = 15  # e.g. an epoch cut short by limit_train_batches: the trainer's step wins
+    assert next(iter(s))[0].step == 15
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_loader_batches_equal_a_validators_rebuild_with_augmentation(augmented_train_set, num_workers) -> None:
-    ds = VerifiableDataset(augmented_train_set, run_seed=42)
-    sampler = VerifiableBatchSampler(len(ds), batch_size=6, peer=3, run_seed=42, accumulate=2, batches_per_epoch=4)
-    loader = DataLoader(ds, batch_sampler=sampler, num_workers=num_workers)
-    batches = list(loader)
+    plain = DataLoader(augmented_train_set, batch_size=6, shuffle=True, num_workers=num_workers)
+    step = [0]
+    loader = verifiable_loader(plain, run_seed=42, peer=3, accumulate=2, step_source=lambda: step[0])
+    assert len(loader) == len(plain)
+    batches = []
+    for b, batch in enumerate(loader):
+        batches.append(batch)
+        if b == 7:
+            break
+    ds = loader.dataset
     for b, (x, y) in enumerate(batches):
         rx, ry = rebuild_batch(ds, 6, step=b // 2, peer=3, micro=b % 2)
         assert torch.equal(x, rx) and torch.equal(y, ry)
     # augmentation is really random across keys: the same image index under two keys differs
     key = batch_keys(len(ds), 6, 42, 0, 3, 0)[0]
     other = key._replace(step=99)
-    assert not torch.equal(ds[key][0], ds[other][0])
+    assert ds[key][0] == key
+    assert not torch.equal(ds[key][1][0], ds[other][1][0])
 
 
 def test_global_rngs_are_left_as_they_were(augmented_train_set) -> None:
@@ -84,3 +96,25 @@ def test_iterable_datasets_are_refused_with_a_clear_error() -> None:
 
     with pytest.raises(TypeError, match="map-style"):
         VerifiableDataset(Stream(), run_seed=0)
+
+
+def test_random_draws_in_the_collate_function_are_rebuilt() -> None:
+    """Masking in a collate function (as for masked language modelling) is seeded by the micro-batch."""
+
+    def masking_collate(samples):
+        x = torch.stack([s[0] for s in samples])
+        return x, torch.rand(x.shape) < 0.15
+
+    data = TensorDataset(torch.randn(40, 5), torch.zeros(40))
+    loader = verifiable_loader(DataLoader(data, batch_size=4, collate_fn=masking_collate), 3, peer=1, accumulate=1, step_source=lambda: 7)
+    first = next(iter(loader))
+    again = rebuild_batch(loader.dataset, 4, step=7, peer=1, micro=0, collate_fn=loader.collate_fn)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    other = rebuild_batch(loader.dataset, 4, step=8, peer=1, micro=0, collate_fn=masking_collate)
+    assert not torch.equal(first[1], other[1])
+
+
+def test_loaders_without_a_batch_size_are_refused() -> None:
+    data = TensorDataset(torch.randn(8, 2))
+    with pytest.raises(TypeError, match="batch_size"):
+        verifiable_loader(DataLoader(data, batch_size=None), 0, 0, 1, lambda: 0)

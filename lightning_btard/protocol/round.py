@@ -18,7 +18,7 @@ every peer re-checks the evidence itself and bans the accused if it holds, the a
 not. A message that arrives malformed or unsigned proves nothing about its sender; the sender must
 then publish it on the board, and is banned if it does not publish a valid copy. A round with a ban
 returns no aggregate: the caller re-runs it without the banned peers (step 7). Validation by
-recomputation (steps 8-9) is not in this file.
+recomputation (steps 8-9) is in ``validation.py``: it reads the projections ``p`` a round publishes.
 """
 
 from __future__ import annotations
@@ -80,6 +80,10 @@ class Behaviour:
     def republish(self, step: int, kind: str, receiver: int, content: Tensor) -> Optional[Tensor]:
         return content
 
+    def validation_claims(self, step: int, target: int, agrees: bool) -> list[int]:
+        """The targets this validator accuses (honest: its target, if the recomputation disagreed)."""
+        return [] if agrees else [target]
+
 
 @dataclass
 class RoundOutcome:
@@ -88,6 +92,9 @@ class RoundOutcome:
     bans: list[Ban] = field(default_factory=list)
     seed: Optional[bytes] = None
     stats: dict[str, float] = field(default_factory=dict)
+    numbers: list[list] = field(default_factory=list)
+    """Every member's published ``[s, ||g - G||, p]`` per part (the projections validators check later)."""
+    sizes: list[int] = field(default_factory=list)
 
 
 def _sig_tensor(sig: bytes) -> Tensor:
@@ -121,10 +128,18 @@ class _Round:
     """The state one peer keeps through a round; bans are decided identically on every honest peer."""
 
     def __init__(self, flat: Tensor, transport: Transport, identity: Identity, keys: Sequence[bytes],
-                 peers: Sequence[int], step: int, config: RoundConfig, behaviour: Behaviour) -> None:
+                 peers: Sequence[int], step: int, config: RoundConfig, behaviour: Behaviour,
+                 weights: Optional[Sequence[float]] = None) -> None:
         self.t, self.identity, self.keys, self.peers = transport, identity, list(keys), list(peers)
         self.step, self.config, self.behaviour = step, config, behaviour
         self.n, self.me = transport.world_size, transport.rank
+        self.weights = torch.ones(self.n, dtype=torch.float64) if weights is None else torch.tensor(list(weights), dtype=torch.float64)
+        if self.weights.shape != (self.n,) or bool((self.weights < 0).any()) or not float(self.weights.sum()) > 0:
+            raise ValueError(f"a round needs one non-negative weight per member, not all zero; got {weights}")
+        # received parts are stored contributors first, so that CenteredClip reads a view of the rows that count
+        self.order = sorted(range(self.n), key=lambda i: (bool(self.weights[i] == 0), i))
+        self.row = {member: r for r, member in enumerate(self.order)}
+        self.contributing = int((self.weights > 0).sum())
         self.sizes = part_sizes(flat.numel(), self.n)
         self.parts = list(torch.split(flat, self.sizes))
         self.flat = flat
@@ -177,11 +192,11 @@ class _Round:
             sends.append([content, _sig_tensor(sig)])
         self.received = torch.empty(self.n, self.sizes[self.me], dtype=self.flat.dtype, device=self.flat.device)
         sigs = torch.zeros(self.n, _SIG, dtype=torch.uint8)
-        malformed = self.t.exchange(sends, [[self.received[i], sigs[i]] for i in range(self.n)])
+        malformed = self.t.exchange(sends, [[self.received[self.row[i]], sigs[i]] for i in range(self.n)])
         self.part_sigs = [bytes(s.tolist()) for s in sigs]
         accusations = []
         for i in range(self.n):
-            content, sig = self.received[i], self.part_sigs[i]
+            content, sig = self.received[self.row[i]], self.part_sigs[i]
             if malformed[i] is not None:  # wrong shape or dtype: evidence if it is signed
                 content, sig = _unpack(malformed[i])
                 if content is None:
@@ -195,8 +210,12 @@ class _Round:
         self.resolve(accusations)
 
     def aggregate(self) -> None:
+        rows = self.received[: self.contributing]
+        weights = self.weights[self.order[: self.contributing]]
+        uniform = bool((weights == weights[0]).all())
         self.result = result = centered_clip_with_stats(
-            self.received, self.config.tau, max_iters=self.config.max_iters, eps=0.0, rel_eps=self.config.rel_eps
+            rows, self.config.tau, weights=None if uniform else weights.to(rows.dtype),
+            max_iters=self.config.max_iters, eps=0.0, rel_eps=self.config.rel_eps,
         )
         self.mine = self.behaviour.published_aggregate(self.step, result.value)
         h = digest(self.mine)
@@ -267,11 +286,11 @@ class _Round:
         # as aggregator of part `me`, I hold every sender's signed part: recompute their numbers
         accusations = []
         for i in range(self.n):
-            if not self.numbers_match(i, self.me, self.received[i]):
-                accusations.append(("lying-numbers", i, (self.received[i].clone(), self.part_sigs[i])))
+            if not self.numbers_match(i, self.me, self.received[self.row[i]]):
+                accusations.append(("lying-numbers", i, (self.received[self.row[i]].clone(), self.part_sigs[i])))
         accusers = self.resolve(accusations)
         check = ProjectionCheck(tau=self.config.tau)
-        weights = torch.ones(self.n, dtype=torch.float64)
+        weights = self.weights
         for j in range(self.n):
             s = torch.tensor([self.numbers[i][j][0] for i in range(self.n)], dtype=torch.float64)
             norms = torch.tensor([float(self.numbers[i][j][1]) for i in range(self.n)], dtype=torch.float64)
@@ -347,7 +366,7 @@ class _Round:
                 valid = isinstance(copy, Tensor) and copy.shape == (self.sizes[accuser],) and digest(copy) == self.committed[accused][accuser]
                 valid = valid and all_finite(copy)
                 if valid and accuser == self.me:
-                    self.received[accused].copy_(copy)
+                    self.received[self.row[accused]].copy_(copy)
             else:
                 valid = isinstance(copy, Tensor) and copy.shape == (self.sizes[accused],) and digest(copy) == self.agg_hashes[accused]
                 if valid and accuser == self.me:
@@ -365,9 +384,13 @@ def verified_round(
     step: int,
     config: RoundConfig = RoundConfig(),
     behaviour: Optional[Behaviour] = None,
+    weights: Optional[Sequence[float]] = None,
 ) -> RoundOutcome:
-    """One verified round among ``peers`` (member ``i`` is ``peers[i]`` with public key ``keys[i]``)."""
-    r = _Round(flat, transport, identity, keys, peers, step, config, behaviour or Behaviour())
+    """One verified round among ``peers`` (member ``i`` is ``peers[i]`` with public key ``keys[i]``).
+
+    ``weights[i]`` is member ``i``'s weight in CenteredClip and in the check (default 1; 0 for a validator,
+    whose gradient this step is a recomputation of somebody else's)."""
+    r = _Round(flat, transport, identity, keys, peers, step, config, behaviour or Behaviour(), weights)
     for phase in (r.commit, r.scatter, r.aggregate, r.gather):
         phase()
         if r.bans:  # every honest peer stops at the same phase: the bans come from the same records
@@ -376,4 +399,6 @@ def verified_round(
     if seed is None:
         return r.outcome()
     r.verify(seed)
-    return r.outcome(torch.cat(r.aggregates), seed, clipped=float(r.result.clipped), iterations=float(r.result.iterations))
+    outcome = r.outcome(torch.cat(r.aggregates), seed, clipped=float(r.result.clipped), iterations=float(r.result.iterations))
+    outcome.numbers, outcome.sizes = r.numbers, r.sizes
+    return outcome

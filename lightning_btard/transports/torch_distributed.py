@@ -121,6 +121,8 @@ class TorchDistributedTransport(Transport):
 
     def subgroup(self, members: Sequence[int]) -> Optional[Transport]:
         global_ranks = [self.ranks[m] for m in sorted(members)]
+        # every member of this transport calls new_group: torch salts group names with a per-process counter that
+        # non-members of a use_local_synchronization group do not advance, so such groups would desynchronise it
         group = dist.new_group(ranks=global_ranks, backend=dist.get_backend(self.group), use_local_synchronization=False)
         if dist.get_rank() not in global_ranks:
             return None

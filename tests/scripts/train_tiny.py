@@ -10,7 +10,7 @@ import os
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from lightning_btard import BTARDStrategy
 from lightning_btard.attacks.base import Attack
@@ -33,16 +33,31 @@ p.add_argument("--verify", action="store_true")
 p.add_argument("--attack", default=None, help="an attack class from lightning_btard.attacks")
 p.add_argument("--byzantine", type=int, nargs="*", default=[])
 p.add_argument("--attack-start", type=int, default=0)
+p.add_argument("--attack-args", default="{}", help="JSON of the attack's own arguments")
+p.add_argument("--validators", type=int, default=1)
+p.add_argument("--dropout", type=float, default=0.0)
+p.add_argument("--seed", type=int, default=0)
+p.add_argument("--iterable", action="store_true", help="serve the training data from an IterableDataset")
 p.add_argument("--resume", default=None, help="resume from this checkpoint")
 args = p.parse_args()
+
+
+class Stream(IterableDataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __iter__(self):
+        return iter(zip(self.x, self.y))
 
 
 class Tiny(pl.LightningModule):
     def __init__(self, manual: bool = False) -> None:
         super().__init__()
         self.automatic_optimization = not manual
+        self.num_classes = 2  # for LabelFlipping's default rule
         self.net = torch.nn.Sequential(
-            torch.nn.Linear(8, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2)
+            torch.nn.Linear(8, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(), torch.nn.Dropout(args.dropout),
+            torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2),
         )
         self.unused = torch.nn.Linear(3, 3)  # never gets a gradient: the layout must still match
 
@@ -64,6 +79,8 @@ class Tiny(pl.LightningModule):
         g = torch.Generator().manual_seed(0)
         x = torch.randn(512, 8, generator=g)
         y = ((x[:, 0] + 0.5 * x[:, 1]) > 0).long()
+        if args.iterable:
+            return DataLoader(Stream(x, y), batch_size=8)
         return DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True)
 
 
@@ -80,9 +97,12 @@ class Record(pl.Callback):
 
 
 if __name__ == "__main__":
-    pl.seed_everything(0)
+    pl.seed_everything(args.seed)
     if args.strategy == "btard":
-        strategy = BTARDStrategy(tau=args.tau, aggregator=args.aggregator, check_params_every=args.check_every, verify=args.verify)
+        strategy = BTARDStrategy(
+            tau=args.tau, aggregator=args.aggregator, check_params_every=args.check_every, verify=args.verify,
+            validators=args.validators,
+        )
     else:
         strategy = args.strategy
     rec = Record()
@@ -90,7 +110,8 @@ if __name__ == "__main__":
     if args.attack:
         import lightning_btard.attacks
 
-        callbacks.append(getattr(lightning_btard.attacks, args.attack)(byzantine=args.byzantine, attack_start=args.attack_start))
+        attack_args = json.loads(args.attack_args)
+        callbacks.append(getattr(lightning_btard.attacks, args.attack)(byzantine=args.byzantine, attack_start=args.attack_start, **attack_args))
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=args.devices,

@@ -1,0 +1,143 @@
+"""Validation by recomputation (steps 8-9 of ``shared/design/protocol.md``).
+
+After step ``t``'s round, its shared seed ``zeta_t`` picks ``m`` validators and, for each, a target
+peer. In step ``t+1`` a validator skips its own gradient (it joins the round with weight 0) and
+instead recomputes its target's gradient of step ``t``: from a kept copy of the parameters ``x_t``,
+on the target's verifiable batch, with the target's step seed. It compares the recomputation with the
+projections ``p_target^j = <z^j, g_target^j>`` the target published in step ``t``'s round, on
+directions drawn after every gradient was committed. A mismatch is an accusation on the board; every
+remaining peer then recomputes the target's gradient itself, and bans the target if the accusation
+holds, the accuser if it does not.
+
+**[ours]** The paper compares hashes, which needs bit-exact recomputation. Projections tolerate float
+non-determinism across machines: a recomputation error ``e`` with ``||e|| <= rtol ||g||`` moves
+``<z, g>`` by ``N(0, ||e||^2)``, so ``7 rtol ||g^j||`` errs with probability ~3e-12 per direction, while
+a gradient that differs from the honest one by ``delta`` escapes a direction with probability about
+``7 rtol ||g|| / ||delta||`` — and there are ``k`` directions in each of ``n`` parts.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from lightning_btard.ops.projection import accurate_dots, random_directions
+from lightning_btard.protocol.digest import digest
+from lightning_btard.protocol.membership import Ban
+from lightning_btard.transports.base import Transport
+
+__all__ = ["Assignment", "StepRecord", "ValidationCheck", "assign_validators", "resolve_validations"]
+
+
+@dataclass(frozen=True)
+class Assignment:
+    validator: int
+    target: int
+
+
+@dataclass
+class StepRecord:
+    """What a completed round leaves for validating its step: who took part and what they published."""
+
+    step: int
+    peers: list[int]
+    sizes: list[int]
+    seed: bytes
+    projections: dict[int, list[list[float]]]
+    """Per peer, per part: the published ``p = <z^j, g^j>`` on the step's ``k`` directions."""
+    contributors: list[int]
+    """Peers whose gradient counted (weight > 0): the possible targets."""
+    batch_idx: int = 0
+    """Lightning's ``batch_idx`` of the step's first micro-batch (the same on every peer)."""
+    directions: int = 2
+    assignments: list[Assignment] = field(default_factory=list)
+    """The validators of the *next* step, drawn from this step's seed."""
+
+
+def assign_validators(seed: bytes, peers: Sequence[int], count: int, targets: Sequence[int]) -> list[Assignment]:
+    """``count`` distinct validators among ``peers``, each with a target among ``targets`` other than itself.
+
+    The same on every peer for the same seed, and unpredictable before the seed (the last MPRNG reveal).
+    At most ``len(peers) - 1`` validators: somebody's gradient must count in the next step."""
+    rng = random.Random(int.from_bytes(digest("validators", seed), "little"))
+    chosen = rng.sample(sorted(peers), min(max(count, 0), len(peers) - 1))
+    out = []
+    for v in chosen:
+        candidates = sorted(t for t in targets if t != v)
+        if candidates:
+            out.append(Assignment(v, rng.choice(candidates)))
+    return out
+
+
+@dataclass(frozen=True)
+class ValidationCheck:
+    """``|p_published - p_recomputed| <= sigmas * rtol * ||g^j||`` for every direction of every part."""
+
+    rtol: float = 1e-3
+    sigmas: float = 7.0
+
+    def agrees(self, record: StepRecord, peer: int, recomputed: Tensor) -> bool:
+        published = record.projections.get(peer)
+        if published is None or len(published) != len(record.sizes) or recomputed.numel() != sum(record.sizes):
+            return False
+        for j, part in enumerate(torch.split(recomputed, record.sizes)):
+            z = random_directions(record.seed, j, part.numel(), record.directions, part.device)
+            mine = accurate_dots(z, part.float())
+            try:
+                theirs = torch.tensor([float(v) for v in published[j]], dtype=torch.float64)
+            except (TypeError, ValueError):
+                return False
+            if theirs.shape != mine.shape or not bool(torch.isfinite(theirs).all()):
+                return False
+            tol = self.sigmas * self.rtol * float(part.double().norm())
+            if not math.isfinite(tol) or bool(((theirs - mine.cpu()).abs() > tol).any()):
+                return False
+        return True
+
+
+def resolve_validations(
+    transport: Transport,
+    peers: Sequence[int],
+    claims: list[int],
+    record: StepRecord,
+    recompute: Callable[[int], Tensor],
+    check: ValidationCheck,
+    step: int,
+) -> list[Ban]:
+    """Publish my accusations (targets whose recomputation disagreed) and judge everybody's.
+
+    ``peers[i]`` is the transport's member ``i``; ``recompute(peer)`` returns that peer's gradient of
+    ``record.step`` as this peer recomputes it. Only assigned validators may accuse (anything else is a
+    protocol violation and bans its author); each accused target is recomputed once."""
+    board = transport.all_gather_object(list(claims))
+    assigned = set(record.assignments)
+    verdicts: dict[int, bool] = {}
+    bans: dict[int, Ban] = {}
+
+    def ban(peer: int, reason: str, evidence: str) -> None:
+        bans.setdefault(peer, Ban(peer, step, reason, evidence))
+
+    for member, items in enumerate(board):
+        accuser = peers[member]
+        if not isinstance(items, list):
+            ban(accuser, "malformed validation record", "signed-message")
+            continue
+        for target in items:
+            if not isinstance(target, int) or Assignment(accuser, target) not in assigned:
+                ban(accuser, f"accusation outside its validation assignment (target {target!r})", "signed-message")
+                continue
+            if target not in peers:
+                continue
+            if target not in verdicts:
+                verdicts[target] = check.agrees(record, target, recompute(target))
+            if verdicts[target]:
+                ban(accuser, f"false accusation: peer {target}'s gradient of step {record.step} recomputes as published", "recomputation")
+            else:
+                ban(target, f"its gradient of step {record.step} is not the one its batch gives (validated by peer {accuser}, "
+                            "recomputed by every peer)", "recomputation")
+    return list(bans.values())

@@ -1,0 +1,132 @@
+"""Recomputing another peer's gradient of an earlier step, inside a Lightning training run.
+
+What a validator (and, on an accusation, every peer) needs: the parameters ``x_t`` as they were
+before step ``t``'s update (:class:`Recomputer` keeps a copy of the last two steps' parameters), the
+target's verifiable batch of step ``t`` (rebuilt from the training dataset), and the target's step
+seed for the random draws of the forward pass (dropout). The LightningModule's own ``training_step``
+computes the loss, so a module written for DDP is validated unchanged.
+
+A ``training_step`` whose gradient depends on anything else that differs between peers (the peer's
+rank, wall-clock time, state it mutates across steps) cannot be validated: honest peers would be
+accused. ``batch_idx`` is reproduced; ``self.global_step`` during a recomputation is the current step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any, Callable, Optional
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from lightning_btard.ops.partition import flatten_grads
+from lightning_btard.verifiable_batches import VerifiableCollate, VerifiableDataset, rebuild_batch, seeded_rngs, step_seed
+
+__all__ = ["Recomputer", "TrainingData"]
+
+
+class TrainingData:
+    """The pieces of the training loader a validator needs to rebuild anybody's batch."""
+
+    def __init__(self, dataset: VerifiableDataset, batch_size: int, collate_fn: VerifiableCollate) -> None:
+        self.dataset, self.batch_size, self.collate_fn = dataset, batch_size, collate_fn
+
+    def batch(self, step: int, peer: int, micro: int) -> Any:
+        return rebuild_batch(self.dataset, self.batch_size, step, peer, micro, self.collate_fn)
+
+
+@contextlib.contextmanager
+def _silenced(module: "pl.LightningModule") -> Iterator[None]:
+    """``self.log`` calls in a recomputed training step must not log the target's loss as this peer's."""
+    module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del module.log, module.log_dict
+
+
+class Recomputer:
+    """Keeps ``x_t`` for the last two steps and recomputes a peer's gradient of step ``t`` from it."""
+
+    def __init__(self, run_seed: int, accumulate: int, devices: Sequence[torch.device]) -> None:
+        self.run_seed, self.accumulate, self.devices = run_seed, accumulate, list(devices)
+        self.data: Optional[TrainingData] = None
+        self._snapshots: dict[int, list[Tensor]] = {}  # step -> parameter copies (two buffers, reused)
+        self._spare: list[list[Tensor]] = []
+        self._stash: list[Tensor] = []
+
+    # ------------------------------------------------------------- parameter copies
+    def snapshot(self, step: int, params: Sequence[Tensor]) -> None:
+        """Keep the parameters as they are now as ``x_step``; forget all but the previous step's copy."""
+        for old in [s for s in self._snapshots if s < step - 1 or s == step]:
+            self._spare.append(self._snapshots.pop(old))
+        buf = self._spare.pop() if self._spare else [torch.empty_like(p) for p in params]
+        with torch.no_grad():
+            torch._foreach_copy_(buf, [p.detach() for p in params])
+        self._snapshots[step] = buf
+
+    def has(self, step: int) -> bool:
+        return step in self._snapshots
+
+    def load(self, step: int, params: Sequence[Tensor]) -> None:
+        """Put ``x_step`` into the parameters, keeping the current values to :meth:`restore`."""
+        if not self._stash:
+            self._stash = [torch.empty_like(p) for p in params]
+        with torch.no_grad():
+            torch._foreach_copy_(self._stash, [p.detach() for p in params])
+            for p, s in zip(params, self._snapshots[step]):
+                p.copy_(s)
+
+    def restore(self, params: Sequence[Tensor]) -> None:
+        with torch.no_grad():
+            for p, s in zip(params, self._stash):
+                p.copy_(s)
+
+    # ------------------------------------------------------------- the step itself
+    def seeded(self, step: int, peer: int, micro: int) -> contextlib.AbstractContextManager:
+        """The random draws of peer ``peer``'s training step ``step`` (micro-batch ``micro``)."""
+        return seeded_rngs(step_seed(self.run_seed, step, peer, micro), self.devices)
+
+    def batch(self, module: "pl.LightningModule", step: int, peer: int, micro: int) -> Any:
+        """Peer ``peer``'s micro-batch of ``step``, on the module's device (through its batch-transfer hooks)."""
+        if self.data is None:
+            raise RuntimeError("no verifiable training data installed: the strategy must process the train dataloader first")
+        return module._apply_batch_transfer_handler(self.data.batch(step, peer, micro))
+
+    def gradient(
+        self,
+        module: "pl.LightningModule",
+        params: Sequence[torch.nn.Parameter],
+        step: int,
+        peer: int,
+        batch_idx: int,
+        step_context: Callable[[], contextlib.AbstractContextManager],
+        out: Optional[Tensor] = None,
+    ) -> Tensor:
+        """Peer ``peer``'s flat gradient of ``step``, recomputed from ``x_step`` (parameters, gradients and
+        buffers are left as they were)."""
+        grads = [p.grad for p in params]
+        buffers = [b.detach().clone() for b in module.buffers()]
+        self.load(step, params)
+        try:
+            for p in params:
+                p.grad = None
+            with _silenced(module):
+                for micro in range(self.accumulate):
+                    batch = self.batch(module, step, peer, micro)
+                    with self.seeded(step, peer, micro), step_context():
+                        output = module.training_step(batch, batch_idx + micro)
+                    loss = output["loss"] if isinstance(output, dict) else output
+                    if loss is not None:
+                        (loss / self.accumulate).backward()
+            return flatten_grads(params, out=out)
+        finally:
+            self.restore(params)
+            with torch.no_grad():
+                for b, saved in zip(module.buffers(), buffers):
+                    b.copy_(saved)
+            for p, g in zip(params, grads):
+                p.grad = g

@@ -1,0 +1,186 @@
+"""Validation by recomputation (protocol steps 8-9): assignments, the projection comparison, accusations, and
+gradient attacks banned for real in multi-process training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lightning_btard.ops.partition import part_sizes
+from lightning_btard.ops.projection import accurate_dots, random_directions
+from lightning_btard.protocol.validation import Assignment, StepRecord, ValidationCheck, assign_validators, resolve_validations
+from lightning_btard.transports import run_peers
+from procs import run_script
+
+SEED = b"\x07" * 32
+
+
+def record_of(gradients: dict[int, torch.Tensor], seed: bytes = SEED, k: int = 2, assignments=()) -> StepRecord:
+    """The record a round leaves: every peer's published p on the step's directions (computed independently here)."""
+    peers = sorted(gradients)
+    numel = next(iter(gradients.values())).numel()
+    sizes = part_sizes(numel, len(peers))
+    projections = {}
+    for p, g in gradients.items():
+        parts = torch.split(g, sizes)
+        projections[p] = [
+            [float((random_directions(seed, j, s, k).double() @ parts[j].double())[i]) for i in range(k)] for j, s in enumerate(sizes)
+        ]
+    return StepRecord(step=5, peers=peers, sizes=sizes, seed=seed, projections=projections, contributors=peers,
+                      directions=k, assignments=list(assignments))
+
+
+def test_assignments_are_a_function_of_the_seed_and_never_self() -> None:
+    peers = [0, 1, 2, 3, 5, 8]
+    a = assign_validators(SEED, peers, 2, targets=peers)
+    assert a == assign_validators(SEED, list(reversed(peers)), 2, targets=peers)
+    assert len(a) == 2 and len({x.validator for x in a}) == 2
+    assert all(x.validator in peers and x.target in peers and x.validator != x.target for x in a)
+    # over many seeds every peer validates and is validated, targets stay among the contributors
+    seen_v, seen_t = set(), set()
+    for s in range(300):
+        for x in assign_validators(bytes([s % 256, s // 256]) * 16, peers, 1, targets=[0, 1, 2]):
+            seen_v.add(x.validator)
+            seen_t.add(x.target)
+            assert x.target in (0, 1, 2) and x.target != x.validator
+    assert seen_v == set(peers) and seen_t == {0, 1, 2}
+    assert len(assign_validators(SEED, [0, 1, 2], 10, targets=[0, 1, 2])) == 2  # somebody must still contribute
+    assert assign_validators(SEED, [0, 1], 0, targets=[0, 1]) == []
+
+
+def test_the_comparison_tolerates_recompute_noise_and_catches_deviations() -> None:
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(3 * 5000, generator=gen)
+    record = record_of({0: g, 1: torch.randn(g.shape, generator=gen), 2: -g})
+    check = ValidationCheck(rtol=1e-3)
+    assert check.agrees(record, 0, g)
+    flagged, caught = 0, 0
+    for trial in range(300):
+        noise = torch.randn(g.shape, generator=gen)
+        # float non-determinism up to rtol: never flagged
+        flagged += not check.agrees(record, 0, g + noise * (1e-3 * g.norm() / noise.norm()))
+        # a gradient 5% away from the honest one: always caught
+        caught += not check.agrees(record, 0, g + noise * (0.05 * g.norm() / noise.norm()))
+    assert flagged == 0 and caught == 300
+    assert not check.agrees(record, 2, g)  # a sign flip
+    assert not check.agrees(record, 0, g[:-1])  # wrong size
+    assert not check.agrees(record, 7, g)  # published nothing
+    bad = record_of({0: g, 1: g, 2: g})
+    bad.projections[0][1][0] = float("nan")
+    assert not check.agrees(bad, 0, g)
+
+
+def test_the_comparison_uses_the_published_directions_not_fresh_ones() -> None:
+    g = torch.randn(1200)
+    record = record_of({0: g, 1: g})
+    other = record_of({0: g, 1: g}, seed=b"\x08" * 32)
+    assert ValidationCheck().agrees(record, 0, g) and ValidationCheck().agrees(other, 0, g)
+    record.projections[0] = other.projections[0]
+    assert not ValidationCheck().agrees(record, 0, g)
+    # and the float64-accurate dot products agree with a float64 reference
+    z = random_directions(SEED, 0, 600, 2)
+    assert torch.allclose(accurate_dots(z, g[:600]), z.double() @ g[:600].double(), rtol=1e-6, atol=1e-6)
+
+
+def _resolve(claims_of: dict[int, list[int]], honest: dict[int, torch.Tensor], published: dict[int, torch.Tensor], assignments):
+    record = record_of(published, assignments=assignments)
+    recomputed: list[list[int]] = [[] for _ in honest]
+
+    def peer(t):
+        def recompute(target: int) -> torch.Tensor:
+            recomputed[t.rank].append(target)
+            return honest[target]
+
+        return resolve_validations(t, sorted(honest), claims_of.get(t.rank, []), record, recompute, ValidationCheck(), step=6)
+
+    bans = run_peers(len(honest), peer)
+    assert all(b == bans[0] for b in bans)  # every peer reaches the same verdict
+    return {b.peer: b for b in bans[0]}, recomputed
+
+
+def test_a_guilty_target_is_banned_after_everybody_recomputes() -> None:
+    honest = {p: torch.randn(800) for p in range(4)}
+    published = {**honest, 2: -10 * honest[2]}
+    bans, recomputed = _resolve({1: [2]}, honest, published, [Assignment(1, 2)])
+    assert list(bans) == [2] and bans[2].evidence == "recomputation" and "validated by peer 1" in bans[2].reason
+    assert recomputed == [[2]] * 4
+
+
+def test_a_false_validation_accusation_bans_the_accuser() -> None:
+    honest = {p: torch.randn(800) for p in range(4)}
+    bans, _ = _resolve({1: [2]}, honest, honest, [Assignment(1, 2)])
+    assert list(bans) == [1] and "false accusation" in bans[1].reason
+
+
+def test_accusing_outside_the_assignment_bans_without_recomputing() -> None:
+    honest = {p: torch.randn(800) for p in range(4)}
+    bans, recomputed = _resolve({3: [2]}, honest, honest, [Assignment(1, 2)])
+    assert list(bans) == [3] and "outside its validation assignment" in bans[3].reason
+    assert recomputed == [[]] * 4
+    bans, _ = _resolve({}, honest, honest, [Assignment(1, 2)])  # nobody accuses: nothing happens
+    assert bans == {}
+
+
+# ---------------------------------------------------------------------------------------------- under Lightning
+def survivors_of(out_dir, n, banned):
+    survivors = [r for r in range(n) if r not in banned]
+    params = [torch.load(out_dir / f"params{r}.pt") for r in survivors]
+    metrics = [json.loads((out_dir / f"metrics{r}.json").read_text()) for r in survivors]
+    for other in params[1:]:
+        assert all(torch.equal(v, other[k]) for k, v in params[0].items())
+    return metrics
+
+
+GRADIENT_ATTACKS = [
+    ("SignFlipping", 4, [2], {}),
+    ("RandomDirection", 4, [2], {}),
+    ("LabelFlipping", 4, [2], {}),
+    ("DelayedGradient", 4, [2], {"delay": 2}),
+    ("InnerProductManipulation", 5, [2, 4], {}),
+    # "a little is enough" builds its gradient from the colluders' spread: once one of two is banned, the
+    # other's spread is zero and it sends its honest gradient: it is banned only if caught for a step before that
+    ("ALittleIsEnough", 5, [2, 4], {}),
+]
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("attack,devices,byzantine,kwargs", GRADIENT_ATTACKS, ids=[a[0] for a in GRADIENT_ATTACKS])
+def test_every_gradient_attacker_and_only_it_is_banned_by_validation(tmp_path, attack, devices, byzantine, kwargs) -> None:
+    steps = 45
+    out = run_script(
+        "train_tiny.py",
+        [str(tmp_path), "--devices", str(devices), "--steps", str(steps), "--verify", "--attack", attack,
+         "--byzantine", *map(str, byzantine), "--attack-start", "3", "--attack-args", json.dumps(kwargs)],
+        timeout=360,
+    )
+    banned = [r for r in byzantine if f"this peer (rank {r}) was banned" in out.stdout]
+    assert banned == byzantine or (attack == "ALittleIsEnough" and banned), out.stdout[-3000:]
+    for rank in banned:
+        assert not (tmp_path / f"metrics{rank}.json").exists()  # it left, with exit code 0
+    for m in survivors_of(tmp_path, devices, banned):
+        assert sorted(b["peer"] for b in m["bans"]) == banned, m["bans"]
+        assert all(b["evidence"] == "recomputation" and b["step"] > 3 for b in m["bans"])
+        assert m["global_step"] == steps and m["metrics"]["btard/peers"] == devices - len(banned)
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("seed", [1, 2])
+def test_honest_runs_with_dropout_ban_nobody_under_heavy_validation(tmp_path, seed) -> None:
+    """3 of 4 peers validate every step (120 recomputations of dropout steps per run): no false alarm."""
+    run_script(
+        "train_tiny.py",
+        [str(tmp_path), "--devices", "4", "--steps", "40", "--verify", "--validators", "3", "--dropout", "0.3", "--seed", str(seed)],
+        timeout=360,
+    )
+    for m in survivors_of(tmp_path, 4, []):
+        assert m["bans"] == [] and m["global_step"] == 40
+        assert m["metrics"]["btard/validations"] >= 1.0
+
+
+@pytest.mark.timeout(300)
+def test_an_iterable_dataset_is_refused_under_verify(tmp_path) -> None:
+    out = run_script("train_tiny.py", [str(tmp_path), "--devices", "2", "--steps", "3", "--verify", "--iterable"], timeout=200, check=False)
+    assert out.returncode != 0
+    assert "an iterable dataset cannot be rebuilt by a validator" in out.stdout
