@@ -1,10 +1,12 @@
-"""BTARDStrategy step time against Lightning's DDPStrategy, same model, data and processes, in one run.
+"""BTARDStrategy step time against Lightning's DDPStrategy, and verified against unverified BTARD, in one run.
 
-    ./run bench strategy_step                   # ResNet18, 4 CPU processes (target: <= 1.15x)
+    ./run bench strategy_step                   # ResNet18, 4 CPU processes
     ./run bench strategy_step --model SmallCNN
 
-Each strategy trains for ``--steps`` steps on random CIFAR-shaped tensors; the median step time
-after ``--warmup`` steps is taken on rank 0 (forward, backward, aggregation and optimizer step).
+Targets: unverified BTARD <= 1.15x DDP; verified (the default: signed round, MPRNG, projection check,
+one validator per step) <= 1.25x unverified. Each strategy trains for ``--steps`` steps on random
+CIFAR-shaped tensors; the median step time after ``--warmup`` steps is taken on rank 0 (forward,
+backward, aggregation and optimizer step), with the median time of each protocol phase.
 """
 
 from __future__ import annotations
@@ -26,17 +28,19 @@ from torch.utils.data import DataLoader, TensorDataset
 
 class StepTimer(pl.Callback):
     def __init__(self, out: str) -> None:
-        self.out, self.times, self._t = out, [], 0.0
+        self.out, self.times, self.phases, self._t = out, [], [], 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._t = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.times.append(time.perf_counter() - self._t)
+        metrics = getattr(trainer.strategy, "_round_metrics", {})
+        self.phases.append({k[5:]: v for k, v in metrics.items() if k.startswith("time_")})
 
     def on_train_end(self, trainer, pl_module):
         if trainer.global_rank == 0:
-            Path(self.out).write_text(json.dumps(self.times))
+            Path(self.out).write_text(json.dumps({"times": self.times, "phases": self.phases}))
 
 
 def child(a: argparse.Namespace) -> None:
@@ -47,7 +51,10 @@ def child(a: argparse.Namespace) -> None:
     model = getattr(models, a.model)(cosine_schedule=False)
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(a.steps * a.batch * 2, 3, 32, 32, generator=g), torch.randint(0, 10, (a.steps * a.batch * 2,), generator=g))
-    strategy = BTARDStrategy(tau=a.tau, check_params_every=10**9) if a.strategy == "btard" else "ddp"
+    if a.strategy == "ddp":
+        strategy = "ddp"
+    else:
+        strategy = BTARDStrategy(tau=a.tau, check_params_every=10**9, verify=a.strategy == "btard-verified")
     trainer = pl.Trainer(
         accelerator="cpu", devices=a.world, strategy=strategy, max_steps=a.steps, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[StepTimer(a.out)],
@@ -68,19 +75,29 @@ def main() -> None:
     a = p.parse_args()
     if a.strategy is not None:
         return child(a)
-    results = {}
+    results, phases = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for strategy in ("ddp", "btard"):
+        for strategy in ("ddp", "btard", "btard-verified"):
             out = os.path.join(tmp, f"{strategy}.json")
             cmd = [sys.executable, __file__, "--model", a.model, "--world", str(a.world), "--steps", str(a.steps),
                    "--batch", str(a.batch), "--tau", str(a.tau), "--strategy", strategy, "--out", out]
             env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
             subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=3600)
-            results[strategy] = statistics.median(json.loads(Path(out).read_text())[a.warmup :])
+            run = json.loads(Path(out).read_text())
+            results[strategy] = statistics.median(run["times"][a.warmup :])
+            steps = run["phases"][a.warmup :]
+            phases[strategy] = {k: statistics.median(s.get(k, 0.0) for s in steps) for k in (steps[-1] if steps else {})}
+    ddp, plain, verified = results["ddp"], results["btard"], results["btard-verified"]
     print(f"BTARDStrategy vs DDPStrategy: {a.model}, {a.world} CPU processes, batch {a.batch} per peer, tau={a.tau}\n")
-    print("| strategy | median step | ratio |\n|---|---|---|")
-    print(f"| DDPStrategy | {results['ddp'] * 1e3:,.1f} ms | 1.00x |")
-    print(f"| BTARDStrategy | {results['btard'] * 1e3:,.1f} ms | {results['btard'] / results['ddp']:.2f}x |")
+    print("| strategy | median step | vs DDP | vs unverified BTARD |\n|---|---|---|---|")
+    print(f"| DDPStrategy | {ddp * 1e3:,.1f} ms | 1.00x | |")
+    print(f"| BTARDStrategy(verify=False) | {plain * 1e3:,.1f} ms | {plain / ddp:.2f}x | 1.00x |")
+    print(f"| BTARDStrategy() (verified, 1 validator) | {verified * 1e3:,.1f} ms | {verified / ddp:.2f}x | {verified / plain:.2f}x |")
+    for strategy in ("btard", "btard-verified"):
+        print(f"\nphases of {strategy} (median per step on rank 0):")
+        print("| phase | time |\n|---|---|")
+        for k, v in phases[strategy].items():
+            print(f"| {k} | {v * 1e3:,.1f} ms |")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ recomputation (steps 8-9) is in ``validation.py``: it reads the projections ``p`
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -33,6 +34,7 @@ from torch import Tensor
 from lightning_btard.ops.centered_clip import centered_clip_with_stats
 from lightning_btard.ops.finite import all_finite
 from lightning_btard.ops.partition import part_sizes
+from lightning_btard.ops.workspace import Workspace
 from lightning_btard.ops.projection import ProjectionCheck, clipped_projections, random_directions
 from lightning_btard.protocol.digest import digest
 from lightning_btard.protocol.identity import Identity, verify_signature
@@ -43,6 +45,7 @@ from lightning_btard.transports.base import Transport
 __all__ = ["Behaviour", "RoundConfig", "RoundOutcome", "verified_round"]
 
 _SIG = 64  # bytes in an Ed25519 signature
+_WORK = Workspace()  # received parts and secret directions: tens of MB, the same shapes every round
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,10 @@ class RoundOutcome:
     numbers: list[list] = field(default_factory=list)
     """Every member's published ``[s, ||g - G||, p]`` per part (the projections validators check later)."""
     sizes: list[int] = field(default_factory=list)
+    directions: list[Tensor] = field(default_factory=list)
+    """The round's secret directions per part (valid until the next round: reused buffers)."""
+    refuted: list[int] = field(default_factory=list)
+    """Peers whose unprovable claims the accused refuted with a valid copy (one entry per claim)."""
 
 
 def _sig_tensor(sig: bytes) -> Tensor:
@@ -129,7 +136,7 @@ class _Round:
 
     def __init__(self, flat: Tensor, transport: Transport, identity: Identity, keys: Sequence[bytes],
                  peers: Sequence[int], step: int, config: RoundConfig, behaviour: Behaviour,
-                 weights: Optional[Sequence[float]] = None) -> None:
+                 weights: Optional[Sequence[float]] = None, out: Optional[Tensor] = None) -> None:
         self.t, self.identity, self.keys, self.peers = transport, identity, list(keys), list(peers)
         self.step, self.config, self.behaviour = step, config, behaviour
         self.n, self.me = transport.world_size, transport.rank
@@ -149,9 +156,12 @@ class _Round:
         self.agg_hashes: list[bytes] = []
         self.received = torch.empty(0)
         self.part_sigs: list[bytes] = []
-        self.aggregates: list[Tensor] = []
+        self.out = out if out is not None else torch.empty_like(flat)
+        self.aggregates: list[Tensor] = list(torch.split(self.out, self.sizes))
+        self.part_hashes: list[bytes] = []
         self.numbers: list[list] = []
         self.directions: list[Tensor] = []
+        self.refuted: list[int] = []
 
     # ------------------------------------------------------------------ helpers
     def ban(self, member: int, reason: str, evidence: str) -> None:
@@ -164,11 +174,13 @@ class _Round:
         return self.t.all_gather_object((record, self.identity.sign(statement)))
 
     def outcome(self, aggregate: Optional[Tensor] = None, seed: Optional[bytes] = None, **stats: float) -> RoundOutcome:
-        return RoundOutcome(None if self.bans else aggregate, list(self.bans.values()), seed, dict(stats))
+        outcome = RoundOutcome(None if self.bans else aggregate, list(self.bans.values()), seed, dict(stats))
+        outcome.refuted = list(self.refuted)
+        return outcome
 
     # ------------------------------------------------------------------ phases
     def commit(self) -> None:
-        hashes = [digest(p) for p in self.parts]
+        self.part_hashes = hashes = [digest(p) for p in self.parts]
         self.secret = MPRNGSecret.fresh(self.peers[self.me], self.step)
         record = (self.step, self.peers[self.me], hashes, self.secret.commitment)
         board = self.signed_board(record, digest(self.step, self.peers[self.me], *hashes, self.secret.commitment))
@@ -188,9 +200,10 @@ class _Round:
         sends = []
         for j in range(self.n):
             content = self.behaviour.part(self.step, self.peers[j], self.parts[j])
-            sig = self.identity.sign(_part_statement(self.step, self.peers[self.me], self.peers[j], digest(content)))
+            h = self.part_hashes[j] if content is self.parts[j] else digest(content)
+            sig = self.identity.sign(_part_statement(self.step, self.peers[self.me], self.peers[j], h))
             sends.append([content, _sig_tensor(sig)])
-        self.received = torch.empty(self.n, self.sizes[self.me], dtype=self.flat.dtype, device=self.flat.device)
+        self.received = _WORK.get("received", (self.n, self.sizes[self.me]), self.flat.dtype, self.flat.device)
         sigs = torch.zeros(self.n, _SIG, dtype=torch.uint8)
         malformed = self.t.exchange(sends, [[self.received[self.row[i]], sigs[i]] for i in range(self.n)])
         self.part_sigs = [bytes(s.tolist()) for s in sigs]
@@ -218,7 +231,7 @@ class _Round:
             max_iters=self.config.max_iters, eps=0.0, rel_eps=self.config.rel_eps,
         )
         self.mine = self.behaviour.published_aggregate(self.step, result.value)
-        h = digest(self.mine)
+        self.mine_hash = h = digest(self.mine)
         board = self.signed_board(h, _aggregate_statement(self.step, self.peers[self.me], h))
         for i, entry in enumerate(board):
             try:
@@ -234,9 +247,9 @@ class _Round:
         sends = []
         for j in range(self.n):
             content = self.behaviour.aggregate(self.step, self.peers[j], self.mine)
-            sig = self.identity.sign(_aggregate_statement(self.step, self.peers[self.me], digest(content)))
+            h = self.mine_hash if content is self.mine else digest(content)
+            sig = self.identity.sign(_aggregate_statement(self.step, self.peers[self.me], h))
             sends.append([content, _sig_tensor(sig)])
-        self.aggregates = [torch.empty(s, dtype=self.flat.dtype, device=self.flat.device) for s in self.sizes]
         sigs = torch.zeros(self.n, _SIG, dtype=torch.uint8)
         malformed = self.t.exchange(sends, [[self.aggregates[i], sigs[i]] for i in range(self.n)])
         accusations = []
@@ -269,7 +282,11 @@ class _Round:
         return [s.tolist(), norm, p.tolist()]
 
     def verify(self, seed: bytes) -> None:
-        self.directions = [random_directions(seed, j, self.sizes[j], self.config.directions, self.flat.device) for j in range(self.n)]
+        k, device = self.config.directions, self.flat.device
+        self.directions = [
+            random_directions(seed, j, size, k, device, out=_WORK.get(f"directions{j}", (k, size), torch.float32, device))
+            for j, size in enumerate(self.sizes)
+        ]
         mine = [list(self.behaviour.numbers(self.step, j, *self.my_numbers(j, self.parts[j]))) for j in range(self.n)]
         board = self.signed_board(mine, _numbers_statement(self.step, self.peers[self.me], mine))
         for i, entry in enumerate(board):
@@ -283,11 +300,15 @@ class _Round:
                 self.ban(i, "malformed or missing verification numbers", "missing-record")
         if self.bans:
             return
-        # as aggregator of part `me`, I hold every sender's signed part: recompute their numbers
+        # as aggregator of part `me`, I hold every sender's signed part: recompute their numbers (all at once)
+        s_all, norms, p_all = clipped_projections(self.directions[self.me], self.received, self.aggregates[self.me], self.config.tau)
+        part_norms = torch.linalg.vector_norm(self.received, dim=1)
         accusations = []
         for i in range(self.n):
-            if not self.numbers_match(i, self.me, self.received[self.row[i]]):
-                accusations.append(("lying-numbers", i, (self.received[self.row[i]].clone(), self.part_sigs[i])))
+            r = self.row[i]
+            recomputed = [s_all[r].tolist(), float(norms[r]), p_all[r].tolist()]
+            if not self.numbers_agree(i, self.me, recomputed, float(part_norms[r])):
+                accusations.append(("lying-numbers", i, (self.received[r].clone(), self.part_sigs[i])))
         accusers = self.resolve(accusations)
         check = ProjectionCheck(tau=self.config.tau)
         weights = self.weights
@@ -299,11 +320,14 @@ class _Round:
                 self.ban(j, "its aggregate failed the CenteredClip check", "projection-check")
 
     def numbers_match(self, member: int, part_index: int, part: Tensor) -> bool:
+        return self.numbers_agree(member, part_index, self.my_numbers(part_index, part), float(torch.linalg.vector_norm(part)))
+
+    def numbers_agree(self, member: int, part_index: int, recomputed: list, part_norm: float) -> bool:
+        """Whether ``member``'s published numbers for a part match ``recomputed`` ``[s, norm, p]`` (relative)."""
         published = self.numbers[member][part_index]
-        s, norm, p = self.my_numbers(part_index, part)
-        scale = abs(norm) + float(torch.linalg.vector_norm(part))
+        s, norm, p = recomputed
         flat_pub = list(published[0]) + [float(published[1])] + list(published[2])
-        return _close(flat_pub, s + [norm] + p, self.config.number_rtol, scale)
+        return _close(flat_pub, s + [norm] + p, self.config.number_rtol, abs(norm) + part_norm)
 
     # ------------------------------------------------------------------ accusations
     def resolve(self, accusations: list[tuple]) -> set[int]:
@@ -373,6 +397,8 @@ class _Round:
                     self.aggregates[accused].copy_(copy)
             if not valid:
                 self.ban(accused, f"{kind}: no valid copy published when disputed", "missing-record")
+            else:
+                self.refuted.append(self.peers[accuser])
 
 
 def verified_round(
@@ -385,20 +411,36 @@ def verified_round(
     config: RoundConfig = RoundConfig(),
     behaviour: Optional[Behaviour] = None,
     weights: Optional[Sequence[float]] = None,
+    out: Optional[Tensor] = None,
 ) -> RoundOutcome:
     """One verified round among ``peers`` (member ``i`` is ``peers[i]`` with public key ``keys[i]``).
 
     ``weights[i]`` is member ``i``'s weight in CenteredClip and in the check (default 1; 0 for a validator,
-    whose gradient this step is a recomputation of somebody else's)."""
-    r = _Round(flat, transport, identity, keys, peers, step, config, behaviour or Behaviour(), weights)
+    whose gradient this step is a recomputation of somebody else's). The aggregate is written into ``out``
+    when given (a buffer like ``flat``, not overlapping it)."""
+    r = _Round(flat, transport, identity, keys, peers, step, config, behaviour or Behaviour(), weights, out)
+    times: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def timed(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        times[f"time_{name}"] = now - clock
+        clock = now
+
     for phase in (r.commit, r.scatter, r.aggregate, r.gather):
         phase()
+        timed(phase.__name__)
         if r.bans:  # every honest peer stops at the same phase: the bans come from the same records
-            return r.outcome()
+            return r.outcome(**times)
     seed = r.reveal()
+    timed("reveal")
     if seed is None:
-        return r.outcome()
+        return r.outcome(**times)
     r.verify(seed)
-    outcome = r.outcome(torch.cat(r.aggregates), seed, clipped=float(r.result.clipped), iterations=float(r.result.iterations))
-    outcome.numbers, outcome.sizes = r.numbers, r.sizes
+    timed("verify")
+    outcome = r.outcome(
+        r.out, seed, clipped=float(r.result.clipped), iterations=float(r.result.iterations), **times
+    )
+    outcome.numbers, outcome.sizes, outcome.directions = r.numbers, r.sizes, r.directions
     return outcome

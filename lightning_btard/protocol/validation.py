@@ -27,11 +27,14 @@ import torch
 from torch import Tensor
 
 from lightning_btard.ops.projection import accurate_dots, random_directions
+from lightning_btard.ops.workspace import Workspace
 from lightning_btard.protocol.digest import digest
 from lightning_btard.protocol.membership import Ban
 from lightning_btard.transports.base import Transport
 
 __all__ = ["Assignment", "StepRecord", "ValidationCheck", "assign_validators", "resolve_validations"]
+
+_WORK = Workspace()
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,16 @@ class StepRecord:
     directions: int = 2
     assignments: list[Assignment] = field(default_factory=list)
     """The validators of the *next* step, drawn from this step's seed."""
+    direction_cache: list[Tensor] = field(default_factory=list)
+    """The round's directions per part if still in memory (the next round overwrites them; validation runs before)."""
+
+    def direction(self, j: int, device: torch.device) -> Tensor:
+        """Part ``j``'s ``[k, size]`` directions: the round's own if still held, else regenerated from the seed."""
+        shape = (self.directions, self.sizes[j])
+        if j < len(self.direction_cache) and tuple(self.direction_cache[j].shape) == shape:
+            return self.direction_cache[j].to(device)
+        return random_directions(self.seed, j, self.sizes[j], self.directions, device,
+                                 out=_WORK.get("directions", shape, torch.float32, device))
 
 
 def assign_validators(seed: bytes, peers: Sequence[int], count: int, targets: Sequence[int]) -> list[Assignment]:
@@ -86,7 +99,7 @@ class ValidationCheck:
         if published is None or len(published) != len(record.sizes) or recomputed.numel() != sum(record.sizes):
             return False
         for j, part in enumerate(torch.split(recomputed, record.sizes)):
-            z = random_directions(record.seed, j, part.numel(), record.directions, part.device)
+            z = record.direction(j, part.device)
             mine = accurate_dots(z, part.float())
             try:
                 theirs = torch.tensor([float(v) for v in published[j]], dtype=torch.float64)
