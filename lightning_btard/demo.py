@@ -3,9 +3,11 @@
     ./run demo                      # 8 CPU peers, 3 of them sign-flipping attackers from step 100
     ./run demo --attack LabelFlipping --byzantine 2 5
 
-Each run is a real ``btard fit`` over ``configs/demo.yaml`` (one process per peer, gloo). The demo
-prints which peers attacked, BTARD's per-step clipping and both runs' test accuracy side by side,
-and writes a plot of the test accuracy over the steps with the attack's start marked.
+Each run is a real ``btard fit`` over ``configs/demo.yaml`` (one process per peer, gloo). BTARD runs
+with verification on (its default): validators recompute a random peer's gradient every step, so the
+attackers are caught and banned, and leave. The demo prints which peers attacked, each ban as it
+happens, the ban list, BTARD's per-step clipping and both runs' test accuracy side by side, and
+writes a plot of the test accuracy over the steps with the attack's start marked.
 It trains on CIFAR-10 when ``<data-dir>/cifar-10-batches-py`` holds it (or it can be downloaded);
 otherwise on a SYNTHETIC stand-in in CIFAR-10's on-disk format, and says so.
 """
@@ -80,7 +82,7 @@ def train(args: argparse.Namespace, mode: str, data_dir: Path, out: Path) -> Pat
         stale.unlink()
     (run_dir / "run.yaml").write_text(yaml.safe_dump(run_config(args, mode, data_dir, run_dir), sort_keys=False))
     cmd = [sys.executable, "-m", "lightning_btard.cli", "fit", "--config", str(ROOT / "configs" / "demo.yaml"), "--config", str(run_dir / "run.yaml")]
-    label = "plain averaging (aggregator=mean)" if mode == "mean" else f"BTARD (CenteredClip, tau={args.tau})"
+    label = "plain averaging (aggregator=mean)" if mode == "mean" else f"BTARD (CenteredClip, tau={args.tau}, verified, 1 validator per step)"
     print(f"\n[demo] training with {label}: {args.peers} peers, {args.steps} steps  (log: {run_dir / 'train.log'})", flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     start = time.time()
@@ -89,7 +91,7 @@ def train(args: argparse.Namespace, mode: str, data_dir: Path, out: Path) -> Pat
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
-            if " fired at step " in line or "Error" in line or "error:" in line:
+            if _worth_showing(line):
                 print("   " + line.rstrip(), flush=True)
         proc.wait()
     if proc.returncode != 0:
@@ -97,6 +99,22 @@ def train(args: argparse.Namespace, mode: str, data_dir: Path, out: Path) -> Pat
         raise SystemExit(f"[demo] the {mode} run failed (exit {proc.returncode}); last lines of its log:\n" + "\n".join(tail))
     print(f"[demo] done in {time.time() - start:.0f}s", flush=True)
     return run_dir / "metrics.csv"
+
+
+def _worth_showing(line: str) -> bool:
+    """Attacks firing, bans (once, from the banned peer and from the final list), errors."""
+    return any(key in line for key in (" fired at step ", "was banned at step", "banned during the run", "Error", "error:")) or (
+        line.startswith("  step ") and " peer " in line
+    )
+
+
+def ban_list(log: Path) -> list[str]:
+    """The ban list a run printed at its end."""
+    lines = log.read_text().splitlines()
+    start = next((i for i, line in enumerate(lines) if "banned during the run" in line), None)
+    if start is None:
+        return []
+    return [lines[start]] + [line for line in lines[start + 1 :] if line.startswith("  step ")]
 
 
 def read_metrics(path: Path) -> dict[str, dict[int, float]]:
@@ -137,6 +155,7 @@ def report(args: argparse.Namespace, metrics: dict[str, dict[str, dict[int, floa
     acc_key = "val/acc"
     mean_acc, btard_acc = metrics["mean"].get(acc_key, {}), metrics["btard"].get(acc_key, {})
     clipped = metrics["btard"].get("btard/clipped", {})
+    active = metrics["btard"].get("btard/peers", {})
     iters = metrics["btard"].get("btard/cc_iterations", {})
     fired = metrics["btard"].get(f"attack/{args.attack}", {})
     print("\n" + "=" * 78)
@@ -145,13 +164,18 @@ def report(args: argparse.Namespace, metrics: dict[str, dict[str, dict[int, floa
     if fired:
         after = [v for s, v in fired.items() if s >= args.attack_start]
         print(f"peers firing {args.attack} per logged step after its start: {min(after, default=0):.0f}..{max(after, default=0):.0f}")
-    print("\nstep | test acc: mean | test acc: BTARD | BTARD clipped parts (of peers x parts) | CenteredClip iters")
+    print("\nBTARD's bans:")
+    for line in ban_list(out / "btard" / "train.log") or ["  (no ban list found in the log)"]:
+        print("  " + line.strip())
+    print("\nstep | test acc: mean | test acc: BTARD | BTARD peers | BTARD clipped parts (of peers x parts) | CenteredClip iters")
     for step in sorted(set(mean_acc) | set(btard_acc)):
         near = min(clipped, key=lambda s: abs(s - step), default=None)
-        c = f"{clipped[near]:.0f} of {args.peers * args.peers}" if near is not None else "-"
+        n = active.get(near, args.peers) if near is not None else args.peers
+        c = f"{clipped[near]:.0f} of {int(n) ** 2}" if near is not None else "-"
         it = f"{iters[near]:.0f}" if near is not None else "-"
+        peers = f"{n:.0f}" if near is not None else "-"
         flag = "  <- attack on" if step >= args.attack_start else ""
-        print(f"{step:4d} | {mean_acc.get(step, math.nan):14.3f} | {btard_acc.get(step, math.nan):15.3f} | {c:>38} | {it:>5}{flag}")
+        print(f"{step:4d} | {mean_acc.get(step, math.nan):14.3f} | {btard_acc.get(step, math.nan):15.3f} | {peers:>11} | {c:>38} | {it:>5}{flag}")
     final_mean = mean_acc[max(mean_acc)] if mean_acc else math.nan
     final_btard = btard_acc[max(btard_acc)] if btard_acc else math.nan
     print(f"\nfinal test accuracy: plain averaging {final_mean:.3f} | BTARD {final_btard:.3f}")

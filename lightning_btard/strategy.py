@@ -356,6 +356,7 @@ class BTARDStrategy(ParallelStrategy):
         assert self.transport is not None and self.membership is not None and self._recomputer is not None
         record = self._record
         self._validation_metrics = {}
+        started = time.perf_counter()
         if record is None or record.step != ctx.step - 1 or not record.assignments:
             return
         claims: list[int] = []
@@ -377,6 +378,7 @@ class BTARDStrategy(ParallelStrategy):
             self.transport, self.membership.active, claims, record, recompute, self.validation_check, ctx.step
         )
         self._validation_metrics["validations"] = float(len(record.assignments))
+        self._validation_metrics["time_validation"] = time.perf_counter() - started
         self._validation_metrics["validation_bans"] = float(len(bans))
         if bans:
             self._apply_bans(bans)
@@ -385,7 +387,7 @@ class BTARDStrategy(ParallelStrategy):
         """Record bans; a banned peer leaves, the others continue in a group of the remaining peers."""
         assert self.membership is not None
         for ban in bans:
-            if self.membership.ban(ban.peer, ban.step, ban.reason, ban.evidence):
+            if self.membership.ban(ban.peer, ban.step, ban.reason, ban.evidence) or ban in self.membership.bans:
                 log.warning("BTARD: banned peer %d at step %d: %s (%s)", ban.peer, ban.step, ban.reason, ban.evidence)
         if self.global_rank in self.membership.banned:
             self._leave()
@@ -467,18 +469,23 @@ class BTARDStrategy(ParallelStrategy):
                 weights = [1.0] * len(active)
             outcome = verified_round(
                 sent, self.transport, self._identity, [self._keys[p] for p in active], active, ctx.step,
-                self.round_config, behaviour, weights,
+                self.round_config, behaviour, weights, out=self._buffers.get("aggregate", (sent.numel(),), torch.float32, sent.device),
             )
+            # the limit on unprovable claims: past it the claimant is banned (the round itself stands)
+            limited = [p for p in outcome.refuted if self.membership.count_refuted_claim(p, ctx.step)]
             if outcome.aggregate is not None:
                 self._round_metrics = {
                     "clipped": outcome.stats.get("clipped", 0.0),
                     "cc_iterations": outcome.stats.get("iterations", 0.0),
+                    **{k: v for k, v in outcome.stats.items() if k.startswith("time_")},
                     "retries": float(retries),
                     "peers": float(len(active)),
                     "banned": float(len(self.membership.bans)),
                     **self._validation_metrics,
                 }
                 self._remember(ctx.step, active, weights, outcome)
+                if limited:
+                    self._apply_bans([b for b in self.membership.bans if b.peer in limited])
                 return outcome.aggregate.to(sent.device)
             retries += 1
             self._apply_bans(outcome.bans)
@@ -497,6 +504,7 @@ class BTARDStrategy(ParallelStrategy):
             contributors=contributors,
             batch_idx=self._batch_idx,
             directions=self.round_config.directions,
+            direction_cache=list(outcome.directions),
         )
         record.assignments = assign_validators(outcome.seed, active, self.validators, contributors)
         self._record = record

@@ -130,6 +130,20 @@ def test_unprovable_claim_is_settled_by_publication_without_bans() -> None:
     _, outcomes = run({2: UnprovableClaim()})
     for o in honest_outcomes(outcomes, {2}):
         assert o.bans == [] and o.aggregate is not None
+        assert o.refuted == [2]  # counted against the claimant
+
+
+def test_repeated_refuted_claims_ban_the_claimant_past_the_limit() -> None:
+    from lightning_btard.protocol.membership import Membership
+
+    membership = Membership(peers=list(range(N)), max_refuted_claims=3)
+    for round_index in range(4):
+        _, outcomes = run({2: UnprovableClaim()}, seed=round_index)
+        refuted = honest_outcomes(outcomes, {2})[0].refuted
+        banned = [p for p in refuted if membership.count_refuted_claim(p, step=round_index)]
+        assert banned == ([] if round_index < 3 else [2])
+    assert [(b.peer, b.step, b.evidence) for b in membership.bans] == [(2, 3, "missing-record")]
+    assert "4 unprovable claims" in membership.bans[0].reason
 
 
 class NeverRepublish(Behaviour):

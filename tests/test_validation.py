@@ -4,6 +4,7 @@ gradient attacks banned for real in multi-process training."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from lightning_btard.ops.partition import part_sizes
 from lightning_btard.ops.projection import accurate_dots, random_directions
 from lightning_btard.protocol.validation import Assignment, StepRecord, ValidationCheck, assign_validators, resolve_validations
 from lightning_btard.transports import run_peers
-from procs import run_script
+from datamodules import write_synthetic_cifar10
+from procs import ROOT, run_command, run_script
 
 SEED = b"\x07" * 32
 
@@ -184,3 +186,18 @@ def test_an_iterable_dataset_is_refused_under_verify(tmp_path) -> None:
     out = run_script("train_tiny.py", [str(tmp_path), "--devices", "2", "--steps", "3", "--verify", "--iterable"], timeout=200, check=False)
     assert out.returncode != 0
     assert "an iterable dataset cannot be rebuilt by a validator" in out.stdout
+
+
+@pytest.mark.timeout(600)
+def test_resnet18_with_batch_norm_and_augmentation_bans_nobody(tmp_path) -> None:
+    """The paper's model through the CLI: batch norm, random crops and flips, 3 of 4 peers validating every step."""
+    data = write_synthetic_cifar10(tmp_path / "cifar", n_train=400, n_test=50, seed=3)
+    cmd = [
+        sys.executable, "-m", "lightning_btard.cli", "fit", "--config", str(ROOT / "configs" / "resnet18_cifar10.yaml"),
+        "--trainer.devices=4", "--trainer.max_steps=10", "--trainer.limit_val_batches=0", "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
+        "--trainer.strategy.init_args.validators=3", f"--data.data_dir={data}", "--data.download=false", "--data.augment=true",
+    ]
+    out = run_command(cmd, timeout=540, cwd=ROOT)
+    assert "BTARD: 0 peer(s) banned during the run." in out.stdout, out.stdout[-3000:]
+    assert "recomputing" not in out.stdout  # no validator ever disagreed

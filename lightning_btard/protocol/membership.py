@@ -33,6 +33,10 @@ class Membership:
     peers: list[int]
     bans: list[Ban] = field(default_factory=list)
     generation: int = 0
+    max_refuted_claims: int = 3
+    """Unprovable claims ("you sent me nothing valid") a peer may raise that the accused then refutes by
+    publishing a valid copy; one more bans the claimant (it costs everybody a board round each time)."""
+    refuted: dict[int, int] = field(default_factory=dict)
 
     @property
     def banned(self) -> set[int]:
@@ -53,3 +57,10 @@ class Membership:
         self.bans.append(Ban(peer, step, reason, evidence))
         self.generation += 1
         return True
+
+    def count_refuted_claim(self, peer: int, step: int) -> bool:
+        """Record that ``peer``'s unprovable claim was refuted; ban it past the limit (returns whether it was banned)."""
+        self.refuted[peer] = self.refuted.get(peer, 0) + 1
+        if self.refuted[peer] <= self.max_refuted_claims:
+            return False
+        return self.ban(peer, step, f"raised {self.refuted[peer]} unprovable claims that the accused refuted", "missing-record")
