@@ -126,7 +126,10 @@ def test_verified_training_without_attackers_bans_nobody(tmp_path) -> None:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("attack", ["WrongAggregate", "EquivocatingAggregate", "LyingNumbers", "WithheldReveal"])
+@pytest.mark.parametrize(
+    "attack",
+    ["WrongAggregate", "EquivocatingAggregate", "UncommittedPart", "MalformedPart", "LyingNumbers", "WithheldReveal", "FalseAccusation"],
+)
 def test_verified_training_bans_a_protocol_attacker_which_leaves_cleanly(tmp_path, attack) -> None:
     out = run_script(
         "train_tiny.py",

@@ -201,3 +201,17 @@ def test_resnet18_with_batch_norm_and_augmentation_bans_nobody(tmp_path) -> None
     out = run_command(cmd, timeout=540, cwd=ROOT)
     assert "BTARD: 0 peer(s) banned during the run." in out.stdout, out.stdout[-3000:]
     assert "recomputing" not in out.stdout  # no validator ever disagreed
+
+
+@pytest.mark.timeout(400)
+def test_a_false_accusation_as_validator_bans_the_accuser_not_the_target(tmp_path) -> None:
+    out = run_script(
+        "train_tiny.py",
+        [str(tmp_path), "--devices", "4", "--steps", "40", "--verify", "--attack", "FalseAccusation", "--byzantine", "3",
+         "--attack-start", "1", "--attack-args", json.dumps({"kind": "validation"})],
+        timeout=360,
+    )
+    assert "this peer (rank 3) was banned" in out.stdout
+    for m in survivors_of(tmp_path, 4, [3]):
+        assert [(b["peer"], b["evidence"]) for b in m["bans"]] == [(3, "recomputation")]
+        assert "false accusation" in m["bans"][0]["reason"]
