@@ -215,3 +215,17 @@ def test_a_false_accusation_as_validator_bans_the_accuser_not_the_target(tmp_pat
     for m in survivors_of(tmp_path, 4, [3]):
         assert [(b["peer"], b["evidence"]) for b in m["bans"]] == [(3, "recomputation")]
         assert "false accusation" in m["bans"][0]["reason"]
+
+
+@pytest.mark.timeout(400)
+def test_verified_training_resumes_from_a_checkpoint(tmp_path) -> None:
+    """After a resume the verifiable batches continue at the restored step; validation starts again one step later."""
+    ckpt = tmp_path / "step6.ckpt"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    common = ["--devices", "3", "--verify", "--validators", "2", "--dropout", "0.2"]
+    run_script("train_tiny.py", [str(tmp_path / "a"), "--steps", "6", "--save-ckpt", str(ckpt), *common], timeout=300)
+    run_script("train_tiny.py", [str(tmp_path / "b"), "--steps", "12", "--resume", str(ckpt), *common], timeout=300)
+    for m in survivors_of(tmp_path / "b", 3, []):
+        assert m["bans"] == [] and m["global_step"] == 12 and m["batches"] == 6
+        assert m["metrics"]["btard/validations"] >= 1.0
