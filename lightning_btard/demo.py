@@ -157,7 +157,7 @@ def report(args: argparse.Namespace, metrics: dict[str, dict[str, dict[int, floa
     clipped = metrics["btard"].get("btard/clipped", {})
     active = metrics["btard"].get("btard/peers", {})
     iters = metrics["btard"].get("btard/cc_iterations", {})
-    fired = metrics["btard"].get(f"attack/{args.attack}", {})
+    fired = metrics["mean"].get(f"attack/{args.attack}", {})  # nobody is banned in the plain-averaging run
     print("\n" + "=" * 78)
     print(f"data: {'SYNTHETIC CIFAR-10-format stand-in (CIFAR-10 itself is not on this machine)' if synthetic else 'CIFAR-10'}")
     print(f"peers: {args.peers}; attackers: {args.byzantine} ({args.attack}, from step {args.attack_start})")
