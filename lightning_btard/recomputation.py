@@ -8,7 +8,9 @@ computes the loss, so a module written for DDP is validated unchanged.
 
 A ``training_step`` whose gradient depends on anything else that differs between peers (the peer's
 rank, wall-clock time, state it mutates across steps) cannot be validated: honest peers would be
-accused. ``batch_idx`` is reproduced; ``self.global_step`` during a recomputation is the current step.
+accused. Nor can gradients changed after backward by the module's ``backward`` override or by
+``on_after_backward`` hooks (the recomputation calls ``loss.backward()`` itself). ``batch_idx`` is
+reproduced; ``self.global_step`` during a recomputation is the current step.
 """
 
 from __future__ import annotations
@@ -104,25 +106,30 @@ class Recomputer:
         peer: int,
         batch_idx: int,
         step_context: Callable[[], contextlib.AbstractContextManager],
+        micro_batches: int = 1,
+        scale: Optional[float] = None,
         out: Optional[Tensor] = None,
     ) -> Tensor:
-        """Peer ``peer``'s flat gradient of ``step``, recomputed from ``x_step`` (parameters, gradients and
-        buffers are left as they were)."""
+        """Peer ``peer``'s flat gradient of ``step`` (``micro_batches`` micro-batches, each loss divided by the
+        accumulation as Lightning does; multiplied by the fp16 loss ``scale`` before backward and divided after,
+        as the peer's own step was), recomputed from ``x_step``. The optimizer's parameters, their gradients
+        and the module's buffers are left as they were."""
         grads = [p.grad for p in params]
         buffers = [b.detach().clone() for b in module.buffers()]
         self.load(step, params)
         try:
             for p in params:
                 p.grad = None
-            with _silenced(module):
-                for micro in range(self.accumulate):
+            with _silenced(module), torch.enable_grad():
+                for micro in range(micro_batches):
                     batch = self.batch(module, step, peer, micro)
                     with self.seeded(step, peer, micro), step_context():
                         output = module.training_step(batch, batch_idx + micro)
                     loss = output["loss"] if isinstance(output, dict) else output
                     if loss is not None:
-                        (loss / self.accumulate).backward()
-            return flatten_grads(params, out=out)
+                        (loss * (scale or 1.0) / self.accumulate).backward()
+            flat = flatten_grads(params, out=out)
+            return flat.div_(scale) if scale else flat
         finally:
             self.restore(params)
             with torch.no_grad():

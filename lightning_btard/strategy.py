@@ -138,7 +138,9 @@ class BTARDStrategy(ParallelStrategy):
         self._recomputer: Optional[Recomputer] = None
         self._record: Optional[StepRecord] = None
         self._validating: Optional[int] = None
+        self._swapped = False
         self._micro = 0
+        self._step_micro = 1
         self._batch_idx = 0
         self._validation_metrics: dict[str, float] = {}
         self.round_config = RoundConfig(tau=self.tau, directions=int(directions), max_iters=int(max_iters))
@@ -321,27 +323,45 @@ class BTARDStrategy(ParallelStrategy):
         self._micro += 1
         if micro == 0 and self._recomputer is not None:
             self._begin_step(step, args[1] if len(args) > 1 else kwargs.get("batch_idx", 0))
-        if self._validating is None:
+        if not self._swapped:
             with seeded_rngs(step_seed(self._run_seed, step, self.global_rank, micro), [self.root_device]):
                 return super().training_step(*args, **kwargs)
-        assert self._record is not None and self._recomputer is not None
-        batch = self._recomputer.batch(self.lightning_module, self._record.step, self._validating, micro)
-        with self._recomputer.seeded(self._record.step, self._validating, micro):
-            return super().training_step(batch, self._record.batch_idx + micro)
+        assert self._record is not None and self._recomputer is not None and self._validating is not None
+        try:
+            batch = self._recomputer.batch(self.lightning_module, self._record.step, self._validating, micro)
+            with self._recomputer.seeded(self._record.step, self._validating, micro):
+                return super().training_step(batch, self._record.batch_idx + micro)
+        except BaseException:
+            self._recomputer.restore(self._params())
+            self._swapped = False
+            raise
 
     def _begin_step(self, step: int, batch_idx: int) -> None:
-        """Keep ``x_step``; if this peer validates in this step, load ``x_{step-1}`` for the recomputation."""
+        """Keep ``x_step``; if this peer validates in this step, note its target.
+
+        Without gradient accumulation the validator's step *is* the recomputation (its ``training_step`` runs
+        on the target's batch with ``x_{step-1}`` loaded, and the parameters are restored in the same optimizer
+        closure); with accumulation the parameters would stay swapped across Lightning's hooks between
+        micro-batches, so the validator computes its own gradient and recomputes the target's after it."""
         assert self._recomputer is not None
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is not None and trainer.accumulate_grad_batches != self._recomputer.accumulate:
+            raise UserError(
+                f"accumulate_grad_batches changed during training ({self._recomputer.accumulate} -> "
+                f"{trainer.accumulate_grad_batches}): verified training needs a fixed accumulation (or validators=0)"
+            )
         params = self._params()
         self._recomputer.snapshot(step, params)
         self._batch_idx = int(batch_idx)
-        self._validating = None
+        self._validating, self._swapped = None, False
         record = self._record
         if record is not None and record.step == step - 1 and self._recomputer.has(record.step):
             mine = [a.target for a in record.assignments if a.validator == self.global_rank]
             if mine:
                 self._validating = mine[0]
-                self._recomputer.load(record.step, params)
+                self._swapped = self._recomputer.accumulate == 1
+                if self._swapped:
+                    self._recomputer.load(record.step, params)
 
     def _params(self) -> list[torch.nn.Parameter]:
         return trainable_params(self.optimizers[0].param_groups)
@@ -359,23 +379,30 @@ class BTARDStrategy(ParallelStrategy):
         started = time.perf_counter()
         if record is None or record.step != ctx.step - 1 or not record.assignments:
             return
-        claims: list[int] = []
-        if self._validating is not None:
-            agrees = self.validation_check.agrees(record, self._validating, flat)
-            claims = behaviour.validation_claims(ctx.step, self._validating, agrees)
-            self._validation_metrics["validation_agreed"] = float(agrees)
         module, params = self.lightning_module, self._params()
         assert module is not None
 
         def recompute(peer: int) -> Tensor:
-            log.warning("BTARD: step %d: recomputing peer %d's gradient of step %d (accused by its validator)", ctx.step, peer, record.step)
             return self._recomputer.gradient(  # type: ignore[union-attr]
                 module, params, record.step, peer, record.batch_idx, self.precision_plugin.train_step_context,
+                micro_batches=record.micro_batches, scale=record.grad_scale,
                 out=self._buffers.get("recomputed", (flat.numel(),), torch.float32, flat.device),
             )
 
+        def recompute_accused(peer: int) -> Tensor:
+            log.warning("BTARD: step %d: recomputing peer %d's gradient of step %d (accused by its validator)", ctx.step, peer, record.step)
+            return recompute(peer)
+
+        claims: list[int] = []
+        if self._validating is not None:
+            # the fast path (no accumulation) already computed it as this step's gradient
+            mine = flat if self._swapped and record.micro_batches == 1 else recompute(self._validating)
+            agrees = self.validation_check.agrees(record, self._validating, mine) if all_finite(mine) else True
+            claims = behaviour.validation_claims(ctx.step, self._validating, agrees)
+            self._validation_metrics["validation_agreed"] = float(agrees)
+
         bans = resolve_validations(
-            self.transport, self.membership.active, claims, record, recompute, self.validation_check, ctx.step
+            self.transport, self.membership.active, claims, record, recompute_accused, self.validation_check, ctx.step
         )
         self._validation_metrics["validations"] = float(len(record.assignments))
         self._validation_metrics["time_validation"] = time.perf_counter() - started
@@ -417,12 +444,13 @@ class BTARDStrategy(ParallelStrategy):
         """Replace the gradients of ``optimizer``'s parameters with the ButterflyClip aggregate over all peers."""
         assert self.transport is not None
         start = time.perf_counter()
-        self._micro = 0
+        self._step_micro, self._micro = max(self._micro, 1), 0
         params = trainable_params(optimizer.param_groups)
         numel = sum(p.numel() for p in params)
         flat = flatten_grads(params, out=self._buffers.get("flat", (numel,), torch.float32, self.root_device))
-        if self._validating is not None and self._recomputer is not None:
+        if self._swapped and self._recomputer is not None:
             self._recomputer.restore(params)  # the recomputation ran on x_{t-1}; this step updates x_t
+            self._swapped = False
         scale = self._grad_scale()
         if scale is not None:
             flat.div_(scale)
@@ -455,7 +483,8 @@ class BTARDStrategy(ParallelStrategy):
 
     def _verified_aggregate(self, sent: Tensor, ctx: AttackContext, computed: Tensor) -> Tensor:
         """Validation of the previous step, then verified rounds among the active peers until one completes
-        (banned peers are dropped between tries). ``computed`` is this peer's gradient before any attack."""
+        (banned peers are dropped between tries). ``computed`` is this peer's flat gradient (a validator's
+        recomputation of its target's, on the fast path)."""
         assert self.transport is not None and self.membership is not None and self._identity is not None
         behaviour = self._behaviour(ctx)
         if self._recomputer is not None:
@@ -471,8 +500,8 @@ class BTARDStrategy(ParallelStrategy):
                 sent, self.transport, self._identity, [self._keys[p] for p in active], active, ctx.step,
                 self.round_config, behaviour, weights, out=self._buffers.get("aggregate", (sent.numel(),), torch.float32, sent.device),
             )
-            # the limit on unprovable claims: past it the claimant is banned (the round itself stands)
-            limited = [p for p in outcome.refuted if self.membership.count_refuted_claim(p, ctx.step)]
+            # the limit on unprovable claims between two peers: past it both are banned (the round itself stands)
+            limited = [p for c, a in outcome.refuted for p in self.membership.count_refuted_claim(c, a, ctx.step)]
             if outcome.aggregate is not None:
                 self._round_metrics = {
                     "clipped": outcome.stats.get("clipped", 0.0),
@@ -504,6 +533,8 @@ class BTARDStrategy(ParallelStrategy):
             contributors=contributors,
             batch_idx=self._batch_idx,
             directions=self.round_config.directions,
+            micro_batches=self._step_micro,
+            grad_scale=self._grad_scale(),
             direction_cache=list(outcome.directions),
         )
         record.assignments = assign_validators(outcome.seed, active, self.validators, contributors)

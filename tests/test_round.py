@@ -130,20 +130,23 @@ def test_unprovable_claim_is_settled_by_publication_without_bans() -> None:
     _, outcomes = run({2: UnprovableClaim()})
     for o in honest_outcomes(outcomes, {2}):
         assert o.bans == [] and o.aggregate is not None
-        assert o.refuted == [2]  # counted against the claimant
+        assert o.refuted == [(2, 0)]  # counted against the pair: claimant 2, accused 0
 
 
-def test_repeated_refuted_claims_ban_the_claimant_past_the_limit() -> None:
+def test_repeated_refuted_claims_between_two_peers_ban_both_past_the_limit() -> None:
+    """Either side may be the Byzantine one (a claimant keeping the board busy, or a sender that keeps sending
+    garbage and publishing valid copies afterwards to frame it): banning the pair keeps the honest majority."""
     from lightning_btard.protocol.membership import Membership
 
     membership = Membership(peers=list(range(N)), max_refuted_claims=3)
     for round_index in range(4):
         _, outcomes = run({2: UnprovableClaim()}, seed=round_index)
         refuted = honest_outcomes(outcomes, {2})[0].refuted
-        banned = [p for p in refuted if membership.count_refuted_claim(p, step=round_index)]
-        assert banned == ([] if round_index < 3 else [2])
-    assert [(b.peer, b.step, b.evidence) for b in membership.bans] == [(2, 3, "missing-record")]
-    assert "4 unprovable claims" in membership.bans[0].reason
+        banned = [p for c, a in refuted for p in membership.count_refuted_claim(c, a, step=round_index)]
+        assert banned == ([] if round_index < 3 else [2, 0])
+    assert [(b.peer, b.step, b.evidence) for b in membership.bans] == [(2, 3, "missing-record"), (0, 3, "missing-record")]
+    assert "4 unprovable claims by peer 2 against peer 0" in membership.bans[0].reason
+    assert membership.count_refuted_claim(1, 3, step=4) == []  # other pairs have their own count
 
 
 class NeverRepublish(Behaviour):

@@ -229,3 +229,19 @@ def test_verified_training_resumes_from_a_checkpoint(tmp_path) -> None:
     for m in survivors_of(tmp_path / "b", 3, []):
         assert m["bans"] == [] and m["global_step"] == 12 and m["batches"] == 6
         assert m["metrics"]["btard/validations"] >= 1.0
+
+
+@pytest.mark.timeout(400)
+def test_accumulation_with_short_epoch_ends_bans_nobody_and_still_catches_an_attacker(tmp_path) -> None:
+    """accumulate=3 over 16 batches per epoch: every 6th step has one micro-batch (Lightning steps at an epoch's
+    end); 2 of 4 peers validate every step across those steps, and a sign-flipper is still caught."""
+    out = run_script(
+        "train_tiny.py",
+        [str(tmp_path), "--devices", "4", "--steps", "45", "--verify", "--validators", "2", "--accumulate", "3",
+         "--dropout", "0.2", "--attack", "SignFlipping", "--byzantine", "3", "--attack-start", "20"],
+        timeout=360,
+    )
+    assert "this peer (rank 3) was banned" in out.stdout
+    for m in survivors_of(tmp_path, 4, [3]):
+        assert [(b["peer"], b["evidence"]) for b in m["bans"]] == [(3, "recomputation")]
+        assert min(b["step"] for b in m["bans"]) > 20 and m["global_step"] == 45

@@ -34,9 +34,11 @@ class Membership:
     bans: list[Ban] = field(default_factory=list)
     generation: int = 0
     max_refuted_claims: int = 3
-    """Unprovable claims ("you sent me nothing valid") a peer may raise that the accused then refutes by
-    publishing a valid copy; one more bans the claimant (it costs everybody a board round each time)."""
-    refuted: dict[int, int] = field(default_factory=dict)
+    """Unprovable claims ("you sent me nothing valid") one peer may raise against another that the accused then
+    refutes by publishing a valid copy; one more bans *both*: either may be the Byzantine one (a claimant that
+    keeps the board busy, or a sender that keeps sending garbage and then publishing), and banning the pair
+    keeps the honest majority."""
+    refuted: dict[tuple[int, int], int] = field(default_factory=dict)
 
     @property
     def banned(self) -> set[int]:
@@ -58,9 +60,12 @@ class Membership:
         self.generation += 1
         return True
 
-    def count_refuted_claim(self, peer: int, step: int) -> bool:
-        """Record that ``peer``'s unprovable claim was refuted; ban it past the limit (returns whether it was banned)."""
-        self.refuted[peer] = self.refuted.get(peer, 0) + 1
-        if self.refuted[peer] <= self.max_refuted_claims:
-            return False
-        return self.ban(peer, step, f"raised {self.refuted[peer]} unprovable claims that the accused refuted", "missing-record")
+    def count_refuted_claim(self, claimant: int, accused: int, step: int) -> list[int]:
+        """Record that ``claimant``'s unprovable claim against ``accused`` was refuted; past the limit ban both.
+        Returns the peers banned by this call."""
+        key = (claimant, accused)
+        self.refuted[key] = self.refuted.get(key, 0) + 1
+        if self.refuted[key] <= self.max_refuted_claims:
+            return []
+        reason = f"{self.refuted[key]} unprovable claims by peer {claimant} against peer {accused}, each refuted: both banned"
+        return [p for p in (claimant, accused) if self.ban(p, step, reason, "missing-record")]

@@ -23,6 +23,7 @@ recomputation (steps 8-9) is in ``validation.py``: it reads the projections ``p`
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -100,8 +101,8 @@ class RoundOutcome:
     sizes: list[int] = field(default_factory=list)
     directions: list[Tensor] = field(default_factory=list)
     """The round's secret directions per part (valid until the next round: reused buffers)."""
-    refuted: list[int] = field(default_factory=list)
-    """Peers whose unprovable claims the accused refuted with a valid copy (one entry per claim)."""
+    refuted: list[tuple[int, int]] = field(default_factory=list)
+    """``(claimant, accused)`` for every unprovable claim the accused refuted with a valid copy."""
 
 
 def _sig_tensor(sig: bytes) -> Tensor:
@@ -125,6 +126,17 @@ def _unpack(message: list[Any]) -> tuple[Optional[Tensor], bytes]:
     if len(message) != 2 or not isinstance(message[0], Tensor) or not isinstance(message[1], Tensor):
         return None, b""
     return message[0], bytes(message[1].to(torch.uint8).flatten().tolist())
+
+
+def _well_formed_numbers(nums: Any, n: int, k: int) -> bool:
+    """``n`` entries of ``[s (k finite floats), norm (finite float), p (k finite floats)]``."""
+
+    def floats(xs: Any, count: int) -> bool:
+        return isinstance(xs, list) and len(xs) == count and all(isinstance(x, float) and math.isfinite(x) for x in xs)
+
+    return isinstance(nums, list) and len(nums) == n and all(
+        isinstance(e, list) and len(e) == 3 and floats(e[0], k) and floats([e[1]], 1) and floats(e[2], k) for e in nums
+    )
 
 
 def _close(published: Sequence[float], recomputed: Sequence[float], rtol: float, scale: float) -> bool:
@@ -161,7 +173,7 @@ class _Round:
         self.part_hashes: list[bytes] = []
         self.numbers: list[list] = []
         self.directions: list[Tensor] = []
-        self.refuted: list[int] = []
+        self.refuted: list[tuple[int, int]] = []
 
     # ------------------------------------------------------------------ helpers
     def ban(self, member: int, reason: str, evidence: str) -> None:
@@ -292,7 +304,8 @@ class _Round:
         for i, entry in enumerate(board):
             try:
                 nums, sig = entry
-                ok = len(nums) == self.n and verify_signature(self.keys[i], _numbers_statement(self.step, self.peers[i], nums), sig)
+                ok = _well_formed_numbers(nums, self.n, self.config.directions)
+                ok = ok and verify_signature(self.keys[i], _numbers_statement(self.step, self.peers[i], nums), sig)
             except (TypeError, ValueError):
                 ok, nums = False, None
             self.numbers.append(nums)
@@ -398,7 +411,7 @@ class _Round:
             if not valid:
                 self.ban(accused, f"{kind}: no valid copy published when disputed", "missing-record")
             else:
-                self.refuted.append(self.peers[accuser])
+                self.refuted.append((self.peers[accuser], self.peers[accused]))
 
 
 def verified_round(

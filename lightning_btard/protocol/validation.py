@@ -22,10 +22,12 @@ import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch import Tensor
 
+from lightning_btard.ops.finite import all_finite
 from lightning_btard.ops.projection import accurate_dots, random_directions
 from lightning_btard.ops.workspace import Workspace
 from lightning_btard.protocol.digest import digest
@@ -58,6 +60,10 @@ class StepRecord:
     batch_idx: int = 0
     """Lightning's ``batch_idx`` of the step's first micro-batch (the same on every peer)."""
     directions: int = 2
+    micro_batches: int = 1
+    """Micro-batches the step had (an epoch's last step may have fewer than the accumulation)."""
+    grad_scale: Optional[float] = None
+    """The fp16 loss scale of the step, if any (a recomputation scales its loss the same way)."""
     assignments: list[Assignment] = field(default_factory=list)
     """The validators of the *next* step, drawn from this step's seed."""
     direction_cache: list[Tensor] = field(default_factory=list)
@@ -129,7 +135,7 @@ def resolve_validations(
     protocol violation and bans its author); each accused target is recomputed once."""
     board = transport.all_gather_object(list(claims))
     assigned = set(record.assignments)
-    verdicts: dict[int, bool] = {}
+    verdicts: dict[int, Optional[bool]] = {}
     bans: dict[int, Ban] = {}
 
     def ban(peer: int, reason: str, evidence: str) -> None:
@@ -147,7 +153,11 @@ def resolve_validations(
             if target not in peers:
                 continue
             if target not in verdicts:
-                verdicts[target] = check.agrees(record, target, recompute(target))
+                recomputed = recompute(target)
+                # a recomputation that overflows decides nothing: nobody is banned for it
+                verdicts[target] = check.agrees(record, target, recomputed) if all_finite(recomputed) else None
+            if verdicts[target] is None:
+                continue
             if verdicts[target]:
                 ban(accuser, f"false accusation: peer {target}'s gradient of step {record.step} recomputes as published", "recomputation")
             else:
