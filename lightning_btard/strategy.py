@@ -139,6 +139,7 @@ class BTARDStrategy(ParallelStrategy):
         self._record: Optional[StepRecord] = None
         self._validating: Optional[int] = None
         self._swapped = False
+        self._recomputed_in_step = False
         self._micro = 0
         self._step_micro = 1
         self._batch_idx = 0
@@ -396,7 +397,7 @@ class BTARDStrategy(ParallelStrategy):
         claims: list[int] = []
         if self._validating is not None:
             # the fast path (no accumulation) already computed it as this step's gradient
-            mine = flat if self._swapped and record.micro_batches == 1 else recompute(self._validating)
+            mine = flat if self._recomputed_in_step and record.micro_batches == 1 else recompute(self._validating)
             agrees = self.validation_check.agrees(record, self._validating, mine) if all_finite(mine) else True
             claims = behaviour.validation_claims(ctx.step, self._validating, agrees)
             self._validation_metrics["validation_agreed"] = float(agrees)
@@ -448,6 +449,7 @@ class BTARDStrategy(ParallelStrategy):
         params = trainable_params(optimizer.param_groups)
         numel = sum(p.numel() for p in params)
         flat = flatten_grads(params, out=self._buffers.get("flat", (numel,), torch.float32, self.root_device))
+        self._recomputed_in_step = self._swapped  # this step's gradient is the validator's recomputation
         if self._swapped and self._recomputer is not None:
             self._recomputer.restore(params)  # the recomputation ran on x_{t-1}; this step updates x_t
             self._swapped = False
