@@ -195,6 +195,7 @@ def test_resnet18_with_batch_norm_and_augmentation_bans_nobody(tmp_path) -> None
     cmd = [
         sys.executable, "-m", "lightning_btard.cli", "fit", "--config", str(ROOT / "configs" / "resnet18_cifar10.yaml"),
         "--trainer.devices=4", "--trainer.max_steps=10", "--trainer.limit_val_batches=0", "--trainer.logger=false",
+        f"--trainer.default_root_dir={tmp_path}",  # the CLI saves its config.yaml there, not in the checkout
         "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
         "--trainer.strategy.init_args.validators=3", f"--data.data_dir={data}", "--data.download=false", "--data.augment=true",
     ]
