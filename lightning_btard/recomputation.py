@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from lightning_btard.ops.partition import flatten_grads
-from lightning_btard.verifiable_batches import VerifiableCollate, VerifiableDataset, rebuild_batch, seeded_rngs, step_seed
+from lightning_btard.verifiable_batches import VerifiableCollate, VerifiableDataset, rebuild_batch, seeded_step
 
 __all__ = ["Recomputer", "TrainingData"]
 
@@ -59,6 +59,8 @@ class Recomputer:
         self._snapshots: dict[int, list[Tensor]] = {}  # step -> parameter copies (two buffers, reused)
         self._spare: list[list[Tensor]] = []
         self._stash: list[Tensor] = []
+        self.loaded = False
+        """Whether the parameters hold a kept copy (until :meth:`restore`)."""
 
     # ------------------------------------------------------------- parameter copies
     def snapshot(self, step: int, params: Sequence[Tensor]) -> None:
@@ -75,22 +77,29 @@ class Recomputer:
 
     def load(self, step: int, params: Sequence[Tensor]) -> None:
         """Put ``x_step`` into the parameters, keeping the current values to :meth:`restore`."""
+        if self.loaded:
+            raise RuntimeError("kept parameters are already loaded: restore them first")
         if not self._stash:
             self._stash = [torch.empty_like(p) for p in params]
         with torch.no_grad():
             torch._foreach_copy_(self._stash, [p.detach() for p in params])
             for p, s in zip(params, self._snapshots[step]):
                 p.copy_(s)
+        self.loaded = True
 
     def restore(self, params: Sequence[Tensor]) -> None:
+        """Put back the parameters :meth:`load` replaced (nothing to do if none are loaded)."""
+        if not self.loaded:
+            return
         with torch.no_grad():
             for p, s in zip(params, self._stash):
                 p.copy_(s)
+        self.loaded = False
 
     # ------------------------------------------------------------- the step itself
     def seeded(self, step: int, peer: int, micro: int) -> contextlib.AbstractContextManager:
         """The random draws of peer ``peer``'s training step ``step`` (micro-batch ``micro``)."""
-        return seeded_rngs(step_seed(self.run_seed, step, peer, micro), self.devices)
+        return seeded_step(self.run_seed, step, peer, micro, self.devices)
 
     def batch(self, module: "pl.LightningModule", step: int, peer: int, micro: int) -> Any:
         """Peer ``peer``'s micro-batch of ``step``, on the module's device (through its batch-transfer hooks)."""

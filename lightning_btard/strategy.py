@@ -55,7 +55,7 @@ from lightning_btard.recomputation import Recomputer, TrainingData
 from lightning_btard.transports.base import Transport
 from lightning_btard.transports.torch_distributed import TorchDistributedTransport
 from lightning_btard.errors import UserError
-from lightning_btard.verifiable_batches import seeded_rngs, step_seed, verifiable_loader
+from lightning_btard.verifiable_batches import seeded_step, verifiable_loader
 
 __all__ = ["BTARDStrategy"]
 
@@ -138,8 +138,8 @@ class BTARDStrategy(ParallelStrategy):
         self._recomputer: Optional[Recomputer] = None
         self._record: Optional[StepRecord] = None
         self._validating: Optional[int] = None
-        self._swapped = False
-        self._recomputed_in_step = False
+        self._fast_path = False
+        """This step's own gradient is the validator's recomputation (no accumulation; see ``_begin_step``)."""
         self._micro = 0
         self._step_micro = 1
         self._batch_idx = 0
@@ -324,8 +324,8 @@ class BTARDStrategy(ParallelStrategy):
         self._micro += 1
         if micro == 0 and self._recomputer is not None:
             self._begin_step(step, args[1] if len(args) > 1 else kwargs.get("batch_idx", 0))
-        if not self._swapped:
-            with seeded_rngs(step_seed(self._run_seed, step, self.global_rank, micro), [self.root_device]):
+        if not self._fast_path:
+            with seeded_step(self._run_seed, step, self.global_rank, micro, [self.root_device]):
                 return super().training_step(*args, **kwargs)
         assert self._record is not None and self._recomputer is not None and self._validating is not None
         try:
@@ -334,7 +334,6 @@ class BTARDStrategy(ParallelStrategy):
                 return super().training_step(batch, self._record.batch_idx + micro)
         except BaseException:
             self._recomputer.restore(self._params())
-            self._swapped = False
             raise
 
     def _begin_step(self, step: int, batch_idx: int) -> None:
@@ -354,31 +353,35 @@ class BTARDStrategy(ParallelStrategy):
         params = self._params()
         self._recomputer.snapshot(step, params)
         self._batch_idx = int(batch_idx)
-        self._validating, self._swapped = None, False
-        record = self._record
-        if record is not None and record.step == step - 1 and self._recomputer.has(record.step):
+        self._validating, self._fast_path = None, False
+        record = self._previous_record(step)
+        if record is not None and self._recomputer.has(record.step):
             mine = [a.target for a in record.assignments if a.validator == self.global_rank]
             if mine:
                 self._validating = mine[0]
-                self._swapped = self._recomputer.accumulate == 1
-                if self._swapped:
+                self._fast_path = self._recomputer.accumulate == 1
+                if self._fast_path:
                     self._recomputer.load(record.step, params)
 
     def _params(self) -> list[torch.nn.Parameter]:
         return trainable_params(self.optimizers[0].param_groups)
 
+    def _previous_record(self, step: int) -> Optional[StepRecord]:
+        """The record of step ``step - 1``, which ``step``'s validators check (none after a skipped step or a resume)."""
+        return self._record if self._record is not None and self._record.step == step - 1 else None
+
     def _validators_now(self, step: int) -> set[int]:
         """The peers that validate (and contribute weight 0) in ``step``: public, from the previous step's seed."""
-        record = self._record
-        return {a.validator for a in record.assignments} if record is not None and record.step == step - 1 else set()
+        record = self._previous_record(step)
+        return {a.validator for a in record.assignments} if record is not None else set()
 
     def _resolve_validations(self, flat: Tensor, ctx: AttackContext, behaviour: Behaviour) -> None:
         """Publish this validator's verdict and judge every accusation (by recomputing); apply the bans."""
         assert self.transport is not None and self.membership is not None and self._recomputer is not None
-        record = self._record
+        record = self._previous_record(ctx.step)
         self._validation_metrics = {}
         started = time.perf_counter()
-        if record is None or record.step != ctx.step - 1 or not record.assignments:
+        if record is None or not record.assignments:
             return
         module, params = self.lightning_module, self._params()
         assert module is not None
@@ -396,8 +399,8 @@ class BTARDStrategy(ParallelStrategy):
 
         claims: list[int] = []
         if self._validating is not None:
-            # the fast path (no accumulation) already computed it as this step's gradient
-            mine = flat if self._recomputed_in_step and record.micro_batches == 1 else recompute(self._validating)
+            # on the fast path (no accumulation) this step's gradient is the recomputation
+            mine = flat if self._fast_path else recompute(self._validating)
             agrees = self.validation_check.agrees(record, self._validating, mine) if all_finite(mine) else True
             claims = behaviour.validation_claims(ctx.step, self._validating, agrees)
             self._validation_metrics["validation_agreed"] = float(agrees)
@@ -415,7 +418,7 @@ class BTARDStrategy(ParallelStrategy):
         """Record bans; a banned peer leaves, the others continue in a group of the remaining peers."""
         assert self.membership is not None
         for ban in bans:
-            if self.membership.ban(ban.peer, ban.step, ban.reason, ban.evidence) or ban in self.membership.bans:
+            if self.membership.ban(ban.peer, ban.step, ban.reason, ban.evidence):
                 log.warning("BTARD: banned peer %d at step %d: %s (%s)", ban.peer, ban.step, ban.reason, ban.evidence)
         if self.global_rank in self.membership.banned:
             self._leave()
@@ -449,10 +452,8 @@ class BTARDStrategy(ParallelStrategy):
         params = trainable_params(optimizer.param_groups)
         numel = sum(p.numel() for p in params)
         flat = flatten_grads(params, out=self._buffers.get("flat", (numel,), torch.float32, self.root_device))
-        self._recomputed_in_step = self._swapped  # this step's gradient is the validator's recomputation
-        if self._swapped and self._recomputer is not None:
-            self._recomputer.restore(params)  # the recomputation ran on x_{t-1}; this step updates x_t
-            self._swapped = False
+        if self._recomputer is not None:
+            self._recomputer.restore(params)  # a fast-path recomputation ran on x_{t-1}; this step updates x_t
         scale = self._grad_scale()
         if scale is not None:
             flat.div_(scale)
@@ -503,8 +504,10 @@ class BTARDStrategy(ParallelStrategy):
                 self.round_config, behaviour, weights, out=self._buffers.get("aggregate", (sent.numel(),), torch.float32, sent.device),
             )
             # the limit on unprovable claims between two peers: past it both are banned (the round itself stands)
-            limited = [p for c, a in outcome.refuted for p in self.membership.count_refuted_claim(c, a, ctx.step)]
+            limited = [b for c, a in outcome.refuted for b in self.membership.count_refuted_claim(c, a, ctx.step)]
             if outcome.aggregate is not None:
+                if limited:
+                    self._apply_bans(limited)
                 self._round_metrics = {
                     "clipped": outcome.stats.get("clipped", 0.0),
                     "cc_iterations": outcome.stats.get("iterations", 0.0),
@@ -515,11 +518,9 @@ class BTARDStrategy(ParallelStrategy):
                     **self._validation_metrics,
                 }
                 self._remember(ctx.step, active, weights, outcome)
-                if limited:
-                    self._apply_bans([b for b in self.membership.bans if b.peer in limited])
                 return outcome.aggregate.to(sent.device)
             retries += 1
-            self._apply_bans(outcome.bans)
+            self._apply_bans(outcome.bans + limited)
 
     def _remember(self, step: int, active: list[int], weights: list[float], outcome: Any) -> None:
         """What the next step's validators check: this round's published projections and the next validators."""

@@ -34,6 +34,7 @@ __all__ = [
     "batch_keys",
     "rebuild_batch",
     "seeded_rngs",
+    "seeded_step",
     "step_seed",
     "verifiable_loader",
 ]
@@ -72,6 +73,13 @@ def seeded_rngs(seed: int, devices: Optional[list[torch.device]] = None) -> Iter
 def step_seed(run_seed: int, step: int, peer: int, micro: int = 0) -> int:
     """The seed of the random draws of peer ``peer``'s training step ``step`` (micro-batch ``micro``)."""
     return _seed("step", run_seed, step, peer, micro)
+
+
+def seeded_step(
+    run_seed: int, step: int, peer: int, micro: int = 0, devices: Optional[list[torch.device]] = None
+) -> contextlib.AbstractContextManager:
+    """The RNGs of peer ``peer``'s training step ``step`` (micro-batch ``micro``): what dropout draws from."""
+    return seeded_rngs(step_seed(run_seed, step, peer, micro), devices)
 
 
 def batch_keys(dataset_len: int, batch_size: int, run_seed: int, step: int, peer: int, micro: int = 0) -> list[SampleKey]:

@@ -60,12 +60,12 @@ class Membership:
         self.generation += 1
         return True
 
-    def count_refuted_claim(self, claimant: int, accused: int, step: int) -> list[int]:
-        """Record that ``claimant``'s unprovable claim against ``accused`` was refuted; past the limit ban both.
-        Returns the peers banned by this call."""
+    def count_refuted_claim(self, claimant: int, accused: int, step: int) -> list[Ban]:
+        """Record that ``claimant``'s unprovable claim against ``accused`` was refuted. Returns the bans this
+        calls for (both peers, past the limit), for the caller to apply with :meth:`ban` like any other."""
         key = (claimant, accused)
         self.refuted[key] = self.refuted.get(key, 0) + 1
         if self.refuted[key] <= self.max_refuted_claims:
             return []
         reason = f"{self.refuted[key]} unprovable claims by peer {claimant} against peer {accused}, each refuted: both banned"
-        return [p for p in (claimant, accused) if self.ban(p, step, reason, "missing-record")]
+        return [Ban(p, step, reason, "missing-record") for p in (claimant, accused) if self.is_active(p)]

@@ -186,9 +186,10 @@ class _Round:
         return self.t.all_gather_object((record, self.identity.sign(statement)))
 
     def outcome(self, aggregate: Optional[Tensor] = None, seed: Optional[bytes] = None, **stats: float) -> RoundOutcome:
-        outcome = RoundOutcome(None if self.bans else aggregate, list(self.bans.values()), seed, dict(stats))
-        outcome.refuted = list(self.refuted)
-        return outcome
+        return RoundOutcome(
+            None if self.bans else aggregate, list(self.bans.values()), seed, dict(stats),
+            numbers=self.numbers, sizes=self.sizes, directions=self.directions, refuted=list(self.refuted),
+        )
 
     # ------------------------------------------------------------------ phases
     def commit(self) -> None:
@@ -452,8 +453,4 @@ def verified_round(
         return r.outcome(**times)
     r.verify(seed)
     timed("verify")
-    outcome = r.outcome(
-        r.out, seed, clipped=float(r.result.clipped), iterations=float(r.result.iterations), **times
-    )
-    outcome.numbers, outcome.sizes, outcome.directions = r.numbers, r.sizes, r.directions
-    return outcome
+    return r.outcome(r.out, seed, clipped=float(r.result.clipped), iterations=float(r.result.iterations), **times)
