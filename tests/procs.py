@@ -1,7 +1,8 @@
-"""Running multi-process tests: free ports, timeouts, and no process left behind."""
+"""Running multi-process tests: free ports, timeouts, no process left behind, and reading what the ranks saved."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -9,7 +10,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
@@ -115,3 +116,22 @@ def run_ranks(script: str, world_size: int, args: Sequence[str] = (), *, timeout
         if p.returncode != 0:
             raise AssertionError(f"{script} rank {r} exited with {p.returncode}:\n{out[-6000:]}")
     return outs
+
+
+def load_run(out_dir: Path, ranks: Union[int, Sequence[int]]) -> tuple[list[dict], list[dict]]:
+    """The final parameters and metrics ``tests/scripts/train_tiny.py`` saved for ``ranks`` (or ranks ``0..n-1``)."""
+    import torch
+
+    ranks = range(ranks) if isinstance(ranks, int) else ranks
+    params = [torch.load(out_dir / f"params{r}.pt") for r in ranks]
+    metrics = [json.loads((out_dir / f"metrics{r}.json").read_text()) for r in ranks]
+    return params, metrics
+
+
+def assert_identical(params: list[dict]) -> None:
+    """Every peer's parameters equal, bit for bit."""
+    import torch
+
+    for other in params[1:]:
+        for name, value in params[0].items():
+            assert torch.equal(value, other[name]), name

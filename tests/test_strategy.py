@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -11,19 +10,7 @@ from pytorch_lightning.strategies import StrategyRegistry
 
 from lightning_btard import BTARDStrategy
 from lightning_btard.aggregators import AggregationResult
-from procs import run_script
-
-
-def load_run(out_dir, n):
-    params = [torch.load(out_dir / f"params{r}.pt") for r in range(n)]
-    metrics = [json.loads((out_dir / f"metrics{r}.json").read_text()) for r in range(n)]
-    return params, metrics
-
-
-def assert_identical(params):
-    for other in params[1:]:
-        for name, value in params[0].items():
-            assert torch.equal(value, other[name]), name
+from procs import assert_identical, load_run, run_script
 
 
 @pytest.mark.timeout(300)
@@ -138,9 +125,7 @@ def test_verified_training_bans_a_protocol_attacker_which_leaves_cleanly(tmp_pat
     )
     assert "this peer (rank 2) was banned at step 3" in out.stdout
     assert not (tmp_path / "metrics2.json").exists()  # it left before the end, with exit code 0
-    survivors = [0, 1, 3]
-    params = [torch.load(tmp_path / f"params{r}.pt") for r in survivors]
-    metrics = [json.loads((tmp_path / f"metrics{r}.json").read_text()) for r in survivors]
+    params, metrics = load_run(tmp_path, [0, 1, 3])
     assert_identical(params)
     for m in metrics:
         assert [(b["peer"], b["step"]) for b in m["bans"]] == [(2, 3)]

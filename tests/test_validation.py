@@ -14,7 +14,7 @@ from lightning_btard.ops.projection import accurate_dots, random_directions
 from lightning_btard.protocol.validation import Assignment, StepRecord, ValidationCheck, assign_validators, resolve_validations
 from lightning_btard.transports import run_peers
 from datamodules import write_synthetic_cifar10
-from procs import ROOT, run_command, run_script
+from procs import ROOT, assert_identical, load_run, run_command, run_script
 
 SEED = b"\x07" * 32
 
@@ -127,11 +127,9 @@ def test_accusing_outside_the_assignment_bans_without_recomputing() -> None:
 
 # ---------------------------------------------------------------------------------------------- under Lightning
 def survivors_of(out_dir, n, banned):
-    survivors = [r for r in range(n) if r not in banned]
-    params = [torch.load(out_dir / f"params{r}.pt") for r in survivors]
-    metrics = [json.loads((out_dir / f"metrics{r}.json").read_text()) for r in survivors]
-    for other in params[1:]:
-        assert all(torch.equal(v, other[k]) for k, v in params[0].items())
+    """The survivors' metrics, after checking that their parameters are identical."""
+    params, metrics = load_run(out_dir, [r for r in range(n) if r not in banned])
+    assert_identical(params)
     return metrics
 
 

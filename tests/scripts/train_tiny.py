@@ -13,7 +13,6 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from lightning_btard import BTARDStrategy
-from lightning_btard.attacks.base import Attack
 
 p = argparse.ArgumentParser()
 p.add_argument("out_dir")
