@@ -28,14 +28,20 @@ def load_tokenizer(name_or_path: str) -> Any:
     from transformers import AlbertTokenizerFast
 
     try:
-        return AlbertTokenizerFast.from_pretrained(name_or_path)
+        tokenizer = AlbertTokenizerFast.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
-        raise FileNotFoundError(
-            f"could not load the ALBERT tokenizer {name_or_path!r} ({type(e).__name__}: {str(e).splitlines()[0]}). "
-            f"Online, the hub's {ALBERT_HUB_TOKENIZER!r} is downloaded once into the Hugging Face cache. Offline, either "
-            "point tokenizer= at a directory holding it (AlbertTokenizerFast.save_pretrained), or set "
-            "train_tokenizer=true to train a SentencePiece-style Unigram tokenizer on the corpus (not albert-large-v2's)."
-        ) from None
+        problem = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+    else:
+        # transformers 5 does not fail when the files cannot be found: it returns a tokenizer of the special tokens alone
+        if len(tokenizer) > len(SPECIAL_TOKENS):
+            return tokenizer
+        problem = f"no vocabulary found, only {len(tokenizer)} special tokens"
+    raise FileNotFoundError(
+        f"could not load the ALBERT tokenizer {name_or_path!r} ({problem}). "
+        f"Online, the hub's {ALBERT_HUB_TOKENIZER!r} is downloaded once into the Hugging Face cache. Offline, either "
+        "point tokenizer= at a directory holding it (AlbertTokenizerFast.save_pretrained), or set "
+        "train_tokenizer=true to train a SentencePiece-style Unigram tokenizer on the corpus (not albert-large-v2's)."
+    )
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: Path) -> Any:

@@ -215,6 +215,7 @@ class WikiText103DataModule(pl.LightningDataModule):
         """Write the synthetic corpus or download the text, get the tokenizer and cache the instances (once per node)."""
         if self.hparams.synthetic:
             write_synthetic_wikitext(self.data_dir, n_train=self.hparams.synthetic_articles, n_valid=40, n_test=40)
+        self.source_key()  # missing text is reported before anything else
         raw = None
         if self.hparams.train_tokenizer and not (self._trained_tokenizer_dir() / "tokenizer.json").is_file():
             raw = self.raw_datasets()
