@@ -27,12 +27,12 @@ def test_part_sizes_cover_the_vector() -> None:
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5])
-def test_in_process_round_equals_partwise_centered_clip(n: int) -> None:
+def test_round_equals_partwise_centered_clip(n: int, peers) -> None:
     g = torch.Generator().manual_seed(n)
     inputs = torch.randn(n, 1003, generator=g)
     inputs[0] *= 300.0
     agg = resolve_aggregator("centered_clip", tau=0.5, eps=1e-7)
-    results = run_peers(n, lambda t: butterfly_aggregate(inputs[t.rank].clone(), t, agg))
+    results = peers(n, lambda t: butterfly_aggregate(inputs[t.rank].clone(), t, agg))
     expected = partwise_reference(inputs, 0.5)
     for value, stats in results:
         assert torch.equal(value, results[0][0])  # every peer holds the same bytes
@@ -41,12 +41,12 @@ def test_in_process_round_equals_partwise_centered_clip(n: int) -> None:
         assert float(stats.part_stats[:, 2].max()) <= 1e-7  # residual of every part
 
 
-def test_malformed_parts_are_excluded_not_aggregated() -> None:
+def test_malformed_parts_are_excluded_not_aggregated(peers) -> None:
     n = 4
     inputs = torch.randn(n, 40)
     inputs[2, 3] = float("nan")  # peer 2's part 0 is malformed
     agg = resolve_aggregator("mean")
-    results = run_peers(n, lambda t: butterfly_aggregate(inputs[t.rank].clone(), t, agg))
+    results = peers(n, lambda t: butterfly_aggregate(inputs[t.rank].clone(), t, agg))
     value, stats = results[0]
     sizes = part_sizes(40, n)
     assert torch.allclose(value[: sizes[0]], inputs[[0, 1, 3], : sizes[0]].mean(0))

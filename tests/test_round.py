@@ -29,7 +29,7 @@ def gradients(seed: int = 0) -> torch.Tensor:
     return torch.randn(D, generator=g) * 0.05 + torch.randn(N, D, generator=g) * 0.05
 
 
-def run(behaviours: dict[int, Behaviour], seed: int = 0):
+def run(behaviours: dict[int, Behaviour], seed: int = 0, peers=run_peers):
     grads = gradients(seed)
     ids = [Identity.generate() for _ in range(N)]
     keys = [i.public for i in ids]
@@ -38,10 +38,10 @@ def run(behaviours: dict[int, Behaviour], seed: int = 0):
         return verified_round(grads[t.rank].clone(), t, ids[t.rank], keys, list(range(N)), step=3,
                               config=RoundConfig(tau=TAU), behaviour=behaviours.get(t.rank))
 
-    return grads, run_peers(N, peer)
+    return grads, peers(N, peer)
 
 
-def run_until_clean(behaviours: dict[int, Behaviour], seed: int = 0, max_rounds: int = N):
+def run_until_clean(behaviours: dict[int, Behaviour], seed: int = 0, max_rounds: int = N, peers=run_peers):
     """Re-run the round without the banned peers until one completes (step 7); returns all bans and the last outcomes."""
     grads = gradients(seed)
     ids = [Identity.generate() for _ in range(N)]
@@ -54,7 +54,7 @@ def run_until_clean(behaviours: dict[int, Behaviour], seed: int = 0, max_rounds:
             return verified_round(grads[me].clone(), t, ids[me], keys, active, step=3,
                                   config=RoundConfig(tau=TAU), behaviour=behaviours.get(me))
 
-        outcomes = dict(zip(active, run_peers(len(active), peer)))
+        outcomes = dict(zip(active, peers(len(active), peer)))
         honest = [o for p, o in outcomes.items() if p not in behaviours]
         round_bans = {b.peer for b in honest[0].bans}
         assert all({b.peer for b in o.bans} == round_bans for o in honest)  # honest peers agree
@@ -75,8 +75,8 @@ def assert_banned(outcomes, byzantine: set[int], expected: set[int]):
         assert o.aggregate is None
 
 
-def test_honest_round_agrees_on_partwise_centered_clip() -> None:
-    grads, outcomes = run({})
+def test_honest_round_agrees_on_partwise_centered_clip(peers) -> None:
+    grads, outcomes = run({}, peers=peers)
     expected = torch.cat([centered_clip(torch.stack([split_parts(x, N)[j] for x in grads]), TAU) for j in range(N)])
     for o in outcomes:
         assert o.bans == [] and o.aggregate is not None
@@ -101,13 +101,13 @@ PROTOCOL_ATTACKS = {
 
 
 @pytest.mark.parametrize("attack", sorted(PROTOCOL_ATTACKS))
-def test_protocol_attack_bans_the_attacker_only(attack) -> None:
-    _, outcomes = run({3: PROTOCOL_ATTACKS[attack]()})
+def test_protocol_attack_bans_the_attacker_only(attack, peers) -> None:
+    _, outcomes = run({3: PROTOCOL_ATTACKS[attack]()}, peers=peers)
     assert_banned(outcomes, {3}, {3})
 
 
-def test_two_attackers_are_both_banned_over_retries_and_the_rest_agree() -> None:
-    bans, outcomes = run_until_clean({1: PROTOCOL_ATTACKS["wrong-aggregate"](), 4: PROTOCOL_ATTACKS["lying-numbers"]()})
+def test_two_attackers_are_both_banned_over_retries_and_the_rest_agree(peers) -> None:
+    bans, outcomes = run_until_clean({1: PROTOCOL_ATTACKS["wrong-aggregate"](), 4: PROTOCOL_ATTACKS["lying-numbers"]()}, peers=peers)
     assert sorted(bans) == [1, 4]
     aggregates = [o.aggregate for p, o in outcomes.items()]
     assert all(a is not None and torch.equal(a, aggregates[0]) for a in aggregates)
@@ -126,8 +126,8 @@ class UnprovableClaim(Behaviour):
         return honest + [("missing-part", 0, None)]
 
 
-def test_unprovable_claim_is_settled_by_publication_without_bans() -> None:
-    _, outcomes = run({2: UnprovableClaim()})
+def test_unprovable_claim_is_settled_by_publication_without_bans(peers) -> None:
+    _, outcomes = run({2: UnprovableClaim()}, peers=peers)
     for o in honest_outcomes(outcomes, {2}):
         assert o.bans == [] and o.aggregate is not None
         assert o.refuted == [(2, 0)]  # counted against the pair: claimant 2, accused 0
@@ -160,6 +160,6 @@ class NeverRepublish(Behaviour):
         return None
 
 
-def test_withheld_republication_bans_the_sender() -> None:
-    _, outcomes = run({4: NeverRepublish()})
+def test_withheld_republication_bans_the_sender(peers) -> None:
+    _, outcomes = run({4: NeverRepublish()}, peers=peers)
     assert_banned(outcomes, {4}, {4})

@@ -86,7 +86,8 @@ def test_the_comparison_uses_the_published_directions_not_fresh_ones() -> None:
     assert torch.allclose(accurate_dots(z, g[:600]), z.double() @ g[:600].double(), rtol=1e-6, atol=1e-6)
 
 
-def _resolve(claims_of: dict[int, list[int]], honest: dict[int, torch.Tensor], published: dict[int, torch.Tensor], assignments):
+def _resolve(claims_of: dict[int, list[int]], honest: dict[int, torch.Tensor], published: dict[int, torch.Tensor], assignments,
+             peers=run_peers):
     record = record_of(published, assignments=assignments)
     recomputed: list[list[int]] = [[] for _ in honest]
 
@@ -97,31 +98,31 @@ def _resolve(claims_of: dict[int, list[int]], honest: dict[int, torch.Tensor], p
 
         return resolve_validations(t, sorted(honest), claims_of.get(t.rank, []), record, recompute, ValidationCheck(), step=6)
 
-    bans = run_peers(len(honest), peer)
+    bans = peers(len(honest), peer)
     assert all(b == bans[0] for b in bans)  # every peer reaches the same verdict
     return {b.peer: b for b in bans[0]}, recomputed
 
 
-def test_a_guilty_target_is_banned_after_everybody_recomputes() -> None:
+def test_a_guilty_target_is_banned_after_everybody_recomputes(peers) -> None:
     honest = {p: torch.randn(800) for p in range(4)}
     published = {**honest, 2: -10 * honest[2]}
-    bans, recomputed = _resolve({1: [2]}, honest, published, [Assignment(1, 2)])
+    bans, recomputed = _resolve({1: [2]}, honest, published, [Assignment(1, 2)], peers=peers)
     assert list(bans) == [2] and bans[2].evidence == "recomputation" and "validated by peer 1" in bans[2].reason
     assert recomputed == [[2]] * 4
 
 
-def test_a_false_validation_accusation_bans_the_accuser() -> None:
+def test_a_false_validation_accusation_bans_the_accuser(peers) -> None:
     honest = {p: torch.randn(800) for p in range(4)}
-    bans, _ = _resolve({1: [2]}, honest, honest, [Assignment(1, 2)])
+    bans, _ = _resolve({1: [2]}, honest, honest, [Assignment(1, 2)], peers=peers)
     assert list(bans) == [1] and "false accusation" in bans[1].reason
 
 
-def test_accusing_outside_the_assignment_bans_without_recomputing() -> None:
+def test_accusing_outside_the_assignment_bans_without_recomputing(peers) -> None:
     honest = {p: torch.randn(800) for p in range(4)}
-    bans, recomputed = _resolve({3: [2]}, honest, honest, [Assignment(1, 2)])
+    bans, recomputed = _resolve({3: [2]}, honest, honest, [Assignment(1, 2)], peers=peers)
     assert list(bans) == [3] and "outside its validation assignment" in bans[3].reason
     assert recomputed == [[]] * 4
-    bans, _ = _resolve({}, honest, honest, [Assignment(1, 2)])  # nobody accuses: nothing happens
+    bans, _ = _resolve({}, honest, honest, [Assignment(1, 2)], peers=peers)  # nobody accuses: nothing happens
     assert bans == {}
 
 

@@ -1,0 +1,294 @@
+"""hivemind transport: the collectives over a group of independent peers, with no torch.distributed.
+
+Tensors go peer to peer over hivemind's P2P streaming RPC (:mod:`.hivemind_mailbox`); the public board
+(:meth:`all_gather_object`) is the DHT: each member writes its record under the collective's key in a
+subkey only its own RSA key can sign, and reads everyone's. Every collective has one deadline: a member
+that does not deliver by then makes the collective fail with :class:`TransportError` on every peer that
+waited for it (a round is all-or-nothing; the protocol decides what a missing peer means).
+
+A session names one transport instance (a group in a round); every member derives the same session
+and numbers its collectives in the same order, so messages of different rounds never mix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import msgpack
+import torch
+from hivemind.p2p import PeerID
+from torch import Tensor
+
+from lightning_btard.transports.base import Transport, TransportError
+from lightning_btard.transports.hivemind_mailbox import Malformed, Message, MessageServicer
+from lightning_btard.transports.hivemind_node import HivemindNode
+
+__all__ = ["HivemindTransport", "decode_record", "encode_record"]
+
+
+_TENSOR, _TUPLE = 1, 2
+_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16,
+                                                      torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)}
+
+
+def _pack_ext(obj: Any) -> msgpack.ExtType:
+    if isinstance(obj, Tensor):
+        t = obj.detach().to("cpu").contiguous()
+        raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        return msgpack.ExtType(_TENSOR, encode_record([str(t.dtype).removeprefix("torch."), list(t.shape), raw]))
+    if isinstance(obj, tuple):
+        return msgpack.ExtType(_TUPLE, encode_record(list(obj)))
+    raise TypeError(f"a board record cannot hold {type(obj).__name__}")
+
+
+def _unpack_ext(code: int, data: bytes) -> Any:
+    if code == _TUPLE:
+        return tuple(decode_record(data, strict=True))
+    if code == _TENSOR:
+        dtype, shape, raw = decode_record(data, strict=True)
+        t = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+        return t.view(_DTYPES[dtype]).reshape(shape).clone()
+    raise ValueError(f"unknown record extension {code}")
+
+
+def encode_record(obj: Any) -> bytes:
+    """A board record as bytes (msgpack): numbers, strings, bytes, None, tensors and lists/tuples/dicts of them."""
+    return msgpack.packb(obj, default=_pack_ext, use_bin_type=True, strict_types=True)
+
+
+def decode_record(data: bytes, strict: bool = False) -> Any:
+    """The inverse of :func:`encode_record` for untrusted bytes: plain data only, no code runs; ``None`` if the
+    bytes are not a record (``strict``: raise instead)."""
+    try:
+        return msgpack.unpackb(data, ext_hook=_unpack_ext, raw=False, strict_map_key=False)
+    except Exception:  # noqa: BLE001 - whatever a Byzantine writer put there, it is just not a record
+        if strict:
+            raise
+        return None
+
+
+class HivemindTransport(Transport):
+    """Collectives over ``members`` (libp2p peer ids, in the order every member agrees on).
+
+    Args:
+        node: this peer's :class:`HivemindNode` (``node.peer_id`` must be a member).
+        members: the group's peer ids, ordered.
+        session: bytes every member uses for this group and round (e.g. a hash of run, step and members).
+        timeout: seconds any one collective may take before the missing members are reported.
+        poll_interval: seconds between DHT reads while waiting for board records.
+    """
+
+    def __init__(self, node: HivemindNode, members: Sequence[PeerID], session: bytes, timeout: float = 60.0,
+                 poll_interval: float = 0.02) -> None:
+        self.node, self.members, self.session = node, list(members), bytes(session)
+        if node.peer_id not in self.members:
+            raise ValueError(f"peer {node.peer_id} is not a member of this group")
+        if len(set(self.members)) != len(self.members):
+            raise ValueError("a group lists a peer twice")
+        self._rank = self.members.index(node.peer_id)
+        self.timeout, self.poll_interval = timeout, poll_interval
+        self.seq = 0
+        self.bytes_sent = 0
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return len(self.members)
+
+    def _next(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def close(self) -> None:
+        """Forget this session's undelivered messages."""
+        self.node.run(self._close(), timeout=10)
+
+    async def _close(self) -> None:
+        self.node.mailbox.close(self.session)
+
+    # ---- tensors, peer to peer -------------------------------------------------------------------------
+    def _messages(self, sends: Sequence[Optional[Sequence[Tensor]]], sources: Sequence[int]) -> dict[int, Message]:
+        """Send ``sends[j]`` to member ``j`` (``None``: nothing) and return what each of ``sources`` sent us."""
+        seq = self._next()
+        self.bytes_sent += sum(t.numel() * t.element_size() for j, ts in enumerate(sends) if ts and j != self.rank for t in ts)
+        return self.node.run(self._exchange(seq, sends, sources), timeout=self.timeout + 5)
+
+    async def _exchange(self, seq: int, sends: Sequence[Optional[Sequence[Tensor]]], sources: Sequence[int]) -> dict[int, Message]:
+        p2p, mailbox = self.node.p2p, self.node.mailbox
+
+        deadline = time.monotonic() + self.timeout
+        errors: dict[int, BaseException] = {}
+
+        async def send(j: int) -> None:
+            # a stream can fail to open or break on the way (p2pd under load): retried until the deadline; the
+            # receiver keeps the first copy it gets
+            stub = MessageServicer.get_stub(p2p, self.members[j], namespace=self.node.namespace)
+            delay = 0.02
+            while True:
+                try:
+                    left = deadline - time.monotonic()
+                    await stub.rpc_push(MessageServicer.requests(self.session, seq, list(sends[j])), timeout=max(left, 0.01))
+                    return
+                except Exception as e:  # noqa: BLE001 - reported with the collective's failure
+                    errors[j] = e
+                    if time.monotonic() + delay >= deadline:
+                        raise
+                    await asyncio.sleep(delay)
+                    delay = min(2 * delay, 1.0)
+
+        async def receive(i: int) -> Message:
+            return await mailbox.receive(self.session, seq, self.members[i])
+
+        others = [i for i in sources if i != self.rank]
+        targets = [j for j, msgs in enumerate(sends) if msgs is not None and j != self.rank]
+        sending = [asyncio.ensure_future(send(j)) for j in targets]
+        receiving = {i: asyncio.ensure_future(receive(i)) for i in others}
+        tasks = [*sending, *receiving.values()]
+        done, pending = await asyncio.wait(tasks, timeout=self.timeout) if tasks else (set(), set())
+        for task in pending:
+            task.cancel()
+        unreached = [self.members[j] for j, task in zip(targets, sending) if task not in done or task.exception() is not None]
+        silent = [self.members[i] for i, task in receiving.items() if task not in done]
+        if unreached or silent:
+            raise TransportError(
+                f"collective {seq} of session {self.session.hex()[:12]}: no message within {self.timeout}s from "
+                f"{[str(p) for p in silent]}; could not deliver to {[str(p) for p in unreached]}"
+                + "".join(f"\n  {self.members[j]}: {e!r}" for j, e in errors.items() if self.members[j] in unreached)
+            )
+        out = {i: task.result() for i, task in receiving.items()}
+        if self.rank in sources:
+            out[self.rank] = [t.clone() for t in (sends[self.rank] or [])]
+        return out
+
+    def exchange(self, sends: Sequence[Sequence[Tensor]], recvs: Sequence[Sequence[Tensor]]) -> list[Optional[list[Any]]]:
+        messages = self._messages(sends, range(self.world_size))
+        malformed: list[Optional[list[Any]]] = []
+        for i in range(self.world_size):
+            msgs = messages[i]
+            good = not isinstance(msgs, Malformed) and len(msgs) == len(recvs[i]) and all(
+                dst.shape == src.shape and dst.dtype == src.dtype for dst, src in zip(recvs[i], msgs)
+            )
+            for dst, src in zip(recvs[i], msgs if good else []):
+                dst.copy_(src)
+            malformed.append(None if good else ([] if isinstance(msgs, Malformed) else list(msgs)))
+        return malformed
+
+    def _rows(self, messages: dict[int, Message], shape: torch.Size, dtype: torch.dtype, out: list[Tensor]) -> None:
+        """Copy each member's single tensor into ``out[i]``; a malformed one becomes NaN (left out by the aggregators)."""
+        for i, dst in enumerate(out):
+            msgs = messages[i]
+            if isinstance(msgs, Malformed) or len(msgs) != 1 or msgs[0].shape != shape or msgs[0].dtype != dtype:
+                dst.fill_(float("nan"))
+            else:
+                dst.copy_(msgs[0])
+
+    def scatter_parts(self, flat: Tensor, sizes: Sequence[int]) -> Tensor:
+        parts = list(torch.split(flat, list(sizes)))
+        messages = self._messages([[p] for p in parts], range(self.world_size))
+        out = torch.empty((self.world_size, sizes[self.rank]), dtype=flat.dtype, device=flat.device)
+        self._rows(messages, torch.Size([sizes[self.rank]]), flat.dtype, list(out.unbind(0)))
+        return out
+
+    def gather_parts(self, part: Tensor, sizes: Sequence[int], out: Optional[Tensor] = None) -> Tensor:
+        out = torch.empty(sum(sizes), dtype=part.dtype, device=part.device) if out is None else out
+        messages = self._messages([[part]] * self.world_size, range(self.world_size))
+        slots = list(torch.split(out, list(sizes)))
+        for i, slot in enumerate(slots):
+            self._rows({0: messages[i]}, slot.shape, part.dtype, [slot])
+        return out
+
+    def gather_parts_with_extra(
+        self, part: Tensor, extra: Tensor, sizes: Sequence[int], out: Optional[Tensor] = None
+    ) -> tuple[Tensor, Tensor]:
+        out = torch.empty(sum(sizes), dtype=part.dtype, device=part.device) if out is None else out
+        messages = self._messages([[part, extra]] * self.world_size, range(self.world_size))
+        extras = torch.empty((self.world_size, *extra.shape), dtype=extra.dtype, device=extra.device)
+        for i, (slot, e) in enumerate(zip(torch.split(out, list(sizes)), extras.unbind(0))):
+            msgs = messages[i]
+            ok = not isinstance(msgs, Malformed) and len(msgs) == 2 and msgs[0].shape == slot.shape \
+                and msgs[0].dtype == part.dtype and msgs[1].shape == e.shape and msgs[1].dtype == extra.dtype
+            slot.copy_(msgs[0]) if ok else slot.fill_(float("nan"))
+            e.copy_(msgs[1]) if ok else e.fill_(float("nan"))
+        return out, extras
+
+    def _well_formed(self, messages: dict[int, Message], like: Tensor) -> list[Tensor]:
+        rows = []
+        for i in sorted(messages):
+            msgs = messages[i]
+            if isinstance(msgs, Malformed) or len(msgs) != 1 or msgs[0].shape != like.shape or msgs[0].dtype != like.dtype:
+                raise TransportError(f"peer {self.members[i]} sent a malformed message where {tuple(like.shape)} {like.dtype} was due")
+            rows.append(msgs[0].to(like.device))
+        return rows
+
+    def all_reduce(self, tensor: Tensor, op: str = "sum") -> Tensor:
+        stacked = torch.stack(self._well_formed(self._messages([[tensor]] * self.world_size, range(self.world_size)), tensor))
+        return {"sum": stacked.sum(0), "max": stacked.amax(0), "min": stacked.amin(0)}[op]
+
+    def broadcast_tensor_(self, tensor: Tensor, src: int = 0) -> Tensor:
+        sends = [[tensor] if self.rank == src else None for _ in range(self.world_size)]
+        messages = self._messages(sends, [src])
+        if self.rank != src:
+            tensor.copy_(self._well_formed({src: messages[src]}, tensor)[0])
+        return tensor
+
+    def barrier(self) -> None:
+        self._messages([[]] * self.world_size, range(self.world_size))
+
+    # ---- the public board: DHT records ---------------------------------------------------------------
+    def _board_key(self, seq: int) -> str:
+        return f"btard/{self.session.hex()}/{seq}"
+
+    def _board(self, obj: Any, writers: Sequence[int], publish: bool) -> dict[int, Any]:
+        seq = self._next()
+        key = self._board_key(seq)
+        deadline = time.monotonic() + self.timeout
+        if publish:
+            self._publish(key, encode_record(obj), deadline)
+        wanted = {self.members[i]: i for i in writers}
+        found: dict[int, Any] = {}
+        while True:
+            for writer, value in self.node.get_owned(key).items():
+                if writer in wanted and wanted[writer] not in found:
+                    found[wanted[writer]] = decode_record(value)
+            if len(found) == len(wanted) or time.monotonic() > deadline:
+                break
+            time.sleep(self.poll_interval)
+        if len(found) < len(wanted):
+            missing = [str(self.members[i]) for i in writers if i not in found]
+            raise TransportError(f"board record {key}: nothing within {self.timeout}s from {missing}")
+        return found
+
+    def _publish(self, key: str, value: bytes, deadline: float) -> None:
+        """Store my record, retried until the deadline (a DHT store fails when no replica answers in time)."""
+        delay = 0.02
+        while not self.node.store(key, value, ttl=max(600.0, 4 * self.timeout)):
+            if time.monotonic() + delay > deadline:
+                raise TransportError(f"could not store board record {key} in the DHT within {self.timeout}s")
+            time.sleep(delay)
+            delay = min(2 * delay, 1.0)
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        found = self._board(obj, range(self.world_size), publish=True)
+        found[self.rank] = obj
+        return [found[i] for i in range(self.world_size)]
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        if self.rank == src:
+            self._board(obj, [], publish=True)
+            return obj
+        return self._board(None, [src], publish=False)[src]
+
+    def subgroup(self, members: Sequence[int]) -> Optional[Transport]:
+        chosen = sorted(set(members))
+        seq = self._next()  # every member calls subgroup in the same order, so all derive the same session
+        if self.rank not in chosen:
+            return None
+        session = hashlib.sha256(self.session + seq.to_bytes(8, "big") + bytes(str(chosen), "ascii")).digest()[:16]
+        return HivemindTransport(self.node, [self.members[m] for m in chosen], session, self.timeout, self.poll_interval)
