@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, Literal, Optional, Union
 
@@ -81,7 +81,16 @@ class BTARDStrategy(ParallelStrategy):
         validation_rtol: how far a recomputed gradient may be from the published one (relative, per part:
             float non-determinism across machines; attacks differ by far more).
         directions: secret random directions per part for the CenteredClip check (with ``verify``).
-        backend: the transport: ``"torch"`` (torch.distributed).
+        backend: the transport: ``"torch"`` (torch.distributed; Lightning launches one process per device) or
+            ``"hivemind"`` (peers that start on their own, one ``btard fit`` per device, anywhere; they find each
+            other through hivemind's DHT: see ``transports/hivemind*.py``).
+        initial_peers: (hivemind) multiaddresses of running peers; none for the first peer, which prints its own.
+        num_peers: (hivemind) how many peers train together; training starts when that many have joined ``run_id``.
+        run_id: (hivemind) the run's name in the DHT: peers with the same ``run_id`` form one group.
+        host_maddrs: (hivemind) where this peer listens (``/ip4/0.0.0.0/tcp/<port>`` to accept other machines).
+        announce_maddrs: (hivemind) the addresses other peers should dial, if not ``host_maddrs``.
+        identity_path: (hivemind) this peer's RSA key file (its peer id); made if missing; a fresh key if not given.
+        rendezvous_timeout: (hivemind) seconds to wait for ``num_peers`` peers to join.
         process_group_backend: ``"gloo"`` / ``"nccl"``; default by device.
         timeout: collective timeout.
         start_method: ``"popen"`` (a script re-launched per process, like Lightning's ``ddp``) or
@@ -101,7 +110,14 @@ class BTARDStrategy(ParallelStrategy):
         validators: int = 1,
         validation_rtol: float = 1e-3,
         directions: int = 2,
-        backend: Literal["torch"] = "torch",
+        backend: Literal["torch", "hivemind"] = "torch",
+        initial_peers: Sequence[str] = (),
+        num_peers: Optional[int] = None,
+        run_id: str = "btard",
+        host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
+        announce_maddrs: Optional[Sequence[str]] = None,
+        identity_path: Optional[str] = None,
+        rendezvous_timeout: float = 600.0,
         process_group_backend: Optional[str] = None,
         timeout: Union[float, timedelta] = 1800.0,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
@@ -118,8 +134,16 @@ class BTARDStrategy(ParallelStrategy):
             checkpoint_io=checkpoint_io,
             precision_plugin=precision_plugin,
         )
-        if backend != "torch":
-            raise UserError(f"unknown BTARD backend {backend!r}: this version supports backend='torch'")
+        if backend not in ("torch", "hivemind"):
+            raise UserError(f"unknown BTARD backend {backend!r}: use backend='torch' or backend='hivemind'")
+        if backend == "hivemind" and (num_peers is None or int(num_peers) < 1):
+            raise UserError("backend='hivemind' needs num_peers: how many peers (one process each) train together")
+        self._hivemind = dict(
+            initial_peers=list(initial_peers), num_peers=int(num_peers or 0), run_id=str(run_id),
+            host_maddrs=list(host_maddrs), announce_maddrs=list(announce_maddrs) if announce_maddrs else None,
+            identity_path=identity_path, rendezvous_timeout=float(rendezvous_timeout),
+        )
+        self._node: Any = None
         if check_params_every < 1:
             raise UserError(f"check_params_every must be >= 1, got {check_params_every}")
         self.tau = float(tau)
@@ -184,7 +208,7 @@ class BTARDStrategy(ParallelStrategy):
 
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        return {"num_replicas": self.num_nodes * self.num_processes, "rank": self.global_rank}
+        return {"num_replicas": self.world_size, "rank": self.global_rank}
 
     @property
     def process_group_backend(self) -> str:
@@ -192,7 +216,14 @@ class BTARDStrategy(ParallelStrategy):
 
     def _configure_launcher(self) -> None:
         assert self.cluster_environment is not None
-        if self._start_method == "popen":
+        if self.backend == "hivemind":
+            if self.num_processes != 1:
+                raise UserError(
+                    f"backend='hivemind' runs one device per process (got devices={self.num_processes}): start one "
+                    "`btard fit` per device, or use `python -m lightning_btard.swarm` to start several on this machine"
+                )
+            self._launcher = None
+        elif self._start_method == "popen":
             self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
         else:
             self._launcher = _MultiProcessingLauncher(self, start_method=self._start_method)
@@ -208,11 +239,14 @@ class BTARDStrategy(ParallelStrategy):
         reset_seed()
         self.set_world_ranks()
         assert self.cluster_environment is not None
-        kwargs: dict[str, Any] = {"timeout": self._timeout}
-        if self.root_device.type != "cpu":
-            kwargs["device_id"] = self.root_device
-        _init_dist_connection(self.cluster_environment, self.process_group_backend, **kwargs)
-        self.transport = TorchDistributedTransport()
+        if self.backend == "hivemind":
+            self.transport = self._join_swarm()
+        else:
+            kwargs: dict[str, Any] = {"timeout": self._timeout}
+            if self.root_device.type != "cpu":
+                kwargs["device_id"] = self.root_device
+            _init_dist_connection(self.cluster_environment, self.process_group_backend, **kwargs)
+            self.transport = TorchDistributedTransport()
         self.membership = Membership(peers=list(range(self.transport.world_size)))
         if self.verify:
             self._identity = Identity.generate()
@@ -220,6 +254,31 @@ class BTARDStrategy(ParallelStrategy):
             seed = os.environ.get("PL_GLOBAL_SEED")
             mine = int(seed) if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
             self._run_seed = int(self.transport.broadcast_object(mine, 0))
+
+    def _join_swarm(self) -> Transport:
+        """Start this peer's hivemind node, print its addresses, wait for the group; take the rank it gives us."""
+        from lightning_btard.transports.hivemind_node import HivemindNode
+        from lightning_btard.transports.hivemind_rendezvous import rendezvous
+
+        cfg = self._hivemind
+        self._node = HivemindNode(
+            initial_peers=cfg["initial_peers"], host_maddrs=cfg["host_maddrs"], announce_maddrs=cfg["announce_maddrs"],
+            identity_path=cfg["identity_path"],
+        )
+        print(
+            f"BTARD hivemind peer {self._node.peer_id} (run {cfg['run_id']!r}, waiting for {cfg['num_peers']} peers). "
+            f"Other peers join with:\n  --trainer.strategy.initial_peers=[{','.join(self._node.visible_maddrs)}]",
+            flush=True,
+        )
+        transport = rendezvous(self._node, cfg["run_id"], cfg["num_peers"], cfg["rendezvous_timeout"])
+        transport.timeout = self._timeout.total_seconds()
+        self._hivemind_members = list(transport.members)
+        assert self.cluster_environment is not None
+        self.cluster_environment.set_world_size(transport.world_size)
+        self.cluster_environment.set_global_rank(transport.rank)
+        rank_zero_only.rank = utils_rank_zero_only.rank = transport.rank
+        print(f"BTARD hivemind: {transport.world_size} peers joined; this peer is rank {transport.rank}", flush=True)
+        return transport
 
     def model_to_device(self) -> None:
         assert self.model is not None
@@ -555,6 +614,19 @@ class BTARDStrategy(ParallelStrategy):
         """A private process group of the remaining peers (only they call this: no stall on the banned)."""
         assert self.membership is not None
         active = self.membership.active
+        if self.backend == "hivemind":
+            from lightning_btard.transports.hivemind import HivemindTransport
+            from lightning_btard.transports.hivemind_rendezvous import session_of
+
+            members = [self._hivemind_members[p] for p in active]
+            old = self.transport
+            self.transport = HivemindTransport(
+                self._node, members, session_of(self._hivemind["run_id"], members, "bans", len(self.membership.bans)),
+                timeout=self._timeout.total_seconds(),
+            )
+            if old is not None:
+                old.close()  # type: ignore[attr-defined]
+            return
         group = dist.new_group(ranks=active, backend=self.process_group_backend, use_local_synchronization=True)
         self.transport = TorchDistributedTransport(group=group, ranks=active)
         # torchmetrics metrics sync over the default group (which holds the departed peer) unless told otherwise
@@ -584,7 +656,23 @@ class BTARDStrategy(ParallelStrategy):
         )
         sys.stdout.flush()
         sys.stderr.flush()
+        self._shutdown_node()
         os._exit(0)
+
+    def _shutdown_node(self) -> None:
+        if self._node is not None:
+            self._node.shutdown()
+            self._node = None
+
+    def teardown(self) -> None:
+        """Leave the swarm after the others have finished their last collective (their records stay readable)."""
+        if self._node is not None and self.transport is not None:
+            try:
+                self.transport.barrier()
+            except Exception as e:  # noqa: BLE001 - a peer gone at the end changes nothing for this one
+                log.warning("BTARD: final barrier failed (%s); leaving anyway", e)
+        self._shutdown_node()
+        super().teardown()
 
     @property
     def bans(self) -> list[Ban]:
@@ -653,12 +741,15 @@ class BTARDStrategy(ParallelStrategy):
         out = self.transport.all_reduce(tensor.float() if op == "mean" else tensor, "sum" if op == "mean" else op)
         return out / self.transport.world_size if op == "mean" else out
 
+    def _connected(self) -> bool:
+        return self.transport is not None and (self._node is not None or dist.is_initialized())
+
     def barrier(self, name: Optional[str] = None) -> None:
-        if self.transport is not None and dist.is_initialized():
-            self.transport.barrier()
+        if self._connected():
+            self.transport.barrier()  # type: ignore[union-attr]
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
-        if self.transport is None or not dist.is_initialized():
+        if not self._connected():
             return obj
         return self.transport.broadcast_object(obj, src)
 

@@ -16,6 +16,7 @@ import hashlib
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Coroutine, Sequence
 from typing import Any, Optional, TypeVar
 
@@ -100,19 +101,25 @@ class HivemindNode:
             _write_identity(identity_path, RSAPrivateKey())
         self.private_key = _read_identity(identity_path)
         self.validator = RSASignatureValidator(self.private_key)
-        try:
-            self.dht = DHT(
-                initial_peers=list(initial_peers) or None, start=True, host_maddrs=list(host_maddrs),
-                announce_maddrs=list(announce_maddrs) if announce_maddrs else None, identity_path=identity_path,
-                record_validators=[self.validator], startup_timeout=startup_timeout, await_ready=True,
-                # tests start several nodes from one process: they share a key file directory, not an identity
-                check_if_identity_free=False,
-            )
-        except (P2PDaemonError, RuntimeError, TimeoutError) as e:
-            raise TransportError(
-                f"could not start a hivemind node or reach initial_peers={list(initial_peers)}: {e}. Check the "
-                "multiaddresses (the first peer prints them) and that the port is reachable."
-            ) from e
+        deadline = time.monotonic() + startup_timeout
+        while True:  # peers may start in any order: the bootstrap peer may not be listening yet
+            try:
+                self.dht = DHT(
+                    initial_peers=list(initial_peers) or None, start=True, host_maddrs=list(host_maddrs),
+                    announce_maddrs=list(announce_maddrs) if announce_maddrs else None, identity_path=identity_path,
+                    record_validators=[self.validator], startup_timeout=startup_timeout, await_ready=True,
+                    # tests start several nodes from one process: they share a key file directory, not an identity
+                    check_if_identity_free=False,
+                )
+                break
+            except (P2PDaemonError, RuntimeError, TimeoutError) as e:
+                if time.monotonic() + 1.0 < deadline and "bootstrap" in str(e):
+                    time.sleep(1.0)
+                    continue
+                raise TransportError(
+                    f"could not start a hivemind node or reach initial_peers={list(initial_peers)}: {e}. Check the "
+                    "multiaddresses (the first peer prints them) and that the port is reachable."
+                ) from e
         self.peer_id: PeerID = self.dht.peer_id
         expected = peer_id_of_owner(self.owner)
         if expected != self.peer_id:

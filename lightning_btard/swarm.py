@@ -1,0 +1,163 @@
+"""Start N hivemind peers on this machine (loopback), some of them attackers, and collect their logs.
+
+    python -m lightning_btard.swarm --peers 4 --byzantine 3 --attack-config configs/attacks/sign_flipping.yaml \\
+        --attack-arg attack_start=20 -- --config configs/demo.yaml --trainer.max_steps=100
+
+Everything after ``--`` goes to every peer's ``btard fit``. Each peer is its own process with
+``BTARDStrategy(backend="hivemind")`` and one device; they find each other through the first peer's
+address, as peers on separate machines would. The peers' identity keys are made here first, so the rank
+each will get (the order of peer ids) is known, and ``--byzantine`` names ranks as on the torch backend.
+Every peer gets the same callbacks (an attack acts only on the ranks it names). Logs: ``RUN_DIR/peer<rank>.log``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Optional
+
+__all__ = ["main", "make_identities"]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_identities(run_dir: Path, n: int) -> list[tuple[Path, str]]:
+    """``n`` fresh identity files in ``run_dir``, in rank order, with their peer ids (base58)."""
+    from hivemind.p2p import PeerID
+
+    from lightning_btard.transports.hivemind_node import _write_identity
+    from lightning_btard.transports.hivemind_rendezvous import rank_order
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    made = []
+    for i in range(n):
+        path = run_dir / f"identity{i}.key"
+        if path.exists():
+            path.chmod(0o600)
+            path.unlink()
+        _write_identity(str(path), RSAPrivateKey())
+        made.append((PeerID.from_identity(path.read_bytes()), path))
+    by_id = dict(made)
+    ordered = rank_order(list(by_id))
+    out = []
+    for rank, peer in enumerate(ordered):
+        final = run_dir / f"peer{rank}.key"
+        if final.exists():
+            final.chmod(0o600)
+            final.unlink()
+        by_id[peer].rename(final)
+        out.append((final, peer.to_base58()))
+    return out
+
+
+def _peer_command(args: argparse.Namespace, rank: int, key: Path, port: int, first: str, run_id: str) -> list[str]:
+    cmd = [sys.executable, "-m", "lightning_btard.cli", "fit", *args.fit_args]
+    if args.attack_config:
+        cmd += ["--config", args.attack_config, f"--trainer.callbacks.byzantine=[{','.join(map(str, args.byzantine))}]"]
+        cmd += [f"--trainer.callbacks.{kv}" for kv in args.attack_arg]
+    cmd += [
+        "--trainer.devices=1",
+        "--trainer.strategy.backend=hivemind",
+        f"--trainer.strategy.num_peers={args.peers}",
+        f"--trainer.strategy.run_id={run_id}",
+        f"--trainer.strategy.identity_path={key}",
+        f"--trainer.strategy.host_maddrs=[/ip4/127.0.0.1/tcp/{port if rank == 0 else 0}]",
+        f"--trainer.strategy.rendezvous_timeout={args.timeout}",
+    ]
+    if rank > 0:
+        cmd.append(f"--trainer.strategy.initial_peers=[{first}]")
+    return cmd
+
+
+def _summary(run_dir: Path, n: int, codes: list[Optional[int]], byzantine: list[int]) -> str:
+    lines = [f"{n} hivemind peers, logs in {run_dir}/peer<rank>.log"]
+    for rank in range(n):
+        log = (run_dir / f"peer{rank}.log").read_text(errors="replace") if (run_dir / f"peer{rank}.log").exists() else ""
+        banned = re.search(r"BTARD: this peer \(rank \d+\) was banned at step (\d+)", log)
+        state = f"banned at step {banned.group(1)}" if banned else ("finished" if codes[rank] == 0 else f"exit code {codes[rank]}")
+        lines.append(f"  rank {rank}{' (attacker)' if rank in byzantine else ''}: {state}")
+    honest = [r for r in range(n) if r not in byzantine and codes[r] == 0]
+    if honest:
+        log = (run_dir / f"peer{honest[0]}.log").read_text(errors="replace")
+        found = re.search(r"BTARD: \d+ peer\(s\) banned during the run[.:](\n  step .*)*", log)
+        if found:
+            lines.append(f"ban list seen by rank {honest[0]}:")
+            lines.append(found.group(0))
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    fit_args: list[str] = []
+    if "--" in argv:
+        fit_args, argv = argv[argv.index("--") + 1 :], argv[: argv.index("--")]
+    p = argparse.ArgumentParser(prog="python -m lightning_btard.swarm", description=__doc__.split("\n\n")[0])
+    p.add_argument("--peers", type=int, required=True, help="how many peers (processes) to start")
+    p.add_argument("--byzantine", type=int, nargs="*", default=[], help="ranks the attack acts on")
+    p.add_argument("--attack-config", default=None, help="an attack YAML (configs/attacks/...) given to every peer")
+    p.add_argument("--attack-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="an argument of the attack, e.g. attack_start=100 (repeatable)")
+    p.add_argument("--run-dir", default=None, help="where keys and logs go (default runs/swarm-<id>)")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds before every peer is stopped")
+    args = p.parse_args(argv)
+    args.fit_args = fit_args
+    if args.peers < 1:
+        p.error("--peers must be >= 1")
+    if args.byzantine and not args.attack_config:
+        p.error("--byzantine needs --attack-config")
+    run_id = f"swarm-{uuid.uuid4().hex[:8]}"
+    run_dir = Path(args.run_dir or Path("runs") / run_id).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    keys = make_identities(run_dir, args.peers)
+    port = _free_port()
+    first = f"/ip4/127.0.0.1/tcp/{port}/p2p/{keys[0][1]}"
+    procs: list[subprocess.Popen] = []
+    logs = []
+    try:
+        for rank, (key, _) in enumerate(keys):
+            log = open(run_dir / f"peer{rank}.log", "w")
+            logs.append(log)
+            procs.append(subprocess.Popen(
+                _peer_command(args, rank, key, port, first, run_id), stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            ))
+        print(f"started {args.peers} peers (run {run_id}); first peer at {first}; logs in {run_dir}", flush=True)
+        deadline = time.monotonic() + args.timeout
+        while any(proc.poll() is None for proc in procs) and time.monotonic() < deadline:
+            failed = [r for r, proc in enumerate(procs) if proc.poll() not in (None, 0)]
+            if failed:  # the others would wait for it until their timeouts
+                print(f"peer(s) {failed} failed: stopping the others (see their logs)", flush=True)
+                break
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("interrupted: stopping the peers", flush=True)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            proc.wait()
+        for log in logs:
+            log.close()
+    codes = [proc.returncode for proc in procs]
+    print(_summary(run_dir, args.peers, codes, args.byzantine), flush=True)
+    honest_ok = all(codes[r] == 0 for r in range(args.peers) if r not in args.byzantine)
+    return 0 if honest_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""BTARD on the hivemind backend: peers that start on their own (``python -m lightning_btard.swarm``), find each
+other through the DHT, train the unchanged demo module, ban an attacker and end with identical parameters;
+misconfigurations fail with one clear message."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from datamodules import write_synthetic_cifar10
+from procs import ROOT, SCRIPTS, assert_identical, base_env, load_run, run_command
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory) -> Path:
+    return write_synthetic_cifar10(tmp_path_factory.mktemp("cifar"), n_train=1200, n_test=200, seed=0)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_independent_peers_ban_the_attacker_and_stay_identical(tmp_path, cifar) -> None:
+    steps = 25
+    cmd = [
+        sys.executable, "-m", "lightning_btard.swarm", "--peers", "3", "--byzantine", "2",
+        "--attack-config", str(ROOT / "configs" / "attacks" / "sign_flipping.yaml"), "--attack-arg", "attack_start=5",
+        "--run-dir", str(tmp_path / "run"), "--timeout", "300", "--",
+        "--config", str(ROOT / "configs" / "demo.yaml"), f"--data.data_dir={cifar}", f"--trainer.max_steps={steps}",
+        "--trainer.val_check_interval=25", "--trainer.enable_progress_bar=false", "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.callbacks+=record_run.RecordRun", f"--trainer.callbacks.out_dir={tmp_path / 'rec'}",
+    ]
+    env = base_env({"PYTHONPATH": os.pathsep.join([str(ROOT), str(SCRIPTS)])})
+    out = run_command(cmd, timeout=360, env=env, cwd=tmp_path).stdout
+    assert "rank 2 (attacker): banned at step" in out, out
+    assert "rank 0: finished" in out and "rank 1: finished" in out, out
+    # each peer found the others from the first one's address and took the rank its key gives it
+    for rank in range(3):
+        log = (tmp_path / "run" / f"peer{rank}.log").read_text()
+        assert f"3 peers joined; this peer is rank {rank}" in log
+    params, metrics = load_run(tmp_path / "rec", 2)
+    assert_identical(params)
+    for m in metrics:
+        assert m["global_step"] == steps
+        assert [(b["peer"], b["evidence"]) for b in m["bans"]] == [(2, "recomputation")]
+        assert 5 < m["bans"][0]["step"] < steps
+
+
+def test_hivemind_backend_needs_one_device_per_process_and_a_group_size() -> None:
+    import pytorch_lightning as pl
+
+    from lightning_btard import BTARDStrategy
+    from lightning_btard.errors import UserError
+
+    with pytest.raises(UserError, match="needs num_peers"):
+        BTARDStrategy(backend="hivemind")
+    with pytest.raises(UserError, match="one device per process"):
+        pl.Trainer(accelerator="cpu", devices=2, strategy=BTARDStrategy(backend="hivemind", num_peers=2))
+    with pytest.raises(UserError, match="backend='torch' or backend='hivemind'"):
+        BTARDStrategy(backend="grpc")
+
+
+def test_rendezvous_orders_the_group_by_peer_id_and_reports_missing_peers(hivemind_swarm) -> None:
+    from lightning_btard.errors import UserError
+    from lightning_btard.transports.hivemind_rendezvous import rank_order, rendezvous
+
+    nodes = hivemind_swarm.nodes[:3]
+    run_id = f"test-{os.urandom(4).hex()}"
+    groups: list = [None] * 3
+
+    def join(i: int) -> None:
+        groups[i] = rendezvous(nodes[i], run_id, 3, timeout=60, poll_interval=0.05)
+
+    threads = [threading.Thread(target=join, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    expected = rank_order([n.peer_id for n in nodes])
+    for i, transport in enumerate(groups):
+        assert transport is not None and transport.members == expected
+        assert transport.rank == expected.index(nodes[i].peer_id)
+        transport.close()
+
+    with pytest.raises(UserError, match="only 1 of 2 peers joined"):
+        rendezvous(hivemind_swarm.nodes[3], f"alone-{os.urandom(4).hex()}", 2, timeout=2, poll_interval=0.1)
+    with pytest.raises(UserError, match="another run uses this run_id"):
+        rendezvous(hivemind_swarm.nodes[4], run_id, 3, timeout=5, poll_interval=0.1)  # a fourth peer for a run of three
