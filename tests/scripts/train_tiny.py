@@ -17,6 +17,7 @@ from lightning_btard import BTARDStrategy
 p = argparse.ArgumentParser()
 p.add_argument("out_dir")
 p.add_argument("--strategy", default="btard")
+p.add_argument("--start-method", default="fork", help="how ranks start: fork (fast: no re-import per rank) or popen (as users run)")
 p.add_argument("--devices", type=int, default=4)
 p.add_argument("--aggregator", default="centered_clip")
 p.add_argument("--tau", type=float, default=1.0)
@@ -94,16 +95,27 @@ class Record(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.steps_seen.append(trainer.global_step)
 
+    def on_fit_end(self, trainer, pl_module):
+        """Every rank saves here, inside fit (a forked rank never returns to the script after ``trainer.fit``)."""
+        if args.save_ckpt:
+            trainer.save_checkpoint(args.save_ckpt)
+        rank = trainer.global_rank
+        torch.save({k: v.detach().clone() for k, v in pl_module.named_parameters()}, os.path.join(args.out_dir, f"params{rank}.pt"))
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        bans = [b.as_dict() for b in getattr(trainer.strategy, "bans", [])]
+        with open(os.path.join(args.out_dir, f"metrics{rank}.json"), "w") as f:
+            json.dump({"metrics": metrics, "global_step": trainer.global_step, "batches": len(self.steps_seen), "bans": bans}, f)
+
 
 if __name__ == "__main__":
     pl.seed_everything(args.seed)
     if args.strategy == "btard":
         strategy = BTARDStrategy(
             tau=args.tau, aggregator=args.aggregator, check_params_every=args.check_every, verify=args.verify,
-            validators=args.validators,
+            validators=args.validators, start_method=args.start_method,
         )
     else:
-        strategy = args.strategy
+        strategy = args.strategy.replace("ddp", "ddp_fork", 1) if args.start_method == "fork" else args.strategy
     rec = Record()
     callbacks = [rec]
     if args.attack:
@@ -127,11 +139,3 @@ if __name__ == "__main__":
     )
     model = Tiny(manual=args.manual)
     trainer.fit(model, ckpt_path=args.resume)
-    if args.save_ckpt:
-        trainer.save_checkpoint(args.save_ckpt)
-    rank = trainer.global_rank
-    torch.save({k: v.detach().clone() for k, v in model.named_parameters()}, os.path.join(args.out_dir, f"params{rank}.pt"))
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    bans = [b.as_dict() for b in getattr(trainer.strategy, "bans", [])]
-    with open(os.path.join(args.out_dir, f"metrics{rank}.json"), "w") as f:
-        json.dump({"metrics": metrics, "global_step": trainer.global_step, "batches": len(rec.steps_seen), "bans": bans}, f)
