@@ -47,7 +47,7 @@ def fit(tmp: Path, data_dir: Path, aggregator: str, attack: bool) -> tuple[dict[
     cmd = [sys.executable, "-m", "lightning_btard.cli", "fit", "--config", str(ROOT / "configs" / "demo.yaml"), "--config", str(tmp / "run.yaml")]
     out = run_command(cmd, timeout=400, cwd=ROOT)
     if attack:
-        assert "SignFlipping fired at step 30" in out.stdout  # the attacker says when it fires
+        assert f"SignFlipping fired at step {ATTACK_START}" in out.stdout  # the attacker says when it fires
     acc: dict[int, float] = {}
     with open(tmp / "metrics.csv") as f:
         for row in csv.DictReader(f):
