@@ -92,7 +92,6 @@ class HivemindTransport(Transport):
         self._rank = self.members.index(node.peer_id)
         self.timeout, self.poll_interval = timeout, poll_interval
         self.seq = 0
-        self.bytes_sent = 0
 
     @property
     def rank(self) -> int:
@@ -117,7 +116,6 @@ class HivemindTransport(Transport):
     def _messages(self, sends: Sequence[Optional[Sequence[Tensor]]], sources: Sequence[int]) -> dict[int, Message]:
         """Send ``sends[j]`` to member ``j`` (``None``: nothing) and return what each of ``sources`` sent us."""
         seq = self._next()
-        self.bytes_sent += sum(t.numel() * t.element_size() for j, ts in enumerate(sends) if ts and j != self.rank for t in ts)
         return self.node.run(self._exchange(seq, sends, sources), timeout=self.timeout + 5)
 
     async def _exchange(self, seq: int, sends: Sequence[Optional[Sequence[Tensor]]], sources: Sequence[int]) -> dict[int, Message]:
@@ -167,41 +165,45 @@ class HivemindTransport(Transport):
             out[self.rank] = [t.clone() for t in (sends[self.rank] or [])]
         return out
 
+    @staticmethod
+    def _fits(msgs: Message, dsts: Sequence[Tensor]) -> bool:
+        """Whether a message is tensors of exactly the shapes and dtypes of ``dsts``."""
+        return not isinstance(msgs, Malformed) and len(msgs) == len(dsts) and all(
+            src.shape == dst.shape and src.dtype == dst.dtype for src, dst in zip(msgs, dsts)
+        )
+
+    def _fill(self, messages: dict[int, Message], dsts: Sequence[Sequence[Tensor]]) -> None:
+        """Copy member ``i``'s message into ``dsts[i]``; a malformed one becomes NaN (left out by the aggregators)."""
+        for i, slots in enumerate(dsts):
+            good = self._fits(messages[i], slots)
+            for j, dst in enumerate(slots):
+                if good:
+                    dst.copy_(messages[i][j])  # type: ignore[index]
+                else:
+                    dst.fill_(float("nan"))
+
     def exchange(self, sends: Sequence[Sequence[Tensor]], recvs: Sequence[Sequence[Tensor]]) -> list[Optional[list[Any]]]:
         messages = self._messages(sends, range(self.world_size))
         malformed: list[Optional[list[Any]]] = []
         for i in range(self.world_size):
             msgs = messages[i]
-            good = not isinstance(msgs, Malformed) and len(msgs) == len(recvs[i]) and all(
-                dst.shape == src.shape and dst.dtype == src.dtype for dst, src in zip(recvs[i], msgs)
-            )
-            for dst, src in zip(recvs[i], msgs if good else []):
+            good = self._fits(msgs, recvs[i])
+            for dst, src in zip(recvs[i], msgs if good else []):  # type: ignore[arg-type]
                 dst.copy_(src)
             malformed.append(None if good else ([] if isinstance(msgs, Malformed) else list(msgs)))
         return malformed
-
-    def _rows(self, messages: dict[int, Message], shape: torch.Size, dtype: torch.dtype, out: list[Tensor]) -> None:
-        """Copy each member's single tensor into ``out[i]``; a malformed one becomes NaN (left out by the aggregators)."""
-        for i, dst in enumerate(out):
-            msgs = messages[i]
-            if isinstance(msgs, Malformed) or len(msgs) != 1 or msgs[0].shape != shape or msgs[0].dtype != dtype:
-                dst.fill_(float("nan"))
-            else:
-                dst.copy_(msgs[0])
 
     def scatter_parts(self, flat: Tensor, sizes: Sequence[int]) -> Tensor:
         parts = list(torch.split(flat, list(sizes)))
         messages = self._messages([[p] for p in parts], range(self.world_size))
         out = torch.empty((self.world_size, sizes[self.rank]), dtype=flat.dtype, device=flat.device)
-        self._rows(messages, torch.Size([sizes[self.rank]]), flat.dtype, list(out.unbind(0)))
+        self._fill(messages, [[row] for row in out.unbind(0)])
         return out
 
     def gather_parts(self, part: Tensor, sizes: Sequence[int], out: Optional[Tensor] = None) -> Tensor:
         out = torch.empty(sum(sizes), dtype=part.dtype, device=part.device) if out is None else out
         messages = self._messages([[part]] * self.world_size, range(self.world_size))
-        slots = list(torch.split(out, list(sizes)))
-        for i, slot in enumerate(slots):
-            self._rows({0: messages[i]}, slot.shape, part.dtype, [slot])
+        self._fill(messages, [[slot] for slot in torch.split(out, list(sizes))])
         return out
 
     def gather_parts_with_extra(
@@ -210,21 +212,15 @@ class HivemindTransport(Transport):
         out = torch.empty(sum(sizes), dtype=part.dtype, device=part.device) if out is None else out
         messages = self._messages([[part, extra]] * self.world_size, range(self.world_size))
         extras = torch.empty((self.world_size, *extra.shape), dtype=extra.dtype, device=extra.device)
-        for i, (slot, e) in enumerate(zip(torch.split(out, list(sizes)), extras.unbind(0))):
-            msgs = messages[i]
-            ok = not isinstance(msgs, Malformed) and len(msgs) == 2 and msgs[0].shape == slot.shape \
-                and msgs[0].dtype == part.dtype and msgs[1].shape == e.shape and msgs[1].dtype == extra.dtype
-            slot.copy_(msgs[0]) if ok else slot.fill_(float("nan"))
-            e.copy_(msgs[1]) if ok else e.fill_(float("nan"))
+        self._fill(messages, [[slot, e] for slot, e in zip(torch.split(out, list(sizes)), extras.unbind(0))])
         return out, extras
 
     def _well_formed(self, messages: dict[int, Message], like: Tensor) -> list[Tensor]:
         rows = []
         for i in sorted(messages):
-            msgs = messages[i]
-            if isinstance(msgs, Malformed) or len(msgs) != 1 or msgs[0].shape != like.shape or msgs[0].dtype != like.dtype:
+            if not self._fits(messages[i], [like]):
                 raise TransportError(f"peer {self.members[i]} sent a malformed message where {tuple(like.shape)} {like.dtype} was due")
-            rows.append(msgs[0].to(like.device))
+            rows.append(messages[i][0].to(like.device))  # type: ignore[index]
         return rows
 
     def all_reduce(self, tensor: Tensor, op: str = "sum") -> Tensor:

@@ -20,7 +20,7 @@ from hivemind.compression import deserialize_torch_tensor, serialize_torch_tenso
 from hivemind.p2p import P2PContext, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
-from hivemind.utils.streaming import split_for_streaming
+from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 from torch import Tensor
 
 __all__ = ["Mailbox", "Malformed", "MessageServicer"]
@@ -47,11 +47,8 @@ def _deserialize(chunks: list[runtime_pb2.Tensor], count: int) -> Message:
             return Malformed(f"tensor {len(tensors)}: dtype {head.dtype!r}, compression {head.compression}")
         pieces = chunks[i : i + head.chunks]
         i += head.chunks
-        whole = runtime_pb2.Tensor()
-        whole.CopyFrom(pieces[0])
-        whole.buffer = b"".join(p.buffer for p in pieces)
         try:
-            tensors.append(deserialize_torch_tensor(whole).clone())
+            tensors.append(deserialize_torch_tensor(combine_from_streaming(pieces)).clone())
         except (ValueError, RuntimeError, TypeError) as e:
             return Malformed(f"tensor {len(tensors)}: {e}")
     if len(tensors) != count:

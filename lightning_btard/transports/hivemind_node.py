@@ -36,11 +36,20 @@ __all__ = ["HivemindNode", "peer_id_of_owner"]
 T = TypeVar("T")
 
 
-def _write_identity(path: str, key: RSAPrivateKey) -> None:
+def identity_bytes(key: RSAPrivateKey) -> bytes:
+    """``key`` in p2pd's identity file format (what ``PeerID.from_identity`` reads)."""
     from hivemind.proto import crypto_pb2
 
+    return crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.RSA, data=key.to_bytes()).SerializeToString()
+
+
+def write_identity(path: str, blob: bytes) -> None:
+    """An identity file, readable by its owner only (p2pd's own convention)."""
+    if os.path.exists(path):
+        os.chmod(path, 0o600)
+        os.unlink(path)
     with open(path, "wb") as f:
-        f.write(crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.RSA, data=key.to_bytes()).SerializeToString())
+        f.write(blob)
     os.chmod(path, 0o400)
 
 
@@ -98,7 +107,7 @@ class HivemindNode:
             self._tmpdir = tempfile.TemporaryDirectory(prefix="btard-identity-")
             identity_path = os.path.join(self._tmpdir.name, "identity.key")
         if not os.path.isfile(identity_path):
-            _write_identity(identity_path, RSAPrivateKey())
+            write_identity(identity_path, identity_bytes(RSAPrivateKey()))
         self.private_key = _read_identity(identity_path)
         self.validator = RSASignatureValidator(self.private_key)
         deadline = time.monotonic() + startup_timeout

@@ -45,7 +45,6 @@ def rendezvous(node: HivemindNode, run_id: str, num_peers: int, timeout: float, 
         if time.monotonic() > deadline:
             raise UserError(f"could not announce this peer in the DHT (run {run_id!r}) within {timeout}s")
         time.sleep(poll_interval)
-    seen: set[PeerID] = set()
     while True:
         seen = set(node.get_owned(key)) | {node.peer_id}
         if len(seen) >= num_peers or time.monotonic() > deadline:
