@@ -36,34 +36,23 @@ def _free_port() -> int:
 def make_identities(run_dir: Path, n: int) -> list[tuple[Path, str]]:
     """``n`` fresh identity files in ``run_dir``, in rank order, with their peer ids (base58)."""
     from hivemind.p2p import PeerID
-
-    from lightning_btard.transports.hivemind_node import _write_identity
-    from lightning_btard.transports.hivemind_rendezvous import rank_order
     from hivemind.utils.crypto import RSAPrivateKey
 
-    made = []
-    for i in range(n):
-        path = run_dir / f"identity{i}.key"
-        if path.exists():
-            path.chmod(0o600)
-            path.unlink()
-        _write_identity(str(path), RSAPrivateKey())
-        made.append((PeerID.from_identity(path.read_bytes()), path))
-    by_id = dict(made)
-    ordered = rank_order(list(by_id))
+    from lightning_btard.transports.hivemind_node import identity_bytes, write_identity
+    from lightning_btard.transports.hivemind_rendezvous import rank_order
+
+    blobs = {PeerID.from_identity(blob): blob for blob in (identity_bytes(RSAPrivateKey()) for _ in range(n))}
     out = []
-    for rank, peer in enumerate(ordered):
-        final = run_dir / f"peer{rank}.key"
-        if final.exists():
-            final.chmod(0o600)
-            final.unlink()
-        by_id[peer].rename(final)
-        out.append((final, peer.to_base58()))
+    for rank, peer in enumerate(rank_order(list(blobs))):
+        path = run_dir / f"peer{rank}.key"
+        write_identity(str(path), blobs[peer])
+        out.append((path, peer.to_base58()))
     return out
 
 
 def _peer_command(args: argparse.Namespace, rank: int, key: Path, port: int, first: str, run_id: str) -> list[str]:
-    cmd = [sys.executable, "-m", "lightning_btard.cli", "fit", *args.fit_args]
+    cmd = [sys.executable, "-m", "lightning_btard.cli", "fit", f"--trainer.default_root_dir={key.parent / f'peer{rank}'}",
+           *args.fit_args]
     if args.attack_config:
         cmd += ["--config", args.attack_config, f"--trainer.callbacks.byzantine=[{','.join(map(str, args.byzantine))}]"]
         cmd += [f"--trainer.callbacks.{kv}" for kv in args.attack_arg]
