@@ -88,5 +88,7 @@ def test_attack_episode_resumed_from_a_checkpoint_bans_the_label_flipper(tmp_pat
     for m in metrics:
         assert m["global_step"] == 30
         assert [(b["peer"], b["evidence"]) for b in m["bans"]] == [(3, "recomputation")]
-        assert 12 < m["bans"][0]["step"] <= 16
+        # the one validator per step is drawn by the MPRNG: it picks the attacker with probability 1/3 per step, so
+        # by step 16 only 80% of the time (a run here took until step 19); missed through step 30: (2/3)^18 < 0.1%
+        assert 12 < m["bans"][0]["step"] <= 30
         assert min(step for step, _ in m["losses"]) == 8  # resumed at step 8, not from scratch
