@@ -164,3 +164,26 @@ def test_sorting_network_median_equals_torch_median(n: int) -> None:
     x = torch.randn(n, 257, generator=g)
     x[:, :64] = torch.randint(0, 3, (n, 64), generator=g).float()  # ties
     assert torch.equal(coordinate_median(x), x.median(dim=0).values)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e20])
+def test_scale_equivariant_where_float32_squares_underflow_or_overflow(scale: float) -> None:
+    """CC(s x, s tau) = s CC(x, tau): a confidently fitted model's gradients (~1e-30) are aggregated as
+    correctly as unit-sized ones (their squared distances are below float32's range)."""
+    x = with_outliers(n=6, d=3000, n_bad=2, seed=3, scale=20.0)
+    r = centered_clip_with_stats(x * scale, 0.3 * scale, eps=0.0, rel_eps=5e-7)
+    ref = reference_fixed_point(x.double().numpy(), 0.3)
+    assert r.converged and r.clipped >= 2
+    np.testing.assert_allclose(r.value.double().numpy() / scale, ref, atol=1e-5, rtol=0)
+    assert residual64((x.double() * scale).numpy(), r.value.double().numpy(), 0.3 * scale) <= 2 * 5e-7 * np.linalg.norm(ref) * scale
+
+
+def test_tiny_rows_within_tau_give_their_mean() -> None:
+    """The case that banned honest aggregators: two parts of size ~1e-33, far inside tau. A float32 norm
+    read the residual and ||v|| as 0, so the solver stopped at the coordinate median, not the mean."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 500, generator=g) * 1e-34
+    r = centered_clip_with_stats(x, 1.0, eps=0.0, rel_eps=5e-7)
+    mean = x.double().mean(0)
+    assert r.converged
+    assert float((r.value.double() - mean).norm()) <= 1e-6 * float(mean.norm())

@@ -163,3 +163,25 @@ class NeverRepublish(Behaviour):
 def test_withheld_republication_bans_the_sender(peers) -> None:
     _, outcomes = run({4: NeverRepublish()}, peers=peers)
     assert_banned(outcomes, {4}, {4})
+
+
+def test_a_fitted_models_tiny_gradients_ban_nobody() -> None:
+    """Two contributors whose parts are ~1e-33 (a confident softmax's gradients) and a validator (weight 0)
+    with an ordinary gradient: every aggregator must reach CenteredClip's fixed point and pass the check.
+    (A float32 norm read ~1e-33 vectors as 0: the solver stopped at the median and honest peers were banned.)"""
+    n = 3
+    g = torch.Generator().manual_seed(5)
+    grads = torch.randn(n, D, generator=g) * 1e-33
+    grads[2] = torch.randn(D, generator=g)
+    ids = [Identity.generate() for _ in range(n)]
+
+    def peer(t):
+        return verified_round(grads[t.rank].clone(), t, ids[t.rank], [i.public for i in ids], list(range(n)), step=9,
+                              config=RoundConfig(tau=TAU), weights=[1.0, 1.0, 0.0])
+
+    outcomes = run_peers(n, peer)
+    mean = grads[:2].double().mean(0)
+    for o in outcomes:
+        assert o.bans == [] and o.aggregate is not None
+        assert torch.equal(o.aggregate, outcomes[0].aggregate)
+    assert float((outcomes[0].aggregate.double() - mean).norm()) <= 1e-6 * float(mean.norm())

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from lightning_btard.ops.finite import finite_rows
 from lightning_btard.ops.median import coordinate_median
+from lightning_btard.ops.norms import safe_norm
 from lightning_btard.ops.workspace import Workspace
 
 __all__ = ["CenteredClipResult", "centered_clip", "centered_clip_with_stats", "clip_coefficients"]
@@ -107,6 +108,23 @@ def _solve_in_span(gram: Tensor, w: Tensor, tau: float, eps: float, budget: int)
     return beta, budget
 
 
+def _gram(work: Tensor) -> tuple[Tensor, float]:
+    """The float64 Gram matrix of the rows ``d_i`` of ``work``, and the unit they are left in.
+
+    Squared distances outside float32's comfortable range (rows closer than ~1e-15 to ``v``, say the
+    gradients of a confidently fitted model, or farther than ~1e15) would underflow or overflow in a
+    float32 product: then ``work`` is divided by its largest row norm (``unit``) first."""
+    gram = (work @ work.T).double()
+    top = float(gram.diagonal().max())
+    if 1e-30 < top < 1e30:
+        return gram, 1.0
+    unit = float(safe_norm(work, dim=1).max())
+    if not 0.0 < unit < math.inf:
+        return gram, 1.0  # every row is v (nothing to scale), or the inputs are beyond float32 anyway
+    work.div_(unit)
+    return (work @ work.T).double() * unit**2, unit
+
+
 def centered_clip_with_stats(
     x: Tensor,
     tau: float,
@@ -144,17 +162,17 @@ def centered_clip_with_stats(
     clipped = 0
     for _ in range(_MAX_PASSES):
         torch.sub(x, v, out=work)  # d_i = x_i - v
-        gram = (work @ work.T).double()
+        gram, unit = _gram(work)  # work now holds d_i / unit
         coef = clip_coefficients(gram.diagonal().clamp_min(0).sqrt(), tau)
         clipped = int((coef < 1).sum())
         r = torch.mv(work.T, ((w * coef) / w_total).to(x.dtype), out=vec)
-        residual = float(torch.linalg.vector_norm(r))  # float32 reduction: accurate to ~1e-7 relative, no copy
-        target = max(eps, rel_eps * float(torch.linalg.vector_norm(v))) if rel_eps else eps
+        residual = float(safe_norm(r)) * unit  # a float32 reduction (~1e-7 relative), float64 only where float32 underflows
+        target = max(eps, rel_eps * float(safe_norm(v))) if rel_eps else eps
         if residual <= target or iterations >= max_iters:
             break
         beta, spent = _solve_in_span(gram, w, tau, target, max_iters - iterations)
         iterations += spent
-        v.add_(torch.mv(work.T, beta.to(x.dtype), out=vec))
+        v.add_(torch.mv(work.T, (beta * unit).to(x.dtype), out=vec))
     converged = residual <= target
     if not converged:
         warnings.warn(

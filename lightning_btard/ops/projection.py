@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from lightning_btard.ops.centered_clip import clip_coefficients
+from lightning_btard.ops.norms import redo_unsure_norms
 from lightning_btard.ops.workspace import Workspace
 
 __all__ = [
@@ -85,7 +86,7 @@ def accurate_norms(x: Tensor) -> Tensor:
         sq += torch.linalg.vector_norm(x[:, :r].reshape(n, m, _CHUNK), dim=2).double().square().sum(1)
     if r < d:
         sq += x[:, r:].double().square().sum(1)
-    return sq.sqrt()
+    return redo_unsure_norms(x, sq.sqrt(), dim=1)
 
 
 def clipped_projections(z: Tensor, g: Tensor, aggregate: Tensor, tau: float) -> tuple[Tensor, Any, Tensor]:

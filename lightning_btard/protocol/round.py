@@ -34,6 +34,7 @@ from torch import Tensor
 
 from lightning_btard.ops.centered_clip import centered_clip_with_stats
 from lightning_btard.ops.finite import all_finite
+from lightning_btard.ops.norms import rounding_floor, safe_norm
 from lightning_btard.ops.partition import part_sizes
 from lightning_btard.ops.workspace import Workspace
 from lightning_btard.ops.projection import ProjectionCheck, clipped_projections, random_directions
@@ -139,8 +140,10 @@ def _well_formed_numbers(nums: Any, n: int, k: int) -> bool:
     )
 
 
-def _close(published: Sequence[float], recomputed: Sequence[float], rtol: float, scale: float) -> bool:
-    return len(published) == len(recomputed) and all(abs(a - b) <= rtol * (abs(b) + scale) for a, b in zip(published, recomputed))
+def _close(published: Sequence[float], recomputed: Sequence[float], rtol: float, scale: float, floor: float) -> bool:
+    return len(published) == len(recomputed) and all(
+        abs(a - b) <= rtol * (abs(b) + scale) + floor for a, b in zip(published, recomputed)
+    )
 
 
 class _Round:
@@ -316,7 +319,7 @@ class _Round:
             return
         # as aggregator of part `me`, I hold every sender's signed part: recompute their numbers (all at once)
         s_all, norms, p_all = clipped_projections(self.directions[self.me], self.received, self.aggregates[self.me], self.config.tau)
-        part_norms = torch.linalg.vector_norm(self.received, dim=1)
+        part_norms = safe_norm(self.received, dim=1)
         accusations = []
         for i in range(self.n):
             r = self.row[i]
@@ -329,19 +332,21 @@ class _Round:
         for j in range(self.n):
             s = torch.tensor([self.numbers[i][j][0] for i in range(self.n)], dtype=torch.float64)
             norms = torch.tensor([float(self.numbers[i][j][1]) for i in range(self.n)], dtype=torch.float64)
-            bound = 2 * self.config.rel_eps * float(torch.linalg.vector_norm(self.aggregates[j]))
+            # CenteredClip's stated residual, and never below what float32 resolves near zero
+            bound = 2 * self.config.rel_eps * float(safe_norm(self.aggregates[j])) + rounding_floor(self.sizes[j])
             if not check.passes(weights, s, norms, bound) and j not in accusers:
                 self.ban(j, "its aggregate failed the CenteredClip check", "projection-check")
 
     def numbers_match(self, member: int, part_index: int, part: Tensor) -> bool:
-        return self.numbers_agree(member, part_index, self.my_numbers(part_index, part), float(torch.linalg.vector_norm(part)))
+        return self.numbers_agree(member, part_index, self.my_numbers(part_index, part), float(safe_norm(part)))
 
     def numbers_agree(self, member: int, part_index: int, recomputed: list, part_norm: float) -> bool:
         """Whether ``member``'s published numbers for a part match ``recomputed`` ``[s, norm, p]`` (relative)."""
         published = self.numbers[member][part_index]
         s, norm, p = recomputed
         flat_pub = list(published[0]) + [float(published[1])] + list(published[2])
-        return _close(flat_pub, s + [norm] + p, self.config.number_rtol, abs(norm) + part_norm)
+        floor = rounding_floor(self.sizes[part_index])
+        return _close(flat_pub, s + [norm] + p, self.config.number_rtol, abs(norm) + part_norm, floor)
 
     # ------------------------------------------------------------------ accusations
     def resolve(self, accusations: list[tuple]) -> set[int]:
