@@ -54,7 +54,7 @@ from lightning_btard.protocol.validation import StepRecord, ValidationCheck, ass
 from lightning_btard.recomputation import Recomputer, TrainingData
 from lightning_btard.transports.base import Transport
 from lightning_btard.transports.torch_distributed import TorchDistributedTransport
-from lightning_btard.errors import UserError
+from lightning_btard.errors import TrainingDiverged, UserError
 from lightning_btard.verifiable_batches import seeded_step, verifiable_loader
 
 __all__ = ["BTARDStrategy"]
@@ -528,6 +528,8 @@ class BTARDStrategy(ParallelStrategy):
                 assign_grads(params, torch.full_like(flat, float("inf")))
                 self._round_metrics = {}  # nothing was aggregated: log nothing for this step
                 return
+        elif not all_finite(flat):
+            self._diverged()
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         ctx = AttackContext(
             step=trainer.global_step if trainer is not None else 0,
@@ -549,6 +551,19 @@ class BTARDStrategy(ParallelStrategy):
             aggregate.mul_(scale)
         assign_grads(params, aggregate)
         self._round_seconds = time.perf_counter() - start
+
+    def _diverged(self) -> None:
+        """Stop with what went wrong: a non-finite part would get this peer banned as malformed, and averaging it
+        in (as DDP would) poisons the model of every peer."""
+        module = self.lightning_module
+        names = [n for n, p in module.named_parameters() if p.grad is not None and not all_finite(p.grad)] if module else []
+        step = module.trainer.global_step if module is not None and module._trainer is not None else "?"
+        raise TrainingDiverged(
+            f"BTARD: peer {self.global_rank}'s own gradient at step {step} is not finite (NaN or Inf in "
+            f"{', '.join(names[:5]) + (' ...' if len(names) > 5 else '') or 'the gradients'}): the model diverged. An honest "
+            "peer does not send it (the others would ban it as a malformed part). Lower the learning rate, clip "
+            "gradients (Trainer(gradient_clip_val=...)), or train in 16-mixed precision, whose loss scaler skips such steps."
+        )
 
     def _verified_aggregate(self, sent: Tensor, ctx: AttackContext, computed: Tensor) -> Tensor:
         """Validation of the previous step, then verified rounds among the active peers until one completes
@@ -661,10 +676,32 @@ class BTARDStrategy(ParallelStrategy):
             f"[{ban.evidence}]. Leaving the training.",
             flush=True,
         )
+        self._mark_left()
+        self._host_the_store_until_the_others_leave()
         sys.stdout.flush()
         sys.stderr.flush()
         self._shutdown_node()
         os._exit(0)
+
+    def _mark_left(self) -> None:
+        """Tell the process group's store that this peer is done with it (torch backend)."""
+        if self.backend == "torch" and dist.is_initialized():
+            try:
+                dist.distributed_c10d._get_default_store().set(f"btard/left/{self.global_rank}", "1")
+            except Exception as e:  # noqa: BLE001 - the host may be gone already; nothing to tell then
+                log.debug("BTARD: could not mark rank %d as left: %s", self.global_rank, e)
+
+    def _host_the_store_until_the_others_leave(self) -> None:
+        """Rank 0 serves torch.distributed's TCPStore, which the others need to form each new group after a ban:
+        a banned rank 0 keeps its process (idle) until every other peer has finished or left."""
+        if self.backend != "torch" or self.global_rank != 0 or not dist.is_initialized():
+            return
+        print("BTARD: rank 0 hosts the process group's store; it stays until the other peers have finished.", flush=True)
+        keys = [f"btard/left/{r}" for r in range(1, self.world_size)]
+        try:
+            dist.distributed_c10d._get_default_store().wait(keys, self._timeout)
+        except Exception as e:  # noqa: BLE001 - a peer that crashed never says so: leave after the timeout
+            log.warning("BTARD: not every peer finished within the timeout (%s); rank 0 leaves now", e)
 
     def _shutdown_node(self) -> None:
         if self._node is not None:
@@ -673,6 +710,7 @@ class BTARDStrategy(ParallelStrategy):
 
     def teardown(self) -> None:
         """Leave the swarm after the others have finished their last collective (their records stay readable)."""
+        self._mark_left()
         if self._node is not None and self.transport is not None:
             try:
                 self.transport.barrier()

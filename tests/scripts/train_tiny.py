@@ -25,6 +25,7 @@ p.add_argument("--steps", type=int, default=12)
 p.add_argument("--accumulate", type=int, default=1)
 p.add_argument("--clip", type=float, default=None)
 p.add_argument("--momentum", type=float, default=0.9)
+p.add_argument("--lr", type=float, default=0.05)
 p.add_argument("--manual", action="store_true")
 p.add_argument("--precision", default="32-true")
 p.add_argument("--check-every", type=int, default=5)
@@ -73,7 +74,7 @@ class Tiny(pl.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=args.momentum)
+        return torch.optim.SGD(self.parameters(), lr=args.lr, momentum=args.momentum)
 
     def train_dataloader(self):
         g = torch.Generator().manual_seed(0)
