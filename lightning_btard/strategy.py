@@ -156,13 +156,6 @@ class BTARDStrategy(ParallelStrategy):
             raise UserError(f"validators must be >= 0, got {validators}")
         if not validation_rtol > 0:
             raise UserError(f"validation_rtol must be > 0, got {validation_rtol}")
-        if self.verify and start_method in ("fork", "forkserver"):
-            # seen here (tests/scripts/train_tiny.py, 4 CPU ranks, verify, a ban): with forked ranks, honest peers'
-            # parts stopped matching their own commitments some 20 steps after the ban, and honest peers were banned
-            raise UserError(
-                f"BTARDStrategy(verify=True) does not run with start_method={start_method!r}: forked ranks have produced "
-                "false bans. Use start_method='popen' (the default) or 'spawn'."
-            )
         self.validators = int(validators) if self.verify else 0
         self.validation_check = ValidationCheck(rtol=float(validation_rtol))
         self._run_seed = 0

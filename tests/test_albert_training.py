@@ -25,7 +25,9 @@ def corpus(tmp_path_factory) -> Path:
     return data
 
 
-def btard_fit(tmp_path: Path, data: Path, out: Path, *args: str, timeout: float = 400):
+def btard_fit(tmp_path: Path, data: Path, out: Path, *args: str, timeout: float = 400, fork: bool = True):
+    """``btard fit`` of the tiny config; ranks are forked from the CLI process unless ``fork=False`` (Lightning's popen
+    launcher re-running the CLI per rank, as users run it: slower, each rank imports everything again)."""
     cmd = [
         sys.executable, "-m", "lightning_btard.cli", "fit", "--config", CONFIG,
         f"--data.data_dir={data}", f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
@@ -33,6 +35,8 @@ def btard_fit(tmp_path: Path, data: Path, out: Path, *args: str, timeout: float 
         "--trainer.callbacks+=record_run.RecordRun", f"--trainer.callbacks.out_dir={out}",
         *args,
     ]
+    if fork and not any(a.startswith("--trainer.strategy=") for a in args):
+        cmd.append("--trainer.strategy.start_method=fork")
     env = base_env({"PYTHONPATH": os.pathsep.join([str(ROOT), str(SCRIPTS)])})
     return run_command(cmd, timeout=timeout, env=env, cwd=tmp_path)
 
@@ -49,8 +53,9 @@ def mean(xs: list[float]) -> float:
 @pytest.mark.timeout(500)
 @pytest.mark.parametrize("strategy", ["btard", "ddp"])
 def test_tiny_albert_trains_to_identical_parameters(tmp_path, corpus, strategy) -> None:
-    extra = ["--trainer.strategy=ddp"] if strategy == "ddp" else []
-    out = btard_fit(tmp_path, corpus, tmp_path / "run", "--trainer.devices=3", "--trainer.max_steps=60", *extra)
+    extra = ["--trainer.strategy=ddp_fork"] if strategy == "ddp" else []
+    out = btard_fit(tmp_path, corpus, tmp_path / "run", "--trainer.devices=3", "--trainer.max_steps=60", *extra,
+                    fork=strategy == "ddp")  # BTARD as users launch it, once
     params, metrics = load_run(tmp_path / "run", 3)
     assert_identical(params)
     for m in metrics:

@@ -15,7 +15,9 @@ from procs import assert_identical, load_run, run_script
 
 @pytest.mark.timeout(300)
 def test_four_peers_stay_identical_with_accumulation_and_clipping(tmp_path) -> None:
-    run_script("train_tiny.py", [str(tmp_path), "--devices", "4", "--steps", "10", "--accumulate", "2", "--clip", "0.5"], timeout=240)
+    # launched as users launch it (Lightning's popen launcher re-runs the script per rank); the other tests fork
+    run_script("train_tiny.py", [str(tmp_path), "--devices", "4", "--steps", "10", "--accumulate", "2", "--clip", "0.5",
+                                 "--start-method", "popen"], timeout=240)
     params, metrics = load_run(tmp_path, 4)
     assert_identical(params)
     for m in metrics:

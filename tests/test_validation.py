@@ -197,6 +197,7 @@ def test_resnet18_with_batch_norm_and_augmentation_bans_nobody(tmp_path) -> None
         f"--trainer.default_root_dir={tmp_path}",  # the CLI saves its config.yaml there, not in the checkout
         "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
         "--trainer.strategy.init_args.validators=3", f"--data.data_dir={data}", "--data.download=false", "--data.augment=true",
+        "--trainer.strategy.init_args.start_method=fork",  # ranks forked from the CLI process: no re-import per rank
     ]
     out = run_command(cmd, timeout=540, cwd=ROOT)
     assert "BTARD: 0 peer(s) banned during the run." in out.stdout, out.stdout[-3000:]

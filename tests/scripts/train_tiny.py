@@ -17,7 +17,7 @@ from lightning_btard import BTARDStrategy
 p = argparse.ArgumentParser()
 p.add_argument("out_dir")
 p.add_argument("--strategy", default="btard")
-p.add_argument("--start-method", default="popen", help="how ranks start: popen (as users run it), spawn or fork")
+p.add_argument("--start-method", default="fork", help="how ranks start: fork (fast: no re-import per rank), popen (as users run it) or spawn")
 p.add_argument("--devices", type=int, default=4)
 p.add_argument("--aggregator", default="centered_clip")
 p.add_argument("--tau", type=float, default=1.0)
