@@ -52,7 +52,7 @@ from lightning_btard.protocol.membership import Ban, Membership
 from lightning_btard.protocol.round import Behaviour, RoundConfig, verified_round
 from lightning_btard.protocol.validation import StepRecord, ValidationCheck, assign_validators, resolve_validations
 from lightning_btard.recomputation import Recomputer, TrainingData
-from lightning_btard.transports.base import Transport
+from lightning_btard.transports.base import Transport, TransportError
 from lightning_btard.transports.torch_distributed import TorchDistributedTransport
 from lightning_btard.errors import TrainingDiverged, UserError
 from lightning_btard.verifiable_batches import seeded_step, verifiable_loader
@@ -161,6 +161,10 @@ class BTARDStrategy(ParallelStrategy):
         self._run_seed = 0
         self._recomputer: Optional[Recomputer] = None
         self._record: Optional[StepRecord] = None
+        self._left = False  # banned, and finishing fit() without the others (rank 0 under the fork/spawn launchers)
+        self._broken: Optional[Exception] = None  # a failed collective, not yet followed by a regroup (hivemind)
+        self._unvalidated_step: Optional[int] = None  # the step of the last regroup: nobody validates it
+        self._stand_ins: set[int] = set()
         self._validating: Optional[int] = None
         self._fast_path = False
         """This step's own gradient is the validator's recomputation (no accumulation; see ``_begin_step``)."""
@@ -318,7 +322,7 @@ class BTARDStrategy(ParallelStrategy):
         def broadcast_over_members() -> None:
             assert self.transport is not None
             flag = torch.tensor([1.0 if getattr(trainer, "received_sigterm", False) else 0.0], device=self.root_device)
-            if self.transport.broadcast_tensor_(flag, src=0).item() > 0:
+            if self._tolerant(lambda: self.transport.broadcast_tensor_(flag, src=0), lambda: flag).item() > 0:  # type: ignore[union-attr]
                 raise SIGTERMException()
 
         loop._broadcast_sigterm_tensor = broadcast_over_members
@@ -431,6 +435,8 @@ class BTARDStrategy(ParallelStrategy):
 
     def _validators_now(self, step: int) -> set[int]:
         """The peers that validate (and contribute weight 0) in ``step``: public, from the previous step's seed."""
+        if step == self._unvalidated_step:
+            return set(self._stand_ins)
         record = self._previous_record(step)
         return {a.validator for a in record.assignments} if record is not None else set()
 
@@ -481,6 +487,8 @@ class BTARDStrategy(ParallelStrategy):
                 log.warning("BTARD: banned peer %d at step %d: %s (%s)", ban.peer, ban.step, ban.reason, ban.evidence)
         if self.global_rank in self.membership.banned:
             self._leave()
+            if self._left:
+                return
         self._rebuild_transport()
         self._setup_attacks(self.lightning_module.trainer if self.lightning_module is not None else None)
 
@@ -516,12 +524,7 @@ class BTARDStrategy(ParallelStrategy):
         scale = self._grad_scale()
         if scale is not None:
             flat.div_(scale)
-            if self._any_peer_overflowed(flat):
-                # fp16 overflow somewhere: every peer skips this step together (the scaler sees inf and backs off)
-                assign_grads(params, torch.full_like(flat, float("inf")))
-                self._round_metrics = {}  # nothing was aggregated: log nothing for this step
-                return
-        elif not all_finite(flat):
+        elif self.verify and not all_finite(flat):
             self._diverged()
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         ctx = AttackContext(
@@ -534,16 +537,97 @@ class BTARDStrategy(ParallelStrategy):
         sent = flat
         for attack in self._attacks(trainer):
             sent = attack.on_before_aggregate(sent, ctx)
-        if self.verify:
-            aggregate = self._verified_aggregate(sent, ctx, flat)
-        else:
-            aggregate, stats = butterfly_aggregate(sent, self.transport, self.aggregator, out=flat)
-            self._round_metrics = _butterfly_metrics(stats)
-        self._attack_counts = self._count_attackers(trainer, ctx.step)
+        aggregate = self._with_regroup(ctx.step, lambda: self._aggregate_once(sent, ctx, flat, scale))
+        if aggregate is None:
+            # fp16 overflow somewhere: every peer skips this step together (the scaler sees inf and backs off)
+            assign_grads(params, torch.full_like(flat, float("inf")))
+            self._round_metrics = {}  # nothing was aggregated: log nothing for this step
+            return
         if scale is not None:
             aggregate.mul_(scale)
         assign_grads(params, aggregate)
         self._round_seconds = time.perf_counter() - start
+
+    def _aggregate_once(self, sent: Tensor, ctx: AttackContext, flat: Tensor, scale: Optional[float]) -> Optional[Tensor]:
+        """This step's collectives, once: the fp16 overflow vote (``None``: every peer skips the step), the
+        (verified) aggregation, the attack counts."""
+        assert self.transport is not None
+        if scale is not None and self._any_peer_overflowed(flat):
+            return None
+        if self.verify:
+            aggregate = self._verified_aggregate(sent, ctx, flat)
+        else:
+            # on hivemind a failed try is retried after regrouping: keep the gradient, aggregate elsewhere
+            out = flat if self.backend != "hivemind" else self._buffers.get("aggregate", (flat.numel(),), flat.dtype, flat.device)
+            aggregate, stats = butterfly_aggregate(sent, self.transport, self.aggregator, out=out)
+            self._round_metrics = _butterfly_metrics(stats)
+        self._attack_counts = self._count_attackers(ctx.trainer, ctx.step)
+        return aggregate
+
+    # ----------------------------------------------------------------- peers that stop answering (hivemind)
+    def _with_regroup(self, step: int, attempt: Callable[[], Any]) -> Any:
+        """``attempt()``; on the hivemind backend, a collective that fails (a peer stopped answering) is followed by
+        a regroup among the peers still there, and the attempt is made again in the new group."""
+        while True:
+            if self._broken is not None:
+                self._regroup(step)
+            try:
+                return attempt()
+            except TransportError as err:
+                if self.backend != "hivemind":
+                    raise
+                log.warning("BTARD: step %d: a collective failed: %s", step, err)
+                self._broken = err
+
+    def _tolerant(self, attempt: Callable[[], Any], fallback: Callable[[], Any]) -> Any:
+        """A collective outside the aggregation (logging, barriers, broadcasts): after a failure on the hivemind
+        backend, this peer stops calling collectives (``fallback()``) until the next aggregation regroups."""
+        if self._broken is not None or self._left:
+            return fallback()
+        try:
+            return attempt()
+        except TransportError as err:
+            if self.backend != "hivemind":
+                raise
+            log.warning("BTARD: a collective failed (%s); regrouping at the next aggregation", err)
+            self._broken = err
+            return fallback()
+
+    def _regroup(self, step: int) -> None:
+        """Continue with the peers still answering (``transports/hivemind_regroup.py``); the others leave the run."""
+        from lightning_btard.transports.hivemind import HivemindTransport
+        from lightning_btard.transports.hivemind_regroup import Alone, regroup
+
+        assert self.membership is not None and isinstance(self.transport, HivemindTransport)
+        failure, self._broken = self._broken, None
+        old, active = self.transport, self.membership.active
+        stand_in = bool(self._fast_path and self._validating is not None)  # my gradient is a recomputation
+        try:
+            result = regroup(old, (int(step), stand_in), window=self._timeout.total_seconds())
+        except Alone as err:
+            raise RuntimeError(f"BTARD: step {step}: {err} (the failure: {failure})") from err
+        steps = sorted({int(state[0]) for state in result.states.values()})
+        if len(steps) > 1:
+            raise RuntimeError(
+                f"BTARD: after a peer stopped answering, the remaining peers are at different steps {steps}: "
+                "catching up a peer (a state download) is not supported yet"
+            )
+        gone = [p for i, p in enumerate(active) if i not in result.members]
+        for peer in gone:
+            self.membership.depart(peer, step)
+        old.close()
+        self.transport = result.transport
+        # the previous step's validation spanned the old group, and this step's gradients go unvalidated: a peer on
+        # the validators' fast path holds a recomputation, not its own gradient (it contributes weight 0)
+        self._record = None
+        self._unvalidated_step = step
+        self._stand_ins = {active[i] for i, state in result.states.items() if state[1]}
+        self._setup_attacks(self.lightning_module.trainer if self.lightning_module is not None else None)
+        print(
+            f"BTARD: step {step}: peer(s) {gone} stopped answering (crashed or disconnected); continuing with "
+            f"{self.transport.world_size} peers {self.membership.active}",
+            flush=True,
+        )
 
     def _diverged(self) -> None:
         """Stop with what went wrong: a non-finite part would get this peer banned as malformed, and averaging it
@@ -566,6 +650,8 @@ class BTARDStrategy(ParallelStrategy):
         behaviour = self._behaviour(ctx)
         if self._recomputer is not None:
             self._resolve_validations(computed, ctx, behaviour)
+            if self._left:
+                return sent
         validating = self._validators_now(ctx.step)
         retries = 0
         while True:
@@ -595,10 +681,12 @@ class BTARDStrategy(ParallelStrategy):
                 return outcome.aggregate.to(sent.device)
             retries += 1
             self._apply_bans(outcome.bans + limited)
+            if self._left:
+                return sent
 
     def _remember(self, step: int, active: list[int], weights: list[float], outcome: Any) -> None:
         """What the next step's validators check: this round's published projections and the next validators."""
-        if self._recomputer is None:
+        if self._recomputer is None or step == self._unvalidated_step:
             return
         contributors = [p for p, w in zip(active, weights) if w > 0]
         record = StepRecord(
@@ -670,7 +758,14 @@ class BTARDStrategy(ParallelStrategy):
             flush=True,
         )
         self._mark_left()
-        self._host_the_store_until_the_others_leave()
+        if self.global_rank == 0 and isinstance(self._launcher, _MultiProcessingLauncher):
+            # the launching process waits for rank 0's result: rank 0 ends fit() here (no more collectives), and
+            # hosts the store in teardown until the others have finished
+            self._left = True
+            if self.lightning_module is not None:
+                self.lightning_module.trainer.should_stop = True
+            return
+        self._host_the_store_until_the_others_leave(announce=True)
         sys.stdout.flush()
         sys.stderr.flush()
         self._shutdown_node()
@@ -684,12 +779,13 @@ class BTARDStrategy(ParallelStrategy):
             except Exception as e:  # noqa: BLE001 - the host may be gone already; nothing to tell then
                 log.debug("BTARD: could not mark rank %d as left: %s", self.global_rank, e)
 
-    def _host_the_store_until_the_others_leave(self) -> None:
+    def _host_the_store_until_the_others_leave(self, announce: bool = False) -> None:
         """Rank 0 serves torch.distributed's TCPStore, which the others need to form each new group after a ban:
-        a banned rank 0 keeps its process (idle) until every other peer has finished or left."""
+        rank 0 (banned, or done first) keeps its process (idle) until every other peer has finished or left."""
         if self.backend != "torch" or self.global_rank != 0 or not dist.is_initialized():
             return
-        print("BTARD: rank 0 hosts the process group's store; it stays until the other peers have finished.", flush=True)
+        if announce:
+            print("BTARD: rank 0 hosts the process group's store; it stays until the other peers have finished.", flush=True)
         keys = [f"btard/left/{r}" for r in range(1, self.world_size)]
         try:
             dist.distributed_c10d._get_default_store().wait(keys, self._timeout)
@@ -704,13 +800,20 @@ class BTARDStrategy(ParallelStrategy):
     def teardown(self) -> None:
         """Leave the swarm after the others have finished their last collective (their records stay readable)."""
         self._mark_left()
-        if self._node is not None and self.transport is not None:
+        self._host_the_store_until_the_others_leave(announce=self._left)
+        if self._node is not None and self.transport is not None and self._broken is None and not self._left:
+            self.transport.timeout = min(self.transport.timeout, 60.0)  # type: ignore[attr-defined]
             try:
                 self.transport.barrier()
             except Exception as e:  # noqa: BLE001 - a peer gone at the end changes nothing for this one
                 log.warning("BTARD: final barrier failed (%s); leaving anyway", e)
         self._shutdown_node()
         super().teardown()
+
+    @property
+    def departed(self) -> dict[int, int]:
+        """Peers that stopped answering (hivemind backend), with the step: out of the run, not banned."""
+        return dict(self.membership.departed) if self.membership is not None else {}
 
     @property
     def bans(self) -> list[Ban]:
@@ -720,7 +823,7 @@ class BTARDStrategy(ParallelStrategy):
     def _count_attackers(self, trainer: Optional["pl.Trainer"], step: int) -> dict[str, float]:
         """How many peers fired each attack at ``step`` (one small collective; every peer runs the same callbacks)."""
         attacks = self._attacks(trainer)
-        if not attacks:
+        if not attacks or self._left:
             return {}
         assert self.transport is not None
         mine = torch.tensor([float(a.fired_at(step)) for a in attacks], device=self.root_device)
@@ -754,7 +857,9 @@ class BTARDStrategy(ParallelStrategy):
         digest = hashlib.blake2b(digest_size=16)
         for p in self.lightning_module.parameters():
             digest.update(p.detach().cpu().contiguous().numpy().tobytes())
-        digests = self.transport.all_gather_object(digest.hexdigest())
+        digests = self._tolerant(lambda: self.transport.all_gather_object(digest.hexdigest()), lambda: None)  # type: ignore[union-attr]
+        if digests is None:
+            return True  # a peer stopped answering: nothing compared this time
         majority = max(set(digests), key=digests.count)
         differing = [r for r, d in enumerate(digests) if d != majority]
         if differing:
@@ -776,20 +881,25 @@ class BTARDStrategy(ParallelStrategy):
         op = {"avg": "mean", "average": "mean"}.get(op, op)
         if op not in ("sum", "mean", "max", "min"):
             raise ValueError(f"BTARDStrategy.reduce does not support reduce_op={reduce_op!r}")
-        out = self.transport.all_reduce(tensor.float() if op == "mean" else tensor, "sum" if op == "mean" else op)
-        return out / self.transport.world_size if op == "mean" else out
+        transport = self.transport
+
+        def reduce_over_peers() -> Tensor:
+            out = transport.all_reduce(tensor.float() if op == "mean" else tensor, "sum" if op == "mean" else op)
+            return out / transport.world_size if op == "mean" else out
+
+        return self._tolerant(reduce_over_peers, lambda: tensor)
 
     def _connected(self) -> bool:
         return self.transport is not None and (self._node is not None or dist.is_initialized())
 
     def barrier(self, name: Optional[str] = None) -> None:
         if self._connected():
-            self.transport.barrier()  # type: ignore[union-attr]
+            self._tolerant(self.transport.barrier, lambda: None)  # type: ignore[union-attr]
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         if not self._connected():
             return obj
-        return self.transport.broadcast_object(obj, src)
+        return self._tolerant(lambda: self.transport.broadcast_object(obj, src), lambda: obj)  # type: ignore[union-attr]
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:

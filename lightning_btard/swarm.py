@@ -50,6 +50,14 @@ def make_identities(run_dir: Path, n: int) -> list[tuple[Path, str]]:
     return out
 
 
+def _joined(run_dir: Path, rank: int) -> bool:
+    """Whether peer ``rank`` got into the group (its log says so)."""
+    try:
+        return "peers joined; this peer is rank" in (run_dir / f"peer{rank}.log").read_text(errors="replace")
+    except OSError:
+        return False
+
+
 def _peer_command(args: argparse.Namespace, rank: int, key: Path, port: int, first: str, run_id: str) -> list[str]:
     cmd = [sys.executable, "-m", "lightning_btard.cli", "fit", f"--trainer.default_root_dir={key.parent / f'peer{rank}'}",
            *args.fit_args]
@@ -84,6 +92,7 @@ def _summary(run_dir: Path, n: int, codes: list[Optional[int]], byzantine: list[
         if found:
             lines.append(f"ban list seen by rank {honest[0]}:")
             lines.append(found.group(0))
+        lines += [f"seen by rank {honest[0]}: {m}" for m in re.findall(r"BTARD: step \d+: peer\(s\) .* stopped answering.*", log)]
     return "\n".join(lines)
 
 
@@ -124,11 +133,16 @@ def main(argv: Optional[list[str]] = None) -> int:
             ))
         print(f"started {args.peers} peers (run {run_id}); first peer at {first}; logs in {run_dir}", flush=True)
         deadline = time.monotonic() + args.timeout
+        reported: set[int] = set()
         while any(proc.poll() is None for proc in procs) and time.monotonic() < deadline:
-            failed = [r for r, proc in enumerate(procs) if proc.poll() not in (None, 0)]
-            if failed:  # the others would wait for it until their timeouts
-                print(f"peer(s) {failed} failed: stopping the others (see their logs)", flush=True)
+            failed = [r for r, proc in enumerate(procs) if proc.poll() not in (None, 0) and r not in reported]
+            if failed and not all(_joined(run_dir, r) for r in failed):
+                # before the group formed, the others would wait for it until the rendezvous timeout
+                print(f"peer(s) {failed} failed before the group formed: stopping the others (see their logs)", flush=True)
                 break
+            for r in failed:  # in training, the others regroup without it after their collective deadline
+                print(f"peer {r} exited with code {procs[r].returncode}; the others continue without it", flush=True)
+                reported.add(r)
             time.sleep(0.5)
     except KeyboardInterrupt:
         print("interrupted: stopping the peers", flush=True)

@@ -39,6 +39,8 @@ class Membership:
     keeps the board busy, or a sender that keeps sending garbage and then publishing), and banning the pair
     keeps the honest majority."""
     refuted: dict[tuple[int, int], int] = field(default_factory=dict)
+    departed: dict[int, int] = field(default_factory=dict)
+    """Peers that stopped answering (crashed or disconnected) -> the step: out for the rest of the run, not banned."""
 
     @property
     def banned(self) -> set[int]:
@@ -47,10 +49,18 @@ class Membership:
     @property
     def active(self) -> list[int]:
         """Peers still in, sorted: the order every aggregation round uses."""
-        return sorted(p for p in self.peers if p not in self.banned)
+        return sorted(p for p in self.peers if self.is_active(p))
 
     def is_active(self, peer: int) -> bool:
-        return peer in self.peers and peer not in self.banned
+        return peer in self.peers and peer not in self.banned and peer not in self.departed
+
+    def depart(self, peer: int, step: int) -> bool:
+        """``peer`` stopped answering at ``step``; returns False if it was not active."""
+        if not self.is_active(peer):
+            return False
+        self.departed[peer] = step
+        self.generation += 1
+        return True
 
     def ban(self, peer: int, step: int, reason: str, evidence: str) -> bool:
         """Ban ``peer``; returns False (and changes nothing) if it was already banned or is unknown."""

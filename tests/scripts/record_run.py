@@ -3,7 +3,7 @@
     btard fit ... --trainer.callbacks+=record_run.RecordRun --trainer.callbacks.out_dir=DIR   (PYTHONPATH: tests/scripts)
 
 ``params{rank}.pt``: the final parameters; ``metrics{rank}.json``: the final callback metrics, the global step,
-the training loss of every batch as ``[step, loss]`` pairs, and the strategy's bans.
+the training loss of every batch as ``[step, loss]`` pairs, the strategy's bans and departed peers.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ class RecordRun(pl.Callback):
             "global_step": trainer.global_step,
             "losses": self.losses,
             "bans": [b.as_dict() for b in getattr(trainer.strategy, "bans", [])],
+            "departed": getattr(trainer.strategy, "departed", {}),
         }
         with open(os.path.join(self.out_dir, f"metrics{rank}.json"), "w") as f:
             json.dump(record, f)

@@ -1,0 +1,49 @@
+"""Regrouping on the hivemind transport: after a member goes silent, the others agree on a group without it."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from lightning_btard.transports.base import TransportError
+from lightning_btard.transports.hivemind import HivemindTransport
+from lightning_btard.transports.hivemind_regroup import Alone, regroup
+from lightning_btard.transports.in_process import run_in_threads
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def transports(swarm, n: int, timeout: float) -> list[HivemindTransport]:
+    """Transports of one group of ``n`` of the swarm's nodes (a fresh session)."""
+    nodes = swarm.nodes[:n]
+    members, session = [node.peer_id for node in nodes], os.urandom(16)
+    return [HivemindTransport(node, members, session, timeout=timeout) for node in nodes]
+
+
+def test_survivors_agree_on_a_group_without_the_silent_member(hivemind_swarm) -> None:
+    group = transports(hivemind_swarm, 4, timeout=2.0)  # member 3 never calls anything: it "crashed"
+
+    def survivor(t):
+        with pytest.raises(TransportError):
+            t.all_gather_object(t.rank)
+        if t.rank == 2:
+            time.sleep(1.0)  # reaches the regroup later than the others, within the window
+        r = regroup(t, (7, t.rank == 1), window=4.0)
+        return r.members, r.states, r.transport.members, r.transport.rank, r.transport.all_gather_object(("after", t.rank))
+
+    out = run_in_threads(group[:3], survivor, 60)
+    for rank, (members, states, new_members, new_rank, board) in enumerate(out):
+        assert members == [0, 1, 2]
+        assert states == {0: (7, False), 1: (7, True), 2: (7, False)}
+        assert new_members == group[0].members[:3] and new_rank == rank
+        assert board == [("after", 0), ("after", 1), ("after", 2)]
+
+
+def test_a_peer_nobody_answers_is_alone(hivemind_swarm) -> None:
+    group = transports(hivemind_swarm, 3, timeout=1.0)
+    started = time.monotonic()
+    with pytest.raises(Alone, match="alone"):
+        regroup(group[0], (1, False), window=1.5)
+    assert 1.5 <= time.monotonic() - started < 10
