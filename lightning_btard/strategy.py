@@ -37,7 +37,7 @@ from pytorch_lightning.strategies import StrategyRegistry
 from pytorch_lightning.strategies.parallel import ParallelStrategy
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
-from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -347,6 +347,13 @@ class BTARDStrategy(ParallelStrategy):
                 "with manual optimization pass BTARDStrategy(validators=0) (the round is still verified) or verify=False"
             )
         self._recomputer = Recomputer(self._run_seed, trainer.accumulate_grad_batches, [self.root_device])
+        contributing = self.world_size - self.validators
+        if 0 < contributing < 3:
+            rank_zero_warn(
+                f"BTARD: validators={self.validators} of {self.world_size} peers leaves {contributing} peer(s) contributing "
+                "to each step (validators weigh 0): one Byzantine contributor then holds half the weight or more, where "
+                "CenteredClip bounds nothing until validation bans it. Use fewer validators or more peers."
+            )
 
     def _check_manual_optimization(self) -> None:
         module = self.lightning_module
@@ -800,7 +807,8 @@ class BTARDStrategy(ParallelStrategy):
     def teardown(self) -> None:
         """Leave the swarm after the others have finished their last collective (their records stay readable)."""
         self._mark_left()
-        self._host_the_store_until_the_others_leave(announce=self._left)
+        if self._left:  # a banned rank 0 that ended fit() early (fork/spawn launchers); the others still need the store
+            self._host_the_store_until_the_others_leave(announce=True)
         if self._node is not None and self.transport is not None and self._broken is None and not self._left:
             self.transport.timeout = min(self.transport.timeout, 60.0)  # type: ignore[attr-defined]
             try:
