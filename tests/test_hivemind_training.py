@@ -56,6 +56,32 @@ def test_independent_peers_ban_the_attacker_survive_a_crash_and_stay_identical(t
         assert m["departed"] == {"3": crash}
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_tiny_albert_runs_unchanged_on_independent_peers(tmp_path) -> None:
+    """The ALBERT module and WikiText-103 datamodule of the torch-backend tests, between 3 hivemind peers (the data is
+    prepared once first: peers on one machine would otherwise build the same cache at the same time)."""
+    from datamodules import WikiText103DataModule
+
+    data = tmp_path / "data"
+    WikiText103DataModule(str(data), synthetic=True, train_tokenizer=True, tokenizer_vocab_size=1000, max_seq_length=64).prepare_data()
+    steps = 12
+    cmd = [
+        sys.executable, "-m", "lightning_btard.swarm", "--peers", "3", "--run-dir", str(tmp_path / "run"), "--timeout", "300", "--",
+        "--config", str(ROOT / "configs" / "albert_tiny.yaml"), f"--data.data_dir={data}", f"--trainer.max_steps={steps}",
+        "--trainer.val_check_interval=12", "--trainer.enable_progress_bar=false", "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.callbacks+=record_run.RecordRun", f"--trainer.callbacks.out_dir={tmp_path / 'rec'}",
+    ]
+    env = base_env({"PYTHONPATH": os.pathsep.join([str(ROOT), str(SCRIPTS)])})
+    out = run_command(cmd, timeout=360, env=env, cwd=tmp_path).stdout
+    assert all(f"rank {r}: finished" in out for r in range(3)), out
+    params, metrics = load_run(tmp_path / "rec", 3)
+    assert_identical(params)
+    for m in metrics:
+        assert m["global_step"] == steps and m["bans"] == [] and m["metrics"]["val/loss"] < 8.0
+
+
 def test_hivemind_backend_needs_one_device_per_process_and_a_group_size() -> None:
     import pytorch_lightning as pl
 
