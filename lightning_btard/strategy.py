@@ -304,6 +304,8 @@ class BTARDStrategy(ParallelStrategy):
             _optimizers_to_device(self.optimizers, self.root_device)
             self._check_manual_optimization()
             rank_zero_info(f"BTARD: {self.world_size} peers, aggregator {self.aggregator!r}, transport {self.backend}")
+            if self.backend == "hivemind":
+                print(f"BTARD hivemind: rank {self.global_rank} set up; training", flush=True)
 
     def _broadcast_module_state(self) -> None:
         """Start every peer from rank 0's parameters and buffers (nothing else does it without DDP)."""
@@ -559,6 +561,8 @@ class BTARDStrategy(ParallelStrategy):
         """This step's collectives, once: the fp16 overflow vote (``None``: every peer skips the step), the
         (verified) aggregation, the attack counts."""
         assert self.transport is not None
+        if self._left:  # banned, finishing fit() without the others: no more collectives
+            return sent
         if scale is not None and self._any_peer_overflowed(flat):
             return None
         if self.verify:
@@ -609,15 +613,20 @@ class BTARDStrategy(ParallelStrategy):
         failure, self._broken = self._broken, None
         old, active = self.transport, self.membership.active
         stand_in = bool(self._fast_path and self._validating is not None)  # my gradient is a recomputation
+
+        def at_my_step(state: Any) -> bool:  # a malformed announcement, or one from another step, is left out
+            return isinstance(state, tuple) and len(state) == 2 and state[0] == int(step) and isinstance(state[1], bool)
+
         try:
-            result = regroup(old, (int(step), stand_in), window=self._timeout.total_seconds())
+            result = regroup(old, (int(step), stand_in), window=self._timeout.total_seconds(), accept=at_my_step)
         except Alone as err:
             raise RuntimeError(f"BTARD: step {step}: {err} (the failure: {failure})") from err
-        steps = sorted({int(state[0]) for state in result.states.values()})
-        if len(steps) > 1:
+        if result.refused and 2 * len(result.members) <= len(result.members) + len(result.refused):
+            # peers that answered from another step (a state download would catch them up: not built yet) are as
+            # many as this group: it does not go on alone
             raise RuntimeError(
-                f"BTARD: after a peer stopped answering, the remaining peers are at different steps {steps}: "
-                "catching up a peer (a state download) is not supported yet"
+                f"BTARD: step {step}: after a failed collective, {len(result.members)} peers answered at this step and "
+                f"{len(result.refused)} at another step or malformed: catching peers up is not supported yet"
             )
         gone = [p for i, p in enumerate(active) if i not in result.members]
         for peer in gone:
@@ -630,11 +639,8 @@ class BTARDStrategy(ParallelStrategy):
         self._unvalidated_step = step
         self._stand_ins = {active[i] for i, state in result.states.items() if state[1]}
         self._setup_attacks(self.lightning_module.trainer if self.lightning_module is not None else None)
-        print(
-            f"BTARD: step {step}: peer(s) {gone} stopped answering (crashed or disconnected); continuing with "
-            f"{self.transport.world_size} peers {self.membership.active}",
-            flush=True,
-        )
+        what = f"peer(s) {gone} stopped answering (crashed or disconnected)" if gone else "a collective failed, nobody left"
+        print(f"BTARD: step {step}: {what}; continuing with {self.transport.world_size} peers {self.membership.active}", flush=True)
 
     def _diverged(self) -> None:
         """Stop with what went wrong: a non-finite part would get this peer banned as malformed, and averaging it

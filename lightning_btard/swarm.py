@@ -50,10 +50,11 @@ def make_identities(run_dir: Path, n: int) -> list[tuple[Path, str]]:
     return out
 
 
-def _joined(run_dir: Path, rank: int) -> bool:
-    """Whether peer ``rank`` got into the group (its log says so)."""
+def _training(run_dir: Path, rank: int) -> bool:
+    """Whether peer ``rank`` got through set-up into training (its log says so): before that, the others would wait
+    for it in set-up collectives until their timeout."""
     try:
-        return "peers joined; this peer is rank" in (run_dir / f"peer{rank}.log").read_text(errors="replace")
+        return f"BTARD hivemind: rank {rank} set up; training" in (run_dir / f"peer{rank}.log").read_text(errors="replace")
     except OSError:
         return False
 
@@ -136,9 +137,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         reported: set[int] = set()
         while any(proc.poll() is None for proc in procs) and time.monotonic() < deadline:
             failed = [r for r, proc in enumerate(procs) if proc.poll() not in (None, 0) and r not in reported]
-            if failed and not all(_joined(run_dir, r) for r in failed):
-                # before the group formed, the others would wait for it until the rendezvous timeout
-                print(f"peer(s) {failed} failed before the group formed: stopping the others (see their logs)", flush=True)
+            if failed and not all(_training(run_dir, r) for r in failed):
+                print(f"peer(s) {failed} failed before training: stopping the others (see their logs)", flush=True)
                 break
             for r in failed:  # in training, the others regroup without it after their collective deadline
                 print(f"peer {r} exited with code {procs[r].returncode}; the others continue without it", flush=True)

@@ -47,3 +47,22 @@ def test_a_peer_nobody_answers_is_alone(hivemind_swarm) -> None:
     with pytest.raises(Alone, match="alone"):
         regroup(group[0], (1, False), window=1.5)
     assert 1.5 <= time.monotonic() - started < 10
+
+
+def test_a_member_at_another_step_or_malformed_is_left_out_and_counted(hivemind_swarm) -> None:
+    group = transports(hivemind_swarm, 4, timeout=2.0)
+    states = {0: (5, False), 1: (5, False), 2: (6, False), 3: "garbage"}
+
+    def member(t):
+        at_5 = lambda s: isinstance(s, tuple) and len(s) == 2 and s[0] == 5  # noqa: E731
+        if t.rank >= 2:  # announces, but nobody at step 5 takes it
+            try:
+                regroup(t, states[t.rank], window=3.0, accept=lambda s: s == states[t.rank])
+            except TransportError:
+                pass
+            return None
+        r = regroup(t, states[t.rank], window=3.0, accept=at_5)
+        return r.members, r.refused, r.states
+
+    out = run_in_threads(group, member, 60)
+    assert out[0] == out[1] == ([0, 1], [2, 3], {0: (5, False), 1: (5, False)})

@@ -88,6 +88,7 @@ def test_honest_round_agrees_on_partwise_centered_clip(peers) -> None:
 CTX = AttackContext(step=3, rank=3, world_size=N)
 PROTOCOL_ATTACKS = {
     "wrong-aggregate": lambda: WrongAggregate([3], scale=1.001).conduct(CTX),  # 0.1% off
+    "overflowing-aggregate": lambda: WrongAggregate([3], scale=1e30).conduct(CTX),  # its float32 norm is inf
     "equivocating-aggregate": lambda: EquivocatingAggregate([3], victims=[0]).conduct(CTX),
     "uncommitted-part": lambda: UncommittedPart([3]).conduct(CTX),
     "nan-part": lambda: MalformedPart([3], kind="nan").conduct(CTX),

@@ -334,6 +334,8 @@ class _Round:
             norms = torch.tensor([float(self.numbers[i][j][1]) for i in range(self.n)], dtype=torch.float64)
             # CenteredClip's stated residual, and never below what float32 resolves near zero
             bound = 2 * self.config.rel_eps * float(safe_norm(self.aggregates[j])) + rounding_floor(self.sizes[j])
+            if not math.isfinite(float(torch.linalg.vector_norm(self.aggregates[j]))):
+                bound = math.inf  # an aggregate beyond float32's range fails the check (tolerance not finite)
             if not check.passes(weights, s, norms, bound) and j not in accusers:
                 self.ban(j, "its aggregate failed the CenteredClip check", "projection-check")
 

@@ -8,8 +8,9 @@ failed ones stop calling. Each survivor then
    the DHT, in a subkey only its own key signs;
 2. **waits** until every member has announced or ``window`` seconds have passed (a survivor may reach
    this point up to one collective deadline after another, so the window is that deadline);
-3. **confirms**: the members that announced form the next group, and publish on it the group each saw.
-   Members that saw different groups fail the confirmation and regroup again from there.
+3. **confirms**: the members that announced form the next group, and publish on it the group and the
+   states each saw. Members that saw anything different fail the confirmation and all announce again,
+   under the same key with the next attempt number, so they meet again.
 
 Nothing here judges anybody: a member that stops answering leaves the run (it is not banned); a
 Byzantine member that answers selectively is caught by the protocol's own checks in the next round.
@@ -20,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from lightning_btard.transports.base import TransportError
 from lightning_btard.transports.hivemind import HivemindTransport, decode_record, encode_record
@@ -40,10 +41,14 @@ class Regrouped:
     """The members that answered, as indices into the failed transport's members."""
     states: dict[int, Any]
     """Each member's announced state, by index into the failed transport's members."""
+    refused: list[int]
+    """Members that answered with a state ``accept`` refused (malformed, or at another step)."""
 
 
-def _announce_and_collect(old: HivemindTransport, state: Any, window: float) -> dict[int, Any]:
-    key = f"btard/{old.session.hex()}/regroup"
+def _announce_and_collect(
+    old: HivemindTransport, key: str, state: Any, window: float, accept: Callable[[Any], bool]
+) -> tuple[dict[int, Any], set[int]]:
+    """Announce; collect the accepted announcements (by member index) and the members whose announcement was not."""
     node = old.node
     deadline = time.monotonic() + window
     delay = 0.02
@@ -54,39 +59,46 @@ def _announce_and_collect(old: HivemindTransport, state: Any, window: float) -> 
         delay = min(2 * delay, 1.0)
     index = {peer: i for i, peer in enumerate(old.members)}
     seen: dict[int, Any] = {old.rank: state}
-    while len(seen) < len(old.members) and time.monotonic() < deadline:
+    refused: set[int] = set()
+    while len(seen) + len(refused) < len(old.members) and time.monotonic() < deadline:
         for writer, value in node.get_owned(key).items():
-            if writer in index and index[writer] not in seen:
-                try:
-                    seen[index[writer]] = decode_record(value)
-                except Exception:  # noqa: BLE001 - an unreadable announcement is no announcement
-                    continue
+            i = index.get(writer)
+            if i is None or i in seen or i in refused:
+                continue
+            try:
+                announced = decode_record(value)
+            except Exception:  # noqa: BLE001 - an unreadable announcement is refused like a wrong one
+                refused.add(i)
+                continue
+            if accept(announced):
+                seen[i] = announced
+            else:  # malformed, or not where I am: left out
+                refused.add(i)
         time.sleep(old.poll_interval)
-    return seen
+    return seen, refused
 
 
-def regroup(old: HivemindTransport, state: Any, window: float) -> Regrouped:
+def regroup(
+    old: HivemindTransport, state: Any, window: float, accept: Callable[[Any], bool] = lambda state: True, attempts: int = 5
+) -> Regrouped:
     """The group of ``old``'s members that are still answering, confirmed by all of them (see the module doc).
 
-    Raises :class:`Alone` when nobody else answers within ``window`` seconds."""
-    chosen = list(range(old.world_size))  # indices into the first failed transport's members
-    current = old
-    while True:
-        seen = _announce_and_collect(current, state, window)
+    ``accept(state)`` says whether another member's announced state can be in my group (a malformed one, or one at
+    another step, cannot: that member is left out). Every attempt announces under the failed group's key with the
+    attempt's number, so members whose first confirmation failed meet again. Raises :class:`Alone` when nobody else
+    is accepted within ``window`` seconds, :class:`TransportError` when ``attempts`` confirmations failed."""
+    for attempt in range(attempts):
+        seen, refused = _announce_and_collect(old, f"btard/{old.session.hex()}/regroup/{attempt}", state, window, accept)
         members = sorted(seen)
         if len(members) < 2:
             raise Alone(f"no other peer answered within {window:.0f}s after a failed collective: this peer is alone")
-        session = hashlib.sha256(current.session + b"regroup" + repr(members).encode()).digest()[:16]
-        nxt = HivemindTransport(
-            current.node, [current.members[i] for i in members], session, current.timeout, current.poll_interval
-        )
-        chosen = [chosen[i] for i in members]
+        session = hashlib.sha256(old.session + b"regroup" + repr((attempt, members)).encode()).digest()[:16]
+        nxt = HivemindTransport(old.node, [old.members[i] for i in members], session, old.timeout, old.poll_interval)
+        view = [[str(old.members[i]), seen[i]] for i in members]  # who, and what each announced
         try:
-            views = nxt.all_gather_object(sorted(str(current.members[i]) for i in members))
-            if all(v == views[nxt.rank] for v in views):
-                return Regrouped(nxt, chosen, {chosen[k]: seen[i] for k, i in enumerate(members)})
+            if all(v == view for v in nxt.all_gather_object(view)):
+                return Regrouped(nxt, members, {i: seen[i] for i in members}, sorted(refused))
         except TransportError:
-            pass  # somebody saw another group: regroup again among the members of this one
-        if current is not old:
-            current.close()
-        current = nxt
+            pass  # somebody saw another group, or other states: try again, all under the next attempt's key
+        nxt.close()
+    raise TransportError(f"the surviving peers did not agree on a group in {attempts} attempts")
