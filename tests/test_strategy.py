@@ -151,3 +151,14 @@ def test_a_diverged_model_stops_with_a_clear_error_instead_of_sending_nan(tmp_pa
     out = run_script("train_tiny.py", [str(tmp_path), "--devices", "2", "--steps", "5", "--lr", "1e30", "--verify"], timeout=180, check=False)
     assert out.returncode != 0
     assert "own gradient at step 1 is not finite" in out.stdout and "the model diverged" in out.stdout, out.stdout[-3000:]
+
+
+def test_the_strategy_pickles_for_spawned_processes() -> None:
+    """`strategy="btard_spawn"` (start_method="spawn") pickles the strategy into every process: its buffer caches
+    (Workspace, a thread-local) go as empty caches."""
+    import pickle
+
+    strategy = BTARDStrategy(start_method="spawn")
+    strategy._buffers.get("flat", (4,), torch.float32, torch.device("cpu"))
+    copy = pickle.loads(pickle.dumps(strategy))
+    assert isinstance(copy, BTARDStrategy) and copy._buffers.buffers == {} and copy.tau == strategy.tau

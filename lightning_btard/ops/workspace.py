@@ -24,6 +24,10 @@ class Workspace(threading.local):
     def __init__(self) -> None:
         self.buffers: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
+    def __reduce__(self) -> tuple:
+        """Pickled (a strategy sent to spawned processes) as an empty workspace: buffers are only a cache."""
+        return (self.__class__, ())
+
     def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """An uninitialised tensor of ``shape`` (contents are whatever the previous user left)."""
         key = (name, tuple(shape), dtype, torch.device(device))
