@@ -148,11 +148,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("interrupted: stopping the peers", flush=True)
     finally:
         for proc in procs:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            try:  # the whole group: a peer that died leaves its DHT process and p2pd behind otherwise
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             proc.wait()
         for log in logs:
             log.close()

@@ -20,6 +20,18 @@ def cifar(tmp_path_factory) -> Path:
     return write_synthetic_cifar10(tmp_path_factory.mktemp("cifar"), n_train=1200, n_test=200, seed=0)
 
 
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(500)
 def test_independent_peers_ban_the_attacker_survive_a_crash_and_stay_identical(tmp_path, cifar) -> None:
@@ -39,6 +51,7 @@ def test_independent_peers_ban_the_attacker_survive_a_crash_and_stay_identical(t
     ]
     env = base_env({"PYTHONPATH": os.pathsep.join([str(ROOT), str(SCRIPTS)])})
     out = run_command(cmd, timeout=450, env=env, cwd=tmp_path, check=False).stdout
+    assert not _processes_mentioning(str(tmp_path / "run")), "the killed peer's DHT process or p2pd outlived the swarm"
     assert "rank 2 (attacker): banned at step" in out, out
     assert "rank 0: finished" in out and "rank 1: finished" in out, out
     assert "peer 3 exited with code -9; the others continue without it" in out, out
