@@ -778,7 +778,7 @@ class BTARDStrategy(ParallelStrategy):
             if self.lightning_module is not None:
                 self.lightning_module.trainer.should_stop = True
             return
-        self._host_the_store_until_the_others_leave(announce=True)
+        self._host_the_store_until_the_others_leave()
         sys.stdout.flush()
         sys.stderr.flush()
         self._shutdown_node()
@@ -792,13 +792,12 @@ class BTARDStrategy(ParallelStrategy):
             except Exception as e:  # noqa: BLE001 - the host may be gone already; nothing to tell then
                 log.debug("BTARD: could not mark rank %d as left: %s", self.global_rank, e)
 
-    def _host_the_store_until_the_others_leave(self, announce: bool = False) -> None:
+    def _host_the_store_until_the_others_leave(self) -> None:
         """Rank 0 serves torch.distributed's TCPStore, which the others need to form each new group after a ban:
-        rank 0 (banned, or done first) keeps its process (idle) until every other peer has finished or left."""
+        a banned rank 0 keeps its process (idle) until every other peer has finished or left."""
         if self.backend != "torch" or self.global_rank != 0 or not dist.is_initialized():
             return
-        if announce:
-            print("BTARD: rank 0 hosts the process group's store; it stays until the other peers have finished.", flush=True)
+        print("BTARD: rank 0 hosts the process group's store; it stays until the other peers have finished.", flush=True)
         keys = [f"btard/left/{r}" for r in range(1, self.world_size)]
         try:
             dist.distributed_c10d._get_default_store().wait(keys, self._timeout)
@@ -814,7 +813,7 @@ class BTARDStrategy(ParallelStrategy):
         """Leave the swarm after the others have finished their last collective (their records stay readable)."""
         self._mark_left()
         if self._left:  # a banned rank 0 that ended fit() early (fork/spawn launchers); the others still need the store
-            self._host_the_store_until_the_others_leave(announce=True)
+            self._host_the_store_until_the_others_leave()
         if self._node is not None and self.transport is not None and self._broken is None and not self._left:
             self.transport.timeout = min(self.transport.timeout, 60.0)  # type: ignore[attr-defined]
             try:

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from lightning_btard.ops.centered_clip import centered_clip_with_stats
 from lightning_btard.ops.finite import all_finite
-from lightning_btard.ops.norms import rounding_floor, safe_norm
+from lightning_btard.ops.norms import redo_unsure_norms, rounding_floor, safe_norm
 from lightning_btard.ops.partition import part_sizes
 from lightning_btard.ops.workspace import Workspace
 from lightning_btard.ops.projection import ProjectionCheck, clipped_projections, random_directions
@@ -332,10 +332,12 @@ class _Round:
         for j in range(self.n):
             s = torch.tensor([self.numbers[i][j][0] for i in range(self.n)], dtype=torch.float64)
             norms = torch.tensor([float(self.numbers[i][j][1]) for i in range(self.n)], dtype=torch.float64)
-            # CenteredClip's stated residual, and never below what float32 resolves near zero
-            bound = 2 * self.config.rel_eps * float(safe_norm(self.aggregates[j])) + rounding_floor(self.sizes[j])
-            if not math.isfinite(float(torch.linalg.vector_norm(self.aggregates[j]))):
-                bound = math.inf  # an aggregate beyond float32's range fails the check (tolerance not finite)
+            # CenteredClip's stated residual, and never below what float32 resolves near zero; an aggregate beyond
+            # float32's range (its float32 norm overflows) fails the check (tolerance not finite)
+            g_norm = torch.linalg.vector_norm(self.aggregates[j]).double()
+            bound = math.inf if not bool(torch.isfinite(g_norm)) else (
+                2 * self.config.rel_eps * float(redo_unsure_norms(self.aggregates[j], g_norm)) + rounding_floor(self.sizes[j])
+            )
             if not check.passes(weights, s, norms, bound) and j not in accusers:
                 self.ban(j, "its aggregate failed the CenteredClip check", "projection-check")
 

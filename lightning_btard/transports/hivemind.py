@@ -246,7 +246,7 @@ class HivemindTransport(Transport):
         key = self._board_key(seq)
         deadline = time.monotonic() + self.timeout
         if publish:
-            self._publish(key, encode_record(obj), deadline)
+            self.publish(key, encode_record(obj), deadline)
         wanted = {self.members[i]: i for i in writers}
         found: dict[int, Any] = {}
         while True:
@@ -261,8 +261,9 @@ class HivemindTransport(Transport):
             raise TransportError(f"board record {key}: nothing within {self.timeout}s from {missing}")
         return found
 
-    def _publish(self, key: str, value: bytes, deadline: float) -> None:
-        """Store my record, retried until the deadline (a DHT store fails when no replica answers in time)."""
+    def publish(self, key: str, value: bytes, deadline: float) -> None:
+        """Store my record under ``key`` (my owner subkey), retried until the ``deadline`` (``time.monotonic()``):
+        a DHT store fails when no replica answers in time."""
         delay = 0.02
         while not self.node.store(key, value, ttl=max(600.0, 4 * self.timeout)):
             if time.monotonic() + delay > deadline:

@@ -49,19 +49,13 @@ def _announce_and_collect(
     old: HivemindTransport, key: str, state: Any, window: float, accept: Callable[[Any], bool]
 ) -> tuple[dict[int, Any], set[int]]:
     """Announce; collect the accepted announcements (by member index) and the members whose announcement was not."""
-    node = old.node
     deadline = time.monotonic() + window
-    delay = 0.02
-    while not node.store(key, encode_record(state), ttl=max(600.0, 4 * window)):
-        if time.monotonic() + delay > deadline:
-            raise TransportError(f"could not announce this peer in the DHT within {window}s")
-        time.sleep(delay)
-        delay = min(2 * delay, 1.0)
+    old.publish(key, encode_record(state), deadline)
     index = {peer: i for i, peer in enumerate(old.members)}
     seen: dict[int, Any] = {old.rank: state}
     refused: set[int] = set()
     while len(seen) + len(refused) < len(old.members) and time.monotonic() < deadline:
-        for writer, value in node.get_owned(key).items():
+        for writer, value in old.node.get_owned(key).items():
             i = index.get(writer)
             if i is None or i in seen or i in refused:
                 continue
