@@ -90,7 +90,11 @@ class BTARDStrategy(ParallelStrategy):
         host_maddrs: (hivemind) where this peer listens (``/ip4/0.0.0.0/tcp/<port>`` to accept other machines).
         announce_maddrs: (hivemind) the addresses other peers should dial, if not ``host_maddrs``.
         identity_path: (hivemind) this peer's RSA key file (its peer id); made if missing; a fresh key if not given.
-        rendezvous_timeout: (hivemind) seconds to wait for ``num_peers`` peers to join.
+        rendezvous_timeout: (hivemind) seconds to wait for ``num_peers`` peers to join, or, for a peer that starts
+            after the run did, to be admitted.
+        join_every: (hivemind) every this many steps the members admit peers that asked to join the running group
+            (they download the model and optimizer state, checked against the digest a majority of members publish);
+            banned peers are refused. 0 admits nobody.
         process_group_backend: ``"gloo"`` / ``"nccl"``; default by device.
         timeout: collective timeout.
         start_method: ``"popen"`` (a script re-launched per process, like Lightning's ``ddp``) or
@@ -118,6 +122,7 @@ class BTARDStrategy(ParallelStrategy):
         announce_maddrs: Optional[Sequence[str]] = None,
         identity_path: Optional[str] = None,
         rendezvous_timeout: float = 600.0,
+        join_every: int = 10,
         process_group_backend: Optional[str] = None,
         timeout: Union[float, timedelta] = 1800.0,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
@@ -144,6 +149,14 @@ class BTARDStrategy(ParallelStrategy):
             identity_path=identity_path, rendezvous_timeout=float(rendezvous_timeout),
         )
         self._node: Any = None
+        if join_every < 0:
+            raise UserError(f"join_every must be >= 0 (0: admit nobody), got {join_every}")
+        self.join_every = int(join_every)
+        self._joining = False  # this peer started after the run did: it is admitted instead of meeting the others
+        self._catching_up = False  # admitted, restoring the group's state: no collectives until its first batch
+        self._joined_state: Optional[dict[str, Any]] = None  # the group's checkpoint, downloaded and checked
+        self._joins_checked_at = -1
+        self._running_announced = 0.0
         if check_params_every < 1:
             raise UserError(f"check_params_every must be >= 1, got {check_params_every}")
         self.tau = float(tau)
@@ -245,6 +258,9 @@ class BTARDStrategy(ParallelStrategy):
         assert self.cluster_environment is not None
         if self.backend == "hivemind":
             self.transport = self._join_swarm()
+            if self._joining:  # the group, the keys and the seed come with the admission (in setup)
+                self._identity = Identity.generate()
+                return
         else:
             kwargs: dict[str, Any] = {"timeout": self._timeout}
             if self.root_device.type != "cpu":
@@ -261,6 +277,7 @@ class BTARDStrategy(ParallelStrategy):
 
     def _join_swarm(self) -> Transport:
         """Start this peer's hivemind node, print its addresses, wait for the group; take the rank it gives us."""
+        from lightning_btard.transports.hivemind_admission import announce_running, run_is_running
         from lightning_btard.transports.hivemind_node import HivemindNode
         from lightning_btard.transports.hivemind_rendezvous import rendezvous
 
@@ -269,15 +286,28 @@ class BTARDStrategy(ParallelStrategy):
             initial_peers=cfg["initial_peers"], host_maddrs=cfg["host_maddrs"], announce_maddrs=cfg["announce_maddrs"],
             identity_path=cfg["identity_path"],
         )
+        join = f"  --trainer.strategy.initial_peers=[{','.join(self._node.visible_maddrs)}]"
+        assert self.cluster_environment is not None
+        if run_is_running(self._node, cfg["run_id"]):
+            self._joining = True
+            # a rank no member has, until the admission gives this peer its own (not 0: rank-zero-only output stays
+            # the first member's)
+            self.cluster_environment.set_world_size(cfg["num_peers"] + 1)
+            self.cluster_environment.set_global_rank(cfg["num_peers"])
+            rank_zero_only.rank = utils_rank_zero_only.rank = cfg["num_peers"]
+            print(f"BTARD hivemind peer {self._node.peer_id}: run {cfg['run_id']!r} is running; this peer joins it "
+                  f"once set up. Other peers join with:\n{join}", flush=True)
+            return None
         print(
             f"BTARD hivemind peer {self._node.peer_id} (run {cfg['run_id']!r}, waiting for {cfg['num_peers']} peers). "
-            f"Other peers join with:\n  --trainer.strategy.initial_peers=[{','.join(self._node.visible_maddrs)}]",
+            f"Other peers join with:\n{join}",
             flush=True,
         )
         transport = rendezvous(self._node, cfg["run_id"], cfg["num_peers"], cfg["rendezvous_timeout"])
         transport.timeout = self._timeout.total_seconds()
         self._hivemind_members = list(transport.members)
-        assert self.cluster_environment is not None
+        announce_running(self._node, cfg["run_id"], 0)  # peers that start from now on ask to join instead
+        self._running_announced = time.monotonic()
         self.cluster_environment.set_world_size(transport.world_size)
         self.cluster_environment.set_global_rank(transport.rank)
         rank_zero_only.rank = utils_rank_zero_only.rank = transport.rank
@@ -293,7 +323,10 @@ class BTARDStrategy(ParallelStrategy):
         self.accelerator.setup(trainer)
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()
-        self._broadcast_module_state()
+        if self._joining:
+            self._join_running_group(trainer)
+        else:
+            self._broadcast_module_state()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
             self._setup_attacks(trainer)
@@ -575,6 +608,136 @@ class BTARDStrategy(ParallelStrategy):
         self._attack_counts = self._count_attackers(ctx.trainer, ctx.step)
         return aggregate
 
+    # ----------------------------------------------------------------- peers joining a running group (hivemind)
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        """A joining peer learns the group's state in ``setup`` (after its data and model are ready): Lightning restores
+        it after that, as from a checkpoint file."""
+        return self._joining
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        if self._joined_state is not None:
+            rank_zero_warn(f"BTARD: this peer joined a running group and takes its state; ckpt_path={checkpoint_path} is not loaded")
+            return self._joined_state
+        return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+
+    def _join_running_group(self, trainer: "pl.Trainer") -> None:
+        """Ask the running group to admit this peer; take the group, keys and seed from the admission a majority of
+        members wrote, and their training state from one of them, checked against the digest they published."""
+        from hivemind.p2p import PeerID
+
+        from lightning_btard.transports.hivemind import HivemindTransport
+        from lightning_btard.transports.hivemind_admission import ask_to_join, download_agreed_state, wait_for_admission
+        from lightning_btard.transports.hivemind_rendezvous import session_of
+        from lightning_btard.transports.hivemind_state import shared_state_digest
+
+        if trainer.state.fn != TrainerFn.FITTING:
+            raise UserError(f"run {self._hivemind['run_id']!r} is running: a peer can only join it to train (`btard fit`)")
+        assert self._identity is not None and self.cluster_environment is not None
+        node, run_id = self._node, self._hivemind["run_id"]
+        nonce = ask_to_join(node, run_id, self._identity.public)
+        print(f"BTARD hivemind: asked run {run_id!r} to admit this peer (its members admit joiners every "
+              f"join_every={self.join_every} steps of theirs)", flush=True)
+        record = wait_for_admission(node, run_id, nonce, self._hivemind["rendezvous_timeout"])
+        self._hivemind_members = [PeerID.from_base58(p) for p in record["peers"]]
+        membership = Membership(peers=list(range(len(self._hivemind_members))), generation=int(record["generation"]))
+        membership.bans = [Ban(int(p), int(t), str(reason), str(evidence)) for p, t, reason, evidence in record["bans"]]
+        membership.departed = {int(p): int(t) for p, t in record["departed"]}
+        self.membership, self._keys, self._run_seed = membership, list(record["keys"]), int(record["seed"])
+        me, step, active = int(record["id"]), int(record["step"]), membership.active
+        members = [self._hivemind_members[p] for p in active]
+        self.transport = HivemindTransport(
+            node, members, session_of(run_id, members, "group", membership.generation), timeout=self._timeout.total_seconds()
+        )
+        self.cluster_environment.set_world_size(len(self._hivemind_members))
+        self.cluster_environment.set_global_rank(me)
+        rank_zero_only.rank = utils_rank_zero_only.rank = me
+        names = [n for n, _ in self.lightning_module.named_parameters()]  # type: ignore[union-attr]
+        precision = type(self.precision_plugin).__qualname__
+
+        def agreed(checkpoint: dict[str, Any]) -> bool:
+            return checkpoint.get("global_step") == step and shared_state_digest(checkpoint, names, precision) == record["digest"]
+
+        others = [m for m in members if m != node.peer_id]
+        self._joined_state, source = download_agreed_state(node, others, step, agreed, self._timeout.total_seconds())
+        trainer._checkpoint_connector._loaded_checkpoint = self._joined_state  # Lightning restores it after setup
+        self._catching_up = True
+        print(f"BTARD hivemind: joined run {run_id!r} at step {step} as peer {me}; {len(active)} peers {active}; "
+              f"state from {source}, its digest the one the members published", flush=True)
+
+    def on_train_start(self) -> None:
+        self._joined_state = None  # restored by now: free it
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """At a step boundary every ``join_every`` steps, the members admit the peers that asked to join."""
+        if self._catching_up:  # a joiner's first batch: the members admitted it at this very point
+            self._catching_up = False
+            return
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if self._node is None or not self.join_every or trainer is None:
+            return
+        step = trainer.global_step
+        if step % self.join_every or batch_idx % trainer.accumulate_grad_batches or step == self._joins_checked_at:
+            return
+        self._joins_checked_at = step
+        self._tolerant(lambda: self._admit_joiners(trainer, step), lambda: None)
+
+    def _admit_joiners(self, trainer: "pl.Trainer", step: int) -> None:
+        """One board collective: admit the join requests a majority of members saw, refuse banned peers, offer the
+        state, write the admission records, continue in the larger group (``transports/hivemind_admission.py``)."""
+        from lightning_btard.transports.hivemind import encode_record
+        from lightning_btard.transports.hivemind_admission import (
+            agree_on_joiners, announce_running, publish_admission, publish_refusal,
+        )
+        from lightning_btard.transports.hivemind_state import shared_state_digest, to_plain
+
+        assert self.membership is not None and self.transport is not None
+        node, run_id, timeout = self._node, self._hivemind["run_id"], self._timeout.total_seconds()
+        if time.monotonic() - self._running_announced > 600:
+            announce_running(node, run_id, step)
+            self._running_announced = time.monotonic()
+        node.states.withdraw()  # the previous admission's offer: its joiners have it by now, or have gone
+        group = list(self.transport.members)
+        bans = {self._hivemind_members[b.peer]: b for b in self.membership.bans}
+        admitted, refused = agree_on_joiners(self.transport, run_id, group, bans)
+        for peer in refused:
+            ban = bans[peer]
+            publish_refusal(node, run_id, peer, group, f"banned at step {ban.step} as peer {ban.peer} ({ban.evidence})", timeout)
+            log.warning("BTARD: step %d: refused banned peer %d (%s), which asked to join again", step, ban.peer, peer)
+        if not admitted:
+            return
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        try:
+            data = encode_record(to_plain(checkpoint))
+        except (TypeError, ValueError, RuntimeError) as e:  # the same on every member: all refuse alike
+            rank_zero_warn(f"BTARD: the training state cannot be sent to joining peers, who are refused: {e}")
+            for request in admitted:
+                publish_refusal(node, run_id, request.peer, group, f"the run's state cannot be sent: {e}", timeout)
+            return
+        names = [n for n, _ in self.lightning_module.named_parameters()]  # type: ignore[union-attr]
+        digest = shared_state_digest(checkpoint, names, type(self.precision_plugin).__qualname__)
+        node.states.offer(step, data)
+        # the records first: if writing them fails (a TransportError: regroup), the group is still the old one
+        first, generation = len(self.membership.peers), self.membership.generation + 1
+        ids = list(range(first, first + len(admitted)))
+        peers = self._hivemind_members + [r.peer for r in admitted]
+        keys = self._keys + [r.key for r in admitted] if self.verify else []
+        record = {
+            "step": step, "group": [m.to_base58() for m in group], "peers": [m.to_base58() for m in peers],
+            "keys": keys, "seed": self._run_seed, "generation": generation,
+            "bans": [[b.peer, b.step, b.reason, b.evidence] for b in self.membership.bans],
+            "departed": [[p, t] for p, t in self.membership.departed.items()], "digest": digest,
+        }
+        for request, peer in zip(admitted, ids):
+            publish_admission(node, run_id, request, {**record, "id": peer}, timeout)
+        self.membership.admit(len(admitted))  # ids and generation as in the records
+        self._hivemind_members, self._keys = peers, keys
+        self._record = None  # the previous step's validation spanned the old group: it is not resolved in the new one
+        self._rebuild_transport()
+        self._setup_attacks(trainer)
+        print(f"BTARD: step {step}: admitted peer(s) {ids} ({', '.join(str(r.peer) for r in admitted)}); continuing with "
+              f"{self.transport.world_size} peers {self.membership.active}", flush=True)
+
     # ----------------------------------------------------------------- peers that stop answering (hivemind)
     def _with_regroup(self, step: int, attempt: Callable[[], Any]) -> Any:
         """``attempt()``; on the hivemind backend, a collective that fails (a peer stopped answering) is followed by
@@ -593,7 +756,7 @@ class BTARDStrategy(ParallelStrategy):
     def _tolerant(self, attempt: Callable[[], Any], fallback: Callable[[], Any]) -> Any:
         """A collective outside the aggregation (logging, barriers, broadcasts): after a failure on the hivemind
         backend, this peer stops calling collectives (``fallback()``) until the next aggregation regroups."""
-        if self._broken is not None or self._left:
+        if self._broken is not None or self._left or self._catching_up:
             return fallback()
         try:
             return attempt()
@@ -737,7 +900,7 @@ class BTARDStrategy(ParallelStrategy):
             members = [self._hivemind_members[p] for p in active]
             old = self.transport
             self.transport = HivemindTransport(
-                self._node, members, session_of(self._hivemind["run_id"], members, "bans", len(self.membership.bans)),
+                self._node, members, session_of(self._hivemind["run_id"], members, "group", self.membership.generation),
                 timeout=self._timeout.total_seconds(),
             )
             if old is not None:

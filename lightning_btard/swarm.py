@@ -33,8 +33,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_identities(run_dir: Path, n: int) -> list[tuple[Path, str]]:
-    """``n`` fresh identity files in ``run_dir``, in rank order, with their peer ids (base58)."""
+def make_identities(run_dir: Path, n: int, prefix: str = "peer") -> list[tuple[Path, str]]:
+    """``n`` fresh identity files in ``run_dir`` (``<prefix><i>.key``), in rank order, with their peer ids (base58)."""
     from hivemind.p2p import PeerID
     from hivemind.utils.crypto import RSAPrivateKey
 
@@ -44,24 +44,32 @@ def make_identities(run_dir: Path, n: int) -> list[tuple[Path, str]]:
     blobs = {PeerID.from_identity(blob): blob for blob in (identity_bytes(RSAPrivateKey()) for _ in range(n))}
     out = []
     for rank, peer in enumerate(rank_order(list(blobs))):
-        path = run_dir / f"peer{rank}.key"
+        path = run_dir / f"{prefix}{rank}.key"
         write_identity(str(path), blobs[peer])
         out.append((path, peer.to_base58()))
     return out
 
 
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
 def _training(run_dir: Path, rank: int) -> bool:
     """Whether peer ``rank`` got through set-up into training (its log says so): before that, the others would wait
     for it in set-up collectives until their timeout."""
-    try:
-        return f"BTARD hivemind: rank {rank} set up; training" in (run_dir / f"peer{rank}.log").read_text(errors="replace")
-    except OSError:
-        return False
+    return f"BTARD hivemind: rank {rank} set up; training" in _read(run_dir / f"peer{rank}.log")
 
 
-def _peer_command(args: argparse.Namespace, rank: int, key: Path, port: int, first: str, run_id: str) -> list[str]:
-    cmd = [sys.executable, "-m", "lightning_btard.cli", "fit", f"--trainer.default_root_dir={key.parent / f'peer{rank}'}",
-           *args.fit_args]
+def _banned(log: str) -> Optional[str]:
+    found = re.search(r"BTARD: this peer \(rank \d+\) was banned at step (\d+)", log)
+    return found.group(1) if found else None
+
+
+def _peer_command(args: argparse.Namespace, name: str, key: Path, port: int, first: Optional[str], run_id: str) -> list[str]:
+    cmd = [sys.executable, "-m", "lightning_btard.cli", "fit", f"--trainer.default_root_dir={key.parent / name}", *args.fit_args]
     if args.attack_config:
         cmd += ["--config", args.attack_config, f"--trainer.callbacks.byzantine=[{','.join(map(str, args.byzantine))}]"]
         cmd += [f"--trainer.callbacks.{kv}" for kv in args.attack_arg]
@@ -71,30 +79,48 @@ def _peer_command(args: argparse.Namespace, rank: int, key: Path, port: int, fir
         f"--trainer.strategy.num_peers={args.peers}",
         f"--trainer.strategy.run_id={run_id}",
         f"--trainer.strategy.identity_path={key}",
-        f"--trainer.strategy.host_maddrs=[/ip4/127.0.0.1/tcp/{port if rank == 0 else 0}]",
+        f"--trainer.strategy.host_maddrs=[/ip4/127.0.0.1/tcp/{port}]",
         f"--trainer.strategy.rendezvous_timeout={args.timeout}",
     ]
-    if rank > 0:
+    if first is not None:
         cmd.append(f"--trainer.strategy.initial_peers=[{first}]")
     return cmd
 
 
-def _summary(run_dir: Path, n: int, codes: list[Optional[int]], byzantine: list[int]) -> str:
-    lines = [f"{n} hivemind peers, logs in {run_dir}/peer<rank>.log"]
+def _summary(run_dir: Path, n: int, codes: list[Optional[int]], byzantine: list[int], late: list[Optional[int]],
+             rejoined: dict[int, Optional[int]]) -> str:
+    lines = [f"{n} hivemind peers, logs in {run_dir}/peer<rank>.log" + (f" (late peers: late<i>.log)" if late else "")]
     for rank in range(n):
-        log = (run_dir / f"peer{rank}.log").read_text(errors="replace") if (run_dir / f"peer{rank}.log").exists() else ""
-        banned = re.search(r"BTARD: this peer \(rank \d+\) was banned at step (\d+)", log)
-        state = f"banned at step {banned.group(1)}" if banned else ("finished" if codes[rank] == 0 else f"exit code {codes[rank]}")
+        banned = _banned(_read(run_dir / f"peer{rank}.log"))
+        state = f"banned at step {banned}" if banned else ("finished" if codes[rank] == 0 else f"exit code {codes[rank]}")
+        if rank in rejoined:
+            refused = re.search(r"refused this peer \([^)]*\): (.*)", _read(run_dir / f"peer{rank}.rejoin.log"))
+            state += "; asked to join again: " + (f"refused ({refused.group(1)})" if refused else f"exit code {rejoined[rank]}")
         lines.append(f"  rank {rank}{' (attacker)' if rank in byzantine else ''}: {state}")
+    for i, code in enumerate(late):
+        log = _read(run_dir / f"late{i}.log")
+        joined = re.search(r"joined run \S+ at step (\d+) as peer (\d+)", log)
+        state = f"joined at step {joined.group(1)} as peer {joined.group(2)}" if joined else "did not join"
+        state += ", " + ("finished" if code == 0 else f"exit code {code}")
+        lines.append(f"  late peer {i}: {state}")
     honest = [r for r in range(n) if r not in byzantine and codes[r] == 0]
     if honest:
-        log = (run_dir / f"peer{honest[0]}.log").read_text(errors="replace")
+        log = _read(run_dir / f"peer{honest[0]}.log")
         found = re.search(r"BTARD: \d+ peer\(s\) banned during the run[.:](\n  step .*)*", log)
         if found:
             lines.append(f"ban list seen by rank {honest[0]}:")
             lines.append(found.group(0))
-        lines += [f"seen by rank {honest[0]}: {m}" for m in re.findall(r"BTARD: step \d+: peer\(s\) .* stopped answering.*", log)]
+        events = re.findall(r"BTARD: step \d+: (?:peer\(s\) .* stopped answering|admitted peer\(s\)).*", log)
+        events += re.findall(r"BTARD: step \d+: refused banned peer .*", log)
+        lines += [f"seen by rank {honest[0]}: {m}" for m in events]
     return "\n".join(lines)
+
+
+def _start(cmd: list[str], log_path: Path, logs: list) -> subprocess.Popen:
+    log = open(log_path, "w")
+    logs.append(log)
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -103,39 +129,44 @@ def main(argv: Optional[list[str]] = None) -> int:
     if "--" in argv:
         fit_args, argv = argv[argv.index("--") + 1 :], argv[: argv.index("--")]
     p = argparse.ArgumentParser(prog="python -m lightning_btard.swarm", description=__doc__.split("\n\n")[0])
-    p.add_argument("--peers", type=int, required=True, help="how many peers (processes) to start")
+    p.add_argument("--peers", type=int, required=True, help="how many peers (processes) start the run")
     p.add_argument("--byzantine", type=int, nargs="*", default=[], help="ranks the attack acts on")
     p.add_argument("--attack-config", default=None, help="an attack YAML (configs/attacks/...) given to every peer")
     p.add_argument("--attack-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="an argument of the attack, e.g. attack_start=100 (repeatable)")
+    p.add_argument("--late-peers", type=int, default=0, help="peers that start after the run did and join it")
+    p.add_argument("--late-delay", type=float, default=10.0,
+                   help="seconds after every peer is training before the late peers start")
+    p.add_argument("--rejoin-banned", action="store_true",
+                   help="start a banned peer again with its own key once it has left (the others refuse it)")
     p.add_argument("--run-dir", default=None, help="where keys and logs go (default runs/swarm-<id>)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds before every peer is stopped")
     args = p.parse_args(argv)
     args.fit_args = fit_args
-    if args.peers < 1:
-        p.error("--peers must be >= 1")
+    if args.peers < 1 or args.late_peers < 0:
+        p.error("--peers must be >= 1 and --late-peers >= 0")
     if args.byzantine and not args.attack_config:
         p.error("--byzantine needs --attack-config")
     run_id = f"swarm-{uuid.uuid4().hex[:8]}"
     run_dir = Path(args.run_dir or Path("runs") / run_id).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     keys = make_identities(run_dir, args.peers)
+    late_keys = make_identities(run_dir, args.late_peers, prefix="late")
     port = _free_port()
     first = f"/ip4/127.0.0.1/tcp/{port}/p2p/{keys[0][1]}"
     procs: list[subprocess.Popen] = []
-    logs = []
+    late: list[subprocess.Popen] = []
+    rejoined: dict[int, subprocess.Popen] = {}
+    logs: list = []
     try:
         for rank, (key, _) in enumerate(keys):
-            log = open(run_dir / f"peer{rank}.log", "w")
-            logs.append(log)
-            procs.append(subprocess.Popen(
-                _peer_command(args, rank, key, port, first, run_id), stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            ))
+            cmd = _peer_command(args, f"peer{rank}", key, port if rank == 0 else 0, first if rank else None, run_id)
+            procs.append(_start(cmd, run_dir / f"peer{rank}.log", logs))
         print(f"started {args.peers} peers (run {run_id}); first peer at {first}; logs in {run_dir}", flush=True)
         deadline = time.monotonic() + args.timeout
         reported: set[int] = set()
-        while any(proc.poll() is None for proc in procs) and time.monotonic() < deadline:
+        training_since: Optional[float] = None
+        while any(proc.poll() is None for proc in procs + late) and time.monotonic() < deadline:
             failed = [r for r, proc in enumerate(procs) if proc.poll() not in (None, 0) and r not in reported]
             if failed and not all(_training(run_dir, r) for r in failed):
                 print(f"peer(s) {failed} failed before training: stopping the others (see their logs)", flush=True)
@@ -143,11 +174,28 @@ def main(argv: Optional[list[str]] = None) -> int:
             for r in failed:  # in training, the others regroup without it after their collective deadline
                 print(f"peer {r} exited with code {procs[r].returncode}; the others continue without it", flush=True)
                 reported.add(r)
+            if training_since is None and all(_training(run_dir, r) for r in range(args.peers)):
+                training_since = time.monotonic()
+            if training_since is not None and not late and time.monotonic() > training_since + args.late_delay:
+                for i, (key, _) in enumerate(late_keys):
+                    late.append(_start(_peer_command(args, f"late{i}", key, 0, first, run_id), run_dir / f"late{i}.log", logs))
+                    print(f"started late peer {i}; it joins the running group", flush=True)
+            for r, proc in enumerate(procs):
+                # rank 0 is not started again: its address was everyone's way in
+                if args.rejoin_banned and r and r not in rejoined and proc.poll() == 0 and _banned(_read(run_dir / f"peer{r}.log")):
+                    cmd = _peer_command(args, f"peer{r}.rejoin", keys[r][0], 0, first, run_id)
+                    rejoined[r] = _start(cmd, run_dir / f"peer{r}.rejoin.log", logs)
+                    print(f"banned peer {r} starts again with its own key and asks to join", flush=True)
             time.sleep(0.5)
+        for proc in rejoined.values():  # refused by now, or still asking when the run ended
+            try:
+                proc.wait(timeout=max(0.0, min(30.0, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                pass
     except KeyboardInterrupt:
         print("interrupted: stopping the peers", flush=True)
     finally:
-        for proc in procs:
+        for proc in procs + late + list(rejoined.values()):
             try:  # the whole group: a peer that died leaves its DHT process and p2pd behind otherwise
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -156,8 +204,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         for log in logs:
             log.close()
     codes = [proc.returncode for proc in procs]
-    print(_summary(run_dir, args.peers, codes, args.byzantine), flush=True)
-    honest_ok = all(codes[r] == 0 for r in range(args.peers) if r not in args.byzantine)
+    late_codes = [proc.returncode for proc in late] + [None] * (args.late_peers - len(late))
+    print(_summary(run_dir, args.peers, codes, args.byzantine, late_codes, {r: q.returncode for r, q in rejoined.items()}), flush=True)
+    honest_ok = all(codes[r] == 0 for r in range(args.peers) if r not in args.byzantine) and all(c == 0 for c in late_codes)
     return 0 if honest_ok else 1
 
 

@@ -5,6 +5,7 @@ misconfigurations fail with one clear message."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 from pathlib import Path
@@ -67,6 +68,44 @@ def test_independent_peers_ban_the_attacker_survive_a_crash_and_stay_identical(t
         assert [(b["peer"], b["evidence"]) for b in m["bans"]] == [(2, "recomputation")]
         assert 5 < m["bans"][0]["step"] < steps  # 2 validators of 4 peers: missed for 16 steps with p < (2/3)^16
         assert m["departed"] == {"3": crash}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(500)
+def test_a_late_peer_joins_with_the_groups_state_and_the_banned_attacker_is_refused(tmp_path, cifar) -> None:
+    """3 peers start; rank 2 flips signs from step 2 and is banned by recomputation, then starts again with its own key
+    and asks to join: the members refuse it. A fourth peer starts after the run did: it is admitted at a step
+    boundary, downloads the model and optimizer state (checked against the members' digest), trains from that step,
+    and ends with the others' parameters."""
+    steps, join_every = 70, 5
+    cmd = [
+        sys.executable, "-m", "lightning_btard.swarm", "--peers", "3", "--byzantine", "2",
+        "--attack-config", str(ROOT / "configs" / "attacks" / "sign_flipping.yaml"), "--attack-arg", "attack_start=2",
+        "--late-peers", "1", "--late-delay", "0", "--rejoin-banned",
+        "--run-dir", str(tmp_path / "run"), "--timeout", "400", "--",
+        "--config", str(ROOT / "configs" / "demo.yaml"), f"--data.data_dir={cifar}", f"--trainer.max_steps={steps}",
+        "--trainer.val_check_interval=35", "--trainer.enable_progress_bar=false", "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false", "--trainer.strategy.timeout=30", f"--trainer.strategy.join_every={join_every}",
+        "--trainer.callbacks+=record_run.RecordRun", f"--trainer.callbacks.out_dir={tmp_path / 'rec'}",
+    ]
+    env = base_env({"PYTHONPATH": os.pathsep.join([str(ROOT), str(SCRIPTS)])})
+    out = run_command(cmd, timeout=450, env=env, cwd=tmp_path, check=False).stdout
+    assert not _processes_mentioning(str(tmp_path / "run")), "a peer's DHT process or p2pd outlived the swarm"
+    assert "rank 0: finished" in out and "rank 1: finished" in out, out
+    assert re.search(r"rank 2 \(attacker\): banned at step \d+; asked to join again: refused \(banned at step \d+ as peer 2 "
+                     r"\(recomputation\)\)", out), out
+    joined = re.search(r"late peer 0: joined at step (\d+) as peer 3, finished", out)
+    assert joined, out
+    start = int(joined.group(1))
+    assert start % join_every == 0 and 0 < start < steps
+    assert re.search(rf"BTARD: step {start}: admitted peer\(s\) \[3\]", out), out
+    params, metrics = load_run(tmp_path / "rec", [0, 1, 3])
+    assert_identical(params)
+    for m in metrics:
+        assert m["global_step"] == steps
+        assert [(b["peer"], b["evidence"]) for b in m["bans"]] == [(2, "recomputation")]  # the joiner was told of it
+    late = metrics[2]["losses"]
+    assert late[0][0] == start + 1 and len(late) == steps - start  # from the group's step on (logged after each step)
 
 
 @pytest.mark.slow

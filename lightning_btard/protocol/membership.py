@@ -54,6 +54,14 @@ class Membership:
     def is_active(self, peer: int) -> bool:
         return peer in self.peers and peer not in self.banned and peer not in self.departed
 
+    def admit(self, count: int) -> list[int]:
+        """``count`` new peers (joining a running group): their ids, the next free ones."""
+        new = list(range(len(self.peers), len(self.peers) + int(count)))
+        self.peers.extend(new)
+        if new:
+            self.generation += 1
+        return new
+
     def depart(self, peer: int, step: int) -> bool:
         """``peer`` stopped answering at ``step``; returns False if it was not active."""
         if not self.is_active(peer):

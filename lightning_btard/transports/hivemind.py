@@ -38,7 +38,7 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float64, torch.float
 def _pack_ext(obj: Any) -> msgpack.ExtType:
     if isinstance(obj, Tensor):
         t = obj.detach().to("cpu").contiguous()
-        raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         return msgpack.ExtType(_TENSOR, encode_record([str(t.dtype).removeprefix("torch."), list(t.shape), raw]))
     if isinstance(obj, tuple):
         return msgpack.ExtType(_TUPLE, encode_record(list(obj)))
@@ -264,12 +264,8 @@ class HivemindTransport(Transport):
     def publish(self, key: str, value: bytes, deadline: float) -> None:
         """Store my record under ``key`` (my owner subkey), retried until the ``deadline`` (``time.monotonic()``):
         a DHT store fails when no replica answers in time."""
-        delay = 0.02
-        while not self.node.store(key, value, ttl=max(600.0, 4 * self.timeout)):
-            if time.monotonic() + delay > deadline:
-                raise TransportError(f"could not store board record {key} in the DHT within {self.timeout}s")
-            time.sleep(delay)
-            delay = min(2 * delay, 1.0)
+        if not self.node.store_until(key, value, max(600.0, 4 * self.timeout), deadline):
+            raise TransportError(f"could not store board record {key} in the DHT within {self.timeout}s")
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         found = self._board(obj, range(self.world_size), publish=True)

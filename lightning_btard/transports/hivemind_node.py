@@ -30,6 +30,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from lightning_btard.transports.base import TransportError
 from lightning_btard.transports.hivemind_mailbox import Mailbox, MessageServicer
+from lightning_btard.transports.hivemind_state import StateOffers, StateServicer
 
 __all__ = ["HivemindNode", "peer_id_of_owner"]
 
@@ -141,6 +142,9 @@ class HivemindNode:
         self.namespace = namespace
         self.mailbox = Mailbox()
         self.run(MessageServicer(self.mailbox, max_message_bytes).add_p2p_handlers(self.p2p, namespace=namespace), timeout=30)
+        self.states = StateOffers()
+        """The training state this peer offers to joining peers (``hivemind_state.py``)."""
+        self.run(StateServicer(self.states).add_p2p_handlers(self.p2p, namespace=namespace), timeout=30)
         self._closed = False
 
     @property
@@ -166,6 +170,17 @@ class HivemindNode:
         """Store ``value`` under ``key`` in this peer's own subkey (signed with its key)."""
         # returns after the first replica took it; the others are written in the background
         return bool(self.dht.store(key, value, get_dht_time() + ttl, subkey=self.owner, await_all_replicas=False))
+
+    def store_until(self, key: str, value: bytes, ttl: float, deadline: float) -> bool:
+        """:meth:`store`, retried with back-off until it succeeds or ``deadline`` (``time.monotonic()``) passes: a DHT
+        store fails when no replica answers in time."""
+        delay = 0.02
+        while not self.store(key, value, ttl):
+            if time.monotonic() + delay > deadline:
+                return False
+            time.sleep(delay)
+            delay = min(2 * delay, 1.0)
+        return True
 
     def get_owned(self, key: str) -> dict[PeerID, bytes]:
         """Every owner-signed entry under ``key``, by the writer's peer id (entries of other forms ignored)."""

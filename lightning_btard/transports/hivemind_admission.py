@@ -1,0 +1,206 @@
+"""Peers joining a running group (hivemind backend), and banned peers refused at the door.
+
+A run's members mark it as running in the DHT (:func:`announce_running`). A peer that starts later finds that
+mark and, instead of the rendezvous, **asks to join**: it announces its signing key and a fresh nonce under
+the run's join key, in a subkey only its own RSA key can sign (:func:`ask_to_join`). Every ``join_every``
+steps, at a step boundary, the members
+
+1. **agree on the joiners** (:func:`agree_on_joiners`, one board collective): each lists the join requests it
+   sees; a request listed by a majority of the members is admitted, unless its peer id was banned;
+2. **write an admission record** for each joiner, in their own subkeys (:func:`publish_admission`): the step,
+   the group before and after, every member's signing key, the run's seed, the ban list, and the digest of the
+   member's shared training state; a banned peer gets a refusal instead;
+3. **offer their state** (``hivemind_state.py``) and continue in the new group, whose first collective waits
+   for the joiner up to the collective deadline.
+
+The joiner (:func:`wait_for_admission`) believes a record only when a majority of the group it names wrote it
+identically, and its state only when the state's digest is that record's (:func:`download_agreed_state`). A
+Byzantine minority can therefore neither admit a peer nor keep one out, nor hand a joiner a wrong model.
+What it cannot stop is a group of Sybil identities that forms its own run: joiners trust the group that a
+majority of its own members names, as members trust the rendezvous.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from hivemind.p2p import PeerID
+
+from lightning_btard.errors import UserError
+from lightning_btard.transports.base import TransportError
+from lightning_btard.transports.hivemind import HivemindTransport, decode_record, encode_record
+from lightning_btard.transports.hivemind_node import HivemindNode
+from lightning_btard.transports.hivemind_state import download_state
+
+__all__ = [
+    "JoinRequest", "Refused", "agree_on_joiners", "announce_running", "ask_to_join", "download_agreed_state",
+    "publish_admission", "publish_refusal", "run_is_running", "wait_for_admission",
+]
+
+_TTL = 3600.0
+
+
+class Refused(UserError):
+    """A majority of the run's members refused this peer (it was banned)."""
+
+
+@dataclass(frozen=True)
+class JoinRequest:
+    peer: PeerID
+    key: bytes
+    """The joiner's Ed25519 public key (32 bytes): the signer of its protocol messages."""
+    nonce: bytes
+    """Fresh per attempt: an admission record of an earlier attempt (still in the DHT) is not this one's."""
+
+    def view(self) -> list[Any]:
+        return [self.peer.to_base58(), self.key, self.nonce]
+
+
+def _running_key(run_id: str) -> str:
+    return f"btard/{run_id}/running"
+
+
+def _join_key(run_id: str) -> str:
+    return f"btard/{run_id}/join"
+
+
+def _admit_key(run_id: str, peer: PeerID) -> str:
+    return f"btard/{run_id}/admit/{peer.to_base58()}"
+
+
+def _store(node: HivemindNode, key: str, value: Any, deadline: float) -> None:
+    if not node.store_until(key, encode_record(value), _TTL, deadline):
+        raise TransportError(f"could not store {key} in the DHT")
+
+
+def announce_running(node: HivemindNode, run_id: str, step: int, timeout: float = 30.0) -> None:
+    """Mark the run as running (a member's own subkey; refreshed by the members, it expires an hour after the last)."""
+    _store(node, _running_key(run_id), {"step": int(step)}, time.monotonic() + timeout)
+
+
+def run_is_running(node: HivemindNode, run_id: str) -> bool:
+    """Whether members of ``run_id`` have marked it as running (a peer that starts now joins instead of meeting)."""
+    return any(writer != node.peer_id for writer in node.get_owned(_running_key(run_id)))
+
+
+def ask_to_join(node: HivemindNode, run_id: str, key: bytes, timeout: float = 30.0) -> bytes:
+    """Announce this peer's wish to join, with its signing key; returns the attempt's nonce."""
+    nonce = os.urandom(16)
+    _store(node, _join_key(run_id), {"key": bytes(key), "nonce": nonce}, time.monotonic() + timeout)
+    return nonce
+
+
+def _join_requests(node: HivemindNode, run_id: str) -> list[JoinRequest]:
+    out = []
+    for writer, raw in node.get_owned(_join_key(run_id)).items():
+        record = decode_record(raw)
+        if isinstance(record, dict) and isinstance(record.get("key"), bytes) and len(record["key"]) == 32 \
+                and isinstance(record.get("nonce"), bytes) and len(record["nonce"]) == 16:
+            out.append(JoinRequest(writer, record["key"], record["nonce"]))
+    return out
+
+
+def agree_on_joiners(
+    transport: HivemindTransport, run_id: str, members: Iterable[PeerID], banned: Iterable[PeerID]
+) -> tuple[list[JoinRequest], list[PeerID]]:
+    """One board collective over the group: the join requests a majority of members saw (sorted by peer id), and the
+    banned peers asking to join that this member saw (each member refuses those on its own)."""
+    members, banned = set(members), set(banned)
+    requests = [r for r in _join_requests(transport.node, run_id) if r.peer not in members]
+    refused = sorted({r.peer for r in requests if r.peer in banned}, key=lambda p: p.to_bytes())
+    mine = sorted((r.view() for r in requests if r.peer not in banned), key=lambda v: v[0])
+    views = transport.all_gather_object(mine)
+    counts: dict[tuple, int] = defaultdict(int)
+    for view in views:
+        if not isinstance(view, list):
+            continue
+        for item in {tuple(v) for v in view if isinstance(v, list) and len(v) == 3}:
+            counts[item] += 1
+    admitted = []
+    for (peer, key, nonce), count in counts.items():
+        if 2 * count <= transport.world_size:
+            continue
+        try:
+            pid = PeerID.from_base58(peer)
+        except Exception:  # noqa: BLE001 - a malformed entry a majority listed cannot come from honest members
+            continue
+        if pid not in banned and pid not in members and isinstance(key, bytes) and isinstance(nonce, bytes):
+            admitted.append(JoinRequest(pid, key, nonce))
+    # one request per peer id (the same peer asking twice with two nonces: the one a majority saw first in order)
+    unique: dict[PeerID, JoinRequest] = {}
+    for request in sorted(admitted, key=lambda r: (r.peer.to_bytes(), r.nonce)):
+        unique.setdefault(request.peer, request)
+    return sorted(unique.values(), key=lambda r: r.peer.to_bytes()), refused
+
+
+def publish_admission(node: HivemindNode, run_id: str, request: JoinRequest, record: dict[str, Any], timeout: float) -> None:
+    """This member's admission record for ``request`` (the same content on every member in sync)."""
+    _store(node, _admit_key(run_id, request.peer), {**record, "nonce": request.nonce}, time.monotonic() + timeout)
+
+
+def publish_refusal(node: HivemindNode, run_id: str, peer: PeerID, group: Sequence[PeerID], reason: str, timeout: float) -> None:
+    """This member's refusal of ``peer`` (banned), for the group ``group``."""
+    record = {"refused": reason, "group": [m.to_base58() for m in group]}
+    _store(node, _admit_key(run_id, peer), record, time.monotonic() + timeout)
+
+
+def _agreed(records: dict[PeerID, bytes]) -> list[dict[str, Any]]:
+    """The records a majority of the group each names wrote identically."""
+    writers: dict[bytes, set[str]] = defaultdict(set)
+    for writer, raw in records.items():
+        writers[raw].add(writer.to_base58())
+    out = []
+    for raw, who in writers.items():
+        record = decode_record(raw)
+        if not isinstance(record, dict) or not isinstance(record.get("group"), list) or not record["group"]:
+            continue
+        group = {m for m in record["group"] if isinstance(m, str)}
+        if 2 * len(who & group) > len(record["group"]):
+            out.append(record)
+    return out
+
+
+def wait_for_admission(node: HivemindNode, run_id: str, nonce: bytes, timeout: float, poll_interval: float = 0.5) -> dict[str, Any]:
+    """The admission record of this attempt (``nonce``) agreed by a majority of the group; :class:`Refused` if a
+    majority refused this peer, :class:`UserError` if nothing was agreed within ``timeout`` seconds."""
+    key = _admit_key(run_id, node.peer_id)
+    deadline = time.monotonic() + timeout
+    while True:
+        for record in _agreed(node.get_owned(key)):
+            if "refused" in record:
+                raise Refused(f"the members of run {run_id!r} refused this peer ({node.peer_id}): {record['refused']}")
+            if record.get("nonce") == nonce:
+                return record
+        if time.monotonic() > deadline:
+            raise UserError(
+                f"run {run_id!r} is marked as running, but its members did not admit this peer within {timeout:.0f}s. "
+                "Members admit joiners every `join_every` steps; if the run has ended, start a new one with another "
+                "run_id (or raise rendezvous_timeout)."
+            )
+        time.sleep(poll_interval)
+
+
+def download_agreed_state(
+    node: HivemindNode, sources: Sequence[PeerID], step: int, accept: Callable[[dict[str, Any]], bool], timeout: float
+) -> tuple[dict[str, Any], PeerID]:
+    """A checkpoint of ``step`` that ``accept`` (the digest check) takes, from the first of ``sources`` (in a random
+    order, to spread the load) that offers one; raises :class:`TransportError` when none does."""
+    order = list(sources)
+    random.shuffle(order)
+    problems = []
+    for peer in order:
+        try:
+            checkpoint = decode_record(download_state(node, peer, step, timeout), strict=True)
+        except Exception as e:  # noqa: BLE001 - unreachable, no offer, malformed: the next member
+            problems.append(f"{peer}: {e}")
+            continue
+        if isinstance(checkpoint, dict) and accept(checkpoint):
+            return checkpoint, peer
+        problems.append(f"{peer}: its state does not have the digest the members agreed on")
+    raise TransportError(f"no member sent the agreed state of step {step}:\n  " + "\n  ".join(problems))

@@ -1,0 +1,148 @@
+"""Joining a running group on the hivemind backend: what a majority of members saw is admitted, banned peers are
+refused, a joiner believes only records a majority of the group wrote identically, and loads only a state whose
+digest is the agreed one. (End to end, with real peers: test_hivemind_training.py.)"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import torch
+from hivemind.p2p import PeerID
+
+from lightning_btard.errors import UserError
+from lightning_btard.transports.hivemind import decode_record, encode_record
+from lightning_btard.transports.hivemind_admission import (
+    Refused, agree_on_joiners, ask_to_join, download_agreed_state, publish_admission, publish_refusal, wait_for_admission,
+)
+from lightning_btard.transports.hivemind_admission import JoinRequest
+from lightning_btard.transports.hivemind_state import shared_state_digest, to_plain
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _run_id() -> str:
+    return f"test-join-{os.urandom(4).hex()}"
+
+
+def test_members_admit_what_a_majority_saw_and_refuse_banned_peers(hivemind_swarm) -> None:
+    """Nodes 0-2 are the group, 3 asks to join, 4 (banned) asks too; member 0 is Byzantine: it lists a peer nobody
+    asked for and leaves out the real joiner. Neither changes what the honest members decide."""
+    run_id, nodes = _run_id(), hivemind_swarm.nodes
+    ask_to_join(nodes[3], run_id, b"k" * 32)
+    ask_to_join(nodes[4], run_id, b"b" * 32)
+    group = [n.peer_id for n in nodes[:3]]
+    fake = [PeerID(b"\x12\x20" + os.urandom(32)).to_base58(), b"f" * 32, b"n" * 16]  # a well-formed peer id
+
+    def member(t):
+        if t.rank == 0:
+            return t.all_gather_object([fake])  # the same single collective agree_on_joiners runs
+        return agree_on_joiners(t, run_id, group, banned=[nodes[4].peer_id])
+
+    out = hivemind_swarm.run(3, member)
+    for admitted, refused in out[1:]:
+        assert [(r.peer, r.key) for r in admitted] == [(nodes[3].peer_id, b"k" * 32)]
+        assert refused == [nodes[4].peer_id]
+
+
+def _record(group, digest: bytes, peer_id: int = 3) -> dict:
+    return {"step": 10, "group": [g.to_base58() for g in group], "peers": [], "keys": [], "seed": 1, "generation": 1,
+            "bans": [], "departed": [], "digest": digest, "id": peer_id}
+
+
+def test_a_joiner_believes_only_what_a_majority_of_the_group_wrote(hivemind_swarm) -> None:
+    run_id, nodes = _run_id(), hivemind_swarm.nodes
+    joiner, group = nodes[3], [n.peer_id for n in nodes[:3]]
+    nonce = ask_to_join(joiner, run_id, b"k" * 32)
+    request = JoinRequest(joiner.peer_id, b"k" * 32, nonce)
+    # a Byzantine member alone: not enough
+    publish_admission(nodes[0], run_id, request, _record(group, b"forged"), timeout=10)
+    with pytest.raises(UserError, match="did not admit this peer"):
+        wait_for_admission(joiner, run_id, nonce, timeout=2, poll_interval=0.2)
+    # two honest members of three write the same record: that one counts, the forged one does not
+    for node in nodes[1:3]:
+        publish_admission(node, run_id, request, _record(group, b"honest"), timeout=10)
+    assert wait_for_admission(joiner, run_id, nonce, timeout=20, poll_interval=0.2)["digest"] == b"honest"
+    # a later attempt of the same peer does not take the earlier attempt's admission
+    again = ask_to_join(joiner, run_id, b"k" * 32)
+    with pytest.raises(UserError, match="did not admit this peer"):
+        wait_for_admission(joiner, run_id, again, timeout=2, poll_interval=0.2)
+
+
+def test_a_banned_peer_is_told_why_when_a_majority_refuses_it(hivemind_swarm) -> None:
+    run_id, nodes = _run_id(), hivemind_swarm.nodes
+    banned, group = nodes[4], [n.peer_id for n in nodes[:3]]
+    nonce = ask_to_join(banned, run_id, b"b" * 32)
+    publish_refusal(nodes[0], run_id, banned.peer_id, group, "banned at step 7 as peer 2 (recomputation)", timeout=10)
+    with pytest.raises(UserError, match="did not admit this peer"):  # one member of three refusing is not the group
+        wait_for_admission(banned, run_id, nonce, timeout=2, poll_interval=0.2)
+    publish_refusal(nodes[1], run_id, banned.peer_id, group, "banned at step 7 as peer 2 (recomputation)", timeout=10)
+    with pytest.raises(Refused, match=r"refused this peer .*banned at step 7 as peer 2 \(recomputation\)"):
+        wait_for_admission(banned, run_id, nonce, timeout=20, poll_interval=0.2)
+
+
+def _checkpoint(weight: float = 1.0, buffer: float = 0.0, momentum: float = 0.5, dirpath: str = "/a") -> dict:
+    """A checkpoint dict shaped like Lightning's (OrderedDict state_dict, int-keyed optimizer state, tuples, paths)."""
+    return {
+        "epoch": 0, "global_step": 5, "pytorch-lightning_version": "2.6.6",
+        "state_dict": OrderedDict([("w", torch.full((3, 2), weight)), ("bn.running_mean", torch.full((2,), buffer)),
+                                   ("bn.num_batches_tracked", torch.tensor(5))]),
+        "loops": {"fit_loop": {"epoch_loop.batch_progress": {"total": {"ready": 6, "completed": 5}}}},
+        "callbacks": {"ModelCheckpoint{'monitor': None}": {"dirpath": Path(dirpath), "best_model_score": None}},
+        "optimizer_states": [{"state": {0: {"momentum_buffer": torch.full((3, 2), momentum), "step": torch.tensor(5.0)}},
+                              "param_groups": [{"lr": 0.1, "betas": (0.9, 0.99), "foreach": None, "params": [0]}]}],
+        "lr_schedulers": [{"last_epoch": 5, "_last_lr": [0.1]}],
+        "MixedPrecision": {"scale": 1024.0},
+    }
+
+
+def _digest(checkpoint: dict) -> bytes:
+    return shared_state_digest(checkpoint, ["w"], "MixedPrecision")
+
+
+def test_the_state_digest_covers_what_members_share_and_nothing_else() -> None:
+    base = _digest(_checkpoint())
+    assert _digest(_checkpoint(buffer=3.0, dirpath="/elsewhere")) == base  # each member's own buffers and callbacks
+    assert _digest(_checkpoint(weight=1.0 + 1e-7)) != base
+    assert _digest(_checkpoint(momentum=0.25)) != base
+    other_scale = _checkpoint()
+    other_scale["MixedPrecision"]["scale"] = 2.0
+    assert _digest(other_scale) != base
+    with pytest.raises(TypeError, match=r"checkpoint\['callbacks'\]\['x'\]: a object cannot be sent"):
+        to_plain({"callbacks": {"x": object()}})
+
+
+def test_the_joiner_takes_only_the_state_with_the_agreed_digest(hivemind_swarm) -> None:
+    """Member 0 offers a tampered model, member 1 the honest one, member 2 nothing for this step."""
+    nodes = hivemind_swarm.nodes
+    honest, tampered = _checkpoint(buffer=2.0), _checkpoint(weight=-1.0)
+    nodes[0].states.offer(5, encode_record(to_plain(tampered)))
+    nodes[1].states.offer(5, encode_record(to_plain(honest)))
+    nodes[2].states.offer(4, encode_record(to_plain(honest)))
+    agreed = _digest(honest)
+    try:
+        for _ in range(3):  # the sources are tried in a random order
+            got, source = download_agreed_state(
+                nodes[3], [n.peer_id for n in nodes[:3]], 5, lambda c: _digest(c) == agreed, timeout=20
+            )
+            assert source == nodes[1].peer_id
+            assert torch.equal(got["state_dict"]["w"], honest["state_dict"]["w"])
+            assert torch.equal(got["state_dict"]["bn.running_mean"], torch.full((2,), 2.0))  # the server's own buffers
+            assert got["optimizer_states"][0]["param_groups"][0]["betas"] == (0.9, 0.99)
+            assert got["callbacks"]["ModelCheckpoint{'monitor': None}"]["dirpath"] == "/a"
+            assert got["state_dict"]["bn.num_batches_tracked"].shape == ()
+        nodes[1].states.withdraw()
+        with pytest.raises(Exception, match="no member sent the agreed state of step 5"):
+            download_agreed_state(nodes[3], [n.peer_id for n in nodes[:3]], 5, lambda c: _digest(c) == agreed, timeout=20)
+    finally:
+        for node in nodes[:3]:
+            node.states.withdraw()
+
+
+def test_a_checkpoint_travels_as_plain_data() -> None:
+    checkpoint = _checkpoint()
+    decoded = decode_record(encode_record(to_plain(checkpoint)), strict=True)
+    assert _digest(decoded) == _digest(checkpoint)
+    assert decoded["optimizer_states"][0]["state"][0]["step"].item() == 5.0
