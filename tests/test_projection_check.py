@@ -1,4 +1,5 @@
-"""The CenteredClip check on random projections: never flags an honest aggregate, catches a 0.1% bias."""
+"""The CenteredClip check on random projections: never flags an honest aggregate, catches a 0.1% bias; the bound on an
+honest aggregate's norm that the senders' parts give, against fixed points computed independently."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import pytest
 import torch
 
 from lightning_btard.ops.centered_clip import centered_clip_with_stats
-from lightning_btard.ops.projection import ProjectionCheck, accurate_dots, clipped_projections, random_directions
+from lightning_btard.ops.projection import (
+    ProjectionCheck, accurate_dots, aggregate_norm_bound, clipped_projections, random_directions,
+)
 
 REL = 5e-7  # the solver's residual target, relative to ||G||; the check allows twice that
 
@@ -60,3 +63,42 @@ def test_catches_a_biased_aggregate_and_never_flags_an_honest_one(tau: float) ->
     assert honest_flags == 0
     print(f"tau={tau}: {honest_flags} honest aggregates flagged, {misses} of {trials} biased ones missed")
     assert misses <= trials // 1000, f"missed {misses} of {trials} biased aggregates"
+
+
+def _fixed_point(x: torch.Tensor, tau: float, w: torch.Tensor, iters: int = 20_000) -> torch.Tensor:
+    """CenteredClip's fixed point by plain float64 reweighting from the coordinate median (independent of ops/)."""
+    x, w = x.double(), w.double()
+    v = x[w > 0].median(0).values
+    for _ in range(iters):
+        c = torch.clamp(tau / (x - v).norm(dim=1).clamp_min(1e-300), max=1.0) * w
+        v = (c[:, None] * x).sum(0) / c.sum()
+    return v
+
+
+CASES = {
+    "clustered": lambda g: (torch.randn(8, 50, generator=g) * 0.3 + 1.0, 1.0),
+    "spread": lambda g: (torch.randn(8, 50, generator=g) * 5.0, 1.0),
+    "tiny-and-one-large": lambda g: (torch.cat([torch.randn(3, 50, generator=g) * 1e-33, torch.randn(1, 50, generator=g)]), 1.0),
+    "even-split-far-apart": lambda g: (torch.cat([torch.zeros(2, 50) + 0.01, torch.full((2, 50), 20.0)]), 1.0),
+    "small-tau": lambda g: (torch.randn(7, 50, generator=g) + 3.0, 0.05),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_aggregate_norm_bound_holds_and_a_minority_cannot_raise_it(case) -> None:
+    g = torch.Generator().manual_seed(1)
+    x, tau = CASES[case](g)
+    n = x.shape[0]
+    for w in (torch.ones(n), torch.tensor([0.0] + [1.0] * (n - 1))):  # a validator's weight is 0
+        v = _fixed_point(x, tau, w)
+        bound = aggregate_norm_bound(x.double().norm(dim=1), w, tau)
+        assert float(v.norm()) <= bound * (1 + 1e-9), (float(v.norm()), bound)
+        # a Byzantine minority sending huge parts does not raise it past what the others' norms allow
+        contributing = x[w > 0]
+        minority = (len(contributing) - 1) // 2
+        assert minority >= 1
+        bad = x.clone()
+        bad[-minority:] = 1e10
+        raised = aggregate_norm_bound(bad.double().norm(dim=1), w, tau)
+        assert raised <= n * float(contributing[:-minority].double().norm(dim=1).max()) + tau
+        assert float(_fixed_point(bad, tau, w).norm()) <= raised * (1 + 1e-9)

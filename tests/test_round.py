@@ -89,6 +89,9 @@ CTX = AttackContext(step=3, rank=3, world_size=N)
 PROTOCOL_ATTACKS = {
     "wrong-aggregate": lambda: WrongAggregate([3], scale=1.001).conduct(CTX),  # 0.1% off
     "overflowing-aggregate": lambda: WrongAggregate([3], scale=1e30).conduct(CTX),  # its float32 norm is inf
+    # far beyond the senders' parts (whose norms bound an honest aggregate's): a tolerance relative to the aggregate's
+    # own norm let this pass
+    "huge-aggregate": lambda: WrongAggregate([3], scale=1e7).conduct(CTX),
     "equivocating-aggregate": lambda: EquivocatingAggregate([3], victims=[0]).conduct(CTX),
     "uncommitted-part": lambda: UncommittedPart([3]).conduct(CTX),
     "nan-part": lambda: MalformedPart([3], kind="nan").conduct(CTX),

@@ -29,6 +29,7 @@ from lightning_btard.ops.workspace import Workspace
 
 __all__ = [
     "ProjectionCheck",
+    "aggregate_norm_bound",
     "accurate_dots",
     "accurate_norms",
     "clipped_projections",
@@ -102,6 +103,28 @@ def clipped_projections(z: Tensor, g: Tensor, aggregate: Tensor, tau: float) -> 
     s = accurate_dots(z, diff).T * c[:, None]
     p = accurate_dots(z, gs).T
     return (s[0], float(norms[0]), p[0]) if single else (s, norms, p)
+
+
+def aggregate_norm_bound(part_norms: Tensor, weights: Tensor, tau: float) -> float:
+    """A bound on ``||v||`` for the CenteredClip fixed point ``v`` of parts with these norms and weights, which parts
+    holding less than half the weight cannot raise.
+
+    With ``S`` the smallest norm such that the parts of norm ``<= S`` hold ``W_S > W/2`` of the weight ``W``:
+    ``||v|| <= max(S + tau, S W / (2 W_S - W))``. (If ``||v|| > S + tau``, each of those parts is clipped and pulls
+    ``v`` back along ``-v/||v||`` by at least ``tau (||v|| - S) / (||v|| + S)`` per unit weight, the others push it
+    out by at most ``tau``: the balance gives the second term.) ``S`` is at most the largest norm of the parts
+    outside any minority, so a Byzantine minority sending huge parts does not move the bound."""
+    keep = weights.double() > 0
+    w, norms = weights.double()[keep], part_norms.double()[keep]
+    if not len(w):
+        return math.inf
+    order = torch.argsort(norms)
+    mass = torch.cumsum(w[order], 0)
+    total = float(mass[-1])
+    first = int(torch.searchsorted(mass, torch.tensor([total / 2], dtype=mass.dtype), right=True)[0])
+    first = min(first, len(w) - 1)
+    s, held = float(norms[order][first]), float(mass[first])  # held <= W_S: the bound stays valid on ties
+    return max(s + tau, s * total / (2 * held - total))
 
 
 @dataclass(frozen=True)

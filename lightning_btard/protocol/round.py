@@ -37,7 +37,7 @@ from lightning_btard.ops.finite import all_finite
 from lightning_btard.ops.norms import redo_unsure_norms, rounding_floor, safe_norm
 from lightning_btard.ops.partition import part_sizes
 from lightning_btard.ops.workspace import Workspace
-from lightning_btard.ops.projection import ProjectionCheck, clipped_projections, random_directions
+from lightning_btard.ops.projection import ProjectionCheck, aggregate_norm_bound, clipped_projections, random_directions
 from lightning_btard.protocol.digest import digest
 from lightning_btard.protocol.identity import Identity, verify_signature
 from lightning_btard.protocol.membership import Ban
@@ -54,7 +54,8 @@ _WORK = Workspace()  # received parts and secret directions: tens of MB, the sam
 class RoundConfig:
     tau: float = 1.0
     rel_eps: float = 5e-7
-    """CenteredClip's residual target relative to ``||G||``; the check allows twice that."""
+    """CenteredClip's residual target relative to ``||G||``; the check allows twice that, and never relative to more
+    than twice the norm the senders' parts bound an honest aggregate by (:func:`aggregate_norm_bound`)."""
     directions: int = 2
     max_iters: int = 500
     number_rtol: float = 1e-5
@@ -130,13 +131,14 @@ def _unpack(message: list[Any]) -> tuple[Optional[Tensor], bytes]:
 
 
 def _well_formed_numbers(nums: Any, n: int, k: int) -> bool:
-    """``n`` entries of ``[s (k finite floats), norm (finite float), p (k finite floats)]``."""
+    """``n`` entries of ``[s (k finite floats), ||g - G|| (finite float), p (k finite floats), ||g|| (finite, >= 0)]``."""
 
     def floats(xs: Any, count: int) -> bool:
         return isinstance(xs, list) and len(xs) == count and all(isinstance(x, float) and math.isfinite(x) for x in xs)
 
     return isinstance(nums, list) and len(nums) == n and all(
-        isinstance(e, list) and len(e) == 3 and floats(e[0], k) and floats([e[1]], 1) and floats(e[2], k) for e in nums
+        isinstance(e, list) and len(e) == 4 and floats(e[0], k) and floats([e[1]], 1) and floats(e[2], k)
+        and floats([e[3]], 1) and e[3] >= 0 for e in nums
     )
 
 
@@ -303,7 +305,10 @@ class _Round:
             random_directions(seed, j, size, k, device, out=_WORK.get(f"directions{j}", (k, size), torch.float32, device))
             for j, size in enumerate(self.sizes)
         ]
-        mine = [list(self.behaviour.numbers(self.step, j, *self.my_numbers(j, self.parts[j]))) for j in range(self.n)]
+        mine = [
+            list(self.behaviour.numbers(self.step, j, *self.my_numbers(j, self.parts[j]))) + [float(safe_norm(self.parts[j]))]
+            for j in range(self.n)
+        ]
         board = self.signed_board(mine, _numbers_statement(self.step, self.peers[self.me], mine))
         for i, entry in enumerate(board):
             try:
@@ -334,10 +339,11 @@ class _Round:
             norms = torch.tensor([float(self.numbers[i][j][1]) for i in range(self.n)], dtype=torch.float64)
             # CenteredClip's stated residual, and never below what float32 resolves near zero; an aggregate beyond
             # float32's range (its float32 norm overflows) fails the check (tolerance not finite)
+            # and relative to no more than the senders' parts allow an honest aggregate (a huge one passed otherwise)
             g_norm = torch.linalg.vector_norm(self.aggregates[j]).double()
-            bound = math.inf if not bool(torch.isfinite(g_norm)) else (
-                2 * self.config.rel_eps * float(redo_unsure_norms(self.aggregates[j], g_norm)) + rounding_floor(self.sizes[j])
-            )
+            part_norms = torch.tensor([float(self.numbers[i][j][3]) for i in range(self.n)], dtype=torch.float64)
+            scale = min(float(redo_unsure_norms(self.aggregates[j], g_norm)), 2 * aggregate_norm_bound(part_norms, weights, self.config.tau))
+            bound = math.inf if not bool(torch.isfinite(g_norm)) else 2 * self.config.rel_eps * scale + rounding_floor(self.sizes[j])
             if not check.passes(weights, s, norms, bound) and j not in accusers:
                 self.ban(j, "its aggregate failed the CenteredClip check", "projection-check")
 
@@ -345,12 +351,13 @@ class _Round:
         return self.numbers_agree(member, part_index, self.my_numbers(part_index, part), float(safe_norm(part)))
 
     def numbers_agree(self, member: int, part_index: int, recomputed: list, part_norm: float) -> bool:
-        """Whether ``member``'s published numbers for a part match ``recomputed`` ``[s, norm, p]`` (relative)."""
+        """Whether ``member``'s published numbers for a part match ``recomputed`` ``[s, norm, p]`` and the part's norm
+        (relative)."""
         published = self.numbers[member][part_index]
         s, norm, p = recomputed
-        flat_pub = list(published[0]) + [float(published[1])] + list(published[2])
+        flat_pub = list(published[0]) + [float(published[1])] + list(published[2]) + [float(published[3])]
         floor = rounding_floor(self.sizes[part_index])
-        return _close(flat_pub, s + [norm] + p, self.config.number_rtol, abs(norm) + part_norm, floor)
+        return _close(flat_pub, s + [norm] + p + [part_norm], self.config.number_rtol, abs(norm) + part_norm, floor)
 
     # ------------------------------------------------------------------ accusations
     def resolve(self, accusations: list[tuple]) -> set[int]:
