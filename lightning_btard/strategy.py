@@ -627,7 +627,9 @@ class BTARDStrategy(ParallelStrategy):
         from hivemind.p2p import PeerID
 
         from lightning_btard.transports.hivemind import HivemindTransport
-        from lightning_btard.transports.hivemind_admission import ask_to_join, download_agreed_state, wait_for_admission
+        from lightning_btard.transports.hivemind_admission import (
+            announce_running, ask_to_join, download_agreed_state, wait_for_admission,
+        )
         from lightning_btard.transports.hivemind_rendezvous import session_of
         from lightning_btard.transports.hivemind_state import shared_state_digest
 
@@ -662,6 +664,8 @@ class BTARDStrategy(ParallelStrategy):
         self._joined_state, source = download_agreed_state(node, others, step, agreed, self._timeout.total_seconds())
         trainer._checkpoint_connector._loaded_checkpoint = self._joined_state  # Lightning restores it after setup
         self._catching_up = True
+        announce_running(node, run_id, step)  # a member now: later peers find the run through it too
+        self._running_announced = time.monotonic()
         print(f"BTARD hivemind: joined run {run_id!r} at step {step} as peer {me}; {len(active)} peers {active}; "
               f"state from {source}, its digest the one the members published", flush=True)
 
@@ -944,6 +948,7 @@ class BTARDStrategy(ParallelStrategy):
         self._host_the_store_until_the_others_leave()
         sys.stdout.flush()
         sys.stderr.flush()
+        self._announce_finished()
         self._shutdown_node()
         os._exit(0)
 
@@ -967,6 +972,18 @@ class BTARDStrategy(ParallelStrategy):
         except Exception as e:  # noqa: BLE001 - a peer that crashed never says so: leave after the timeout
             log.warning("BTARD: not every peer finished within the timeout (%s); rank 0 leaves now", e)
 
+    def _announce_finished(self) -> None:
+        """A member leaving at the end tells peers still asking to join that its part of the run is over."""
+        if self._node is None or self._joining and self.membership is None:
+            return
+        from lightning_btard.transports.hivemind_admission import announce_finished
+
+        step = self.lightning_module.trainer.global_step if self.lightning_module is not None and self.lightning_module._trainer else 0
+        try:
+            announce_finished(self._node, self._hivemind["run_id"], step)
+        except Exception as e:  # noqa: BLE001 - best effort on the way out
+            log.warning("BTARD: could not mark the run as finished in the DHT (%s)", e)
+
     def _shutdown_node(self) -> None:
         if self._node is not None:
             self._node.shutdown()
@@ -983,6 +1000,7 @@ class BTARDStrategy(ParallelStrategy):
                 self.transport.barrier()
             except Exception as e:  # noqa: BLE001 - a peer gone at the end changes nothing for this one
                 log.warning("BTARD: final barrier failed (%s); leaving anyway", e)
+        self._announce_finished()
         self._shutdown_node()
         super().teardown()
 

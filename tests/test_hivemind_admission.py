@@ -15,7 +15,7 @@ from hivemind.p2p import PeerID
 from lightning_btard.errors import UserError
 from lightning_btard.transports.hivemind import decode_record, encode_record
 from lightning_btard.transports.hivemind_admission import (
-    Refused, agree_on_joiners, ask_to_join, download_agreed_state, publish_admission, publish_refusal, wait_for_admission,
+    Refused, agree_on_joiners, announce_finished, announce_running, ask_to_join, download_agreed_state, publish_admission, publish_refusal, wait_for_admission,
 )
 from lightning_btard.transports.hivemind_admission import JoinRequest
 from lightning_btard.transports.hivemind_state import shared_state_digest, to_plain
@@ -55,6 +55,8 @@ def _record(group, digest: bytes, peer_id: int = 3) -> dict:
 def test_a_joiner_believes_only_what_a_majority_of_the_group_wrote(hivemind_swarm) -> None:
     run_id, nodes = _run_id(), hivemind_swarm.nodes
     joiner, group = nodes[3], [n.peer_id for n in nodes[:3]]
+    for node in nodes[:3]:
+        announce_running(node, run_id, 0)
     nonce = ask_to_join(joiner, run_id, b"k" * 32)
     request = JoinRequest(joiner.peer_id, b"k" * 32, nonce)
     # a Byzantine member alone: not enough
@@ -74,6 +76,8 @@ def test_a_joiner_believes_only_what_a_majority_of_the_group_wrote(hivemind_swar
 def test_a_banned_peer_is_told_why_when_a_majority_refuses_it(hivemind_swarm) -> None:
     run_id, nodes = _run_id(), hivemind_swarm.nodes
     banned, group = nodes[4], [n.peer_id for n in nodes[:3]]
+    for node in nodes[:3]:
+        announce_running(node, run_id, 0)
     nonce = ask_to_join(banned, run_id, b"b" * 32)
     publish_refusal(nodes[0], run_id, banned.peer_id, group, "banned at step 7 as peer 2 (recomputation)", timeout=10)
     with pytest.raises(UserError, match="did not admit this peer"):  # one member of three refusing is not the group
@@ -146,3 +150,19 @@ def test_a_checkpoint_travels_as_plain_data() -> None:
     decoded = decode_record(encode_record(to_plain(checkpoint)), strict=True)
     assert _digest(decoded) == _digest(checkpoint)
     assert decoded["optimizer_states"][0]["state"][0]["step"].item() == 5.0
+
+
+def test_a_joiner_is_told_when_the_run_has_ended(hivemind_swarm) -> None:
+    from lightning_btard.transports.hivemind_admission import run_is_running
+
+    run_id, nodes = _run_id(), hivemind_swarm.nodes
+    assert not run_is_running(nodes[3], run_id)
+    for node in nodes[:2]:
+        announce_running(node, run_id, 0)
+    assert run_is_running(nodes[3], run_id)
+    announce_finished(nodes[0], run_id, 40)
+    assert run_is_running(nodes[3], run_id)  # one member still trains
+    announce_finished(nodes[1], run_id, 40)
+    assert not run_is_running(nodes[3], run_id)
+    with pytest.raises(UserError, match="ended before its members admitted this peer"):
+        wait_for_admission(nodes[3], run_id, ask_to_join(nodes[3], run_id, b"k" * 32), timeout=30, poll_interval=0.1)

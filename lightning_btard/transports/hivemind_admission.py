@@ -39,7 +39,7 @@ from lightning_btard.transports.hivemind_node import HivemindNode
 from lightning_btard.transports.hivemind_state import download_state
 
 __all__ = [
-    "JoinRequest", "Refused", "agree_on_joiners", "announce_running", "ask_to_join", "download_agreed_state",
+    "JoinRequest", "Refused", "agree_on_joiners", "announce_finished", "announce_running", "ask_to_join", "download_agreed_state",
     "publish_admission", "publish_refusal", "run_is_running", "wait_for_admission",
 ]
 
@@ -84,9 +84,19 @@ def announce_running(node: HivemindNode, run_id: str, step: int, timeout: float 
     _store(node, _running_key(run_id), {"step": int(step)}, time.monotonic() + timeout)
 
 
+def announce_finished(node: HivemindNode, run_id: str, step: int, timeout: float = 10.0) -> None:
+    """Mark this member's part of the run as finished (peers still asking to join are told the run is over)."""
+    _store(node, _running_key(run_id), {"step": int(step), "finished": True}, time.monotonic() + timeout)
+
+
 def run_is_running(node: HivemindNode, run_id: str) -> bool:
-    """Whether members of ``run_id`` have marked it as running (a peer that starts now joins instead of meeting)."""
-    return any(writer != node.peer_id for writer in node.get_owned(_running_key(run_id)))
+    """Whether members of ``run_id`` have marked it as running and not all of them as finished (a peer that starts
+    now joins instead of meeting the others)."""
+    for writer, raw in node.get_owned(_running_key(run_id)).items():
+        record = decode_record(raw)
+        if writer != node.peer_id and not (isinstance(record, dict) and record.get("finished")):
+            return True
+    return False
 
 
 def ask_to_join(node: HivemindNode, run_id: str, key: bytes, timeout: float = 30.0) -> bytes:
@@ -171,12 +181,16 @@ def wait_for_admission(node: HivemindNode, run_id: str, nonce: bytes, timeout: f
     majority refused this peer, :class:`UserError` if nothing was agreed within ``timeout`` seconds."""
     key = _admit_key(run_id, node.peer_id)
     deadline = time.monotonic() + timeout
+    polls = 0
     while True:
         for record in _agreed(node.get_owned(key)):
             if "refused" in record:
                 raise Refused(f"the members of run {run_id!r} refused this peer ({node.peer_id}): {record['refused']}")
             if record.get("nonce") == nonce:
                 return record
+        polls += 1
+        if polls % 10 == 0 and not run_is_running(node, run_id):
+            raise UserError(f"run {run_id!r} ended before its members admitted this peer: start a new run (another run_id)")
         if time.monotonic() > deadline:
             raise UserError(
                 f"run {run_id!r} is marked as running, but its members did not admit this peer within {timeout:.0f}s. "

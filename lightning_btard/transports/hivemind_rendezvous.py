@@ -41,10 +41,8 @@ def rendezvous(node: HivemindNode, run_id: str, num_peers: int, timeout: float, 
     """
     key = f"btard/{run_id}/rendezvous"
     deadline = time.monotonic() + timeout
-    while not node.store(key, encode_record({"run": run_id}), ttl=max(3600.0, 2 * timeout)):
-        if time.monotonic() > deadline:
-            raise UserError(f"could not announce this peer in the DHT (run {run_id!r}) within {timeout}s")
-        time.sleep(poll_interval)
+    if not node.store_until(key, encode_record({"run": run_id}), max(3600.0, 2 * timeout), deadline):
+        raise UserError(f"could not announce this peer in the DHT (run {run_id!r}) within {timeout}s")
     while True:
         seen = set(node.get_owned(key)) | {node.peer_id}
         if len(seen) >= num_peers or time.monotonic() > deadline:
