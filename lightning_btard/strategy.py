@@ -789,11 +789,11 @@ class BTARDStrategy(ParallelStrategy):
         except Alone as err:
             raise RuntimeError(f"BTARD: step {step}: {err} (the failure: {failure})") from err
         if result.refused and 2 * len(result.members) <= len(result.members) + len(result.refused):
-            # peers that answered from another step (a state download would catch them up: not built yet) are as
-            # many as this group: it does not go on alone
+            # peers that answered from another step are as many as this group: neither side may claim to be the run
             raise RuntimeError(
                 f"BTARD: step {step}: after a failed collective, {len(result.members)} peers answered at this step and "
-                f"{len(result.refused)} at another step or malformed: catching peers up is not supported yet"
+                f"{len(result.refused)} at another step or malformed, so no group holds a majority. Restart the peers "
+                "that stopped here: while the run is marked as running they ask to join it and download its state"
             )
         gone = [p for i, p in enumerate(active) if i not in result.members]
         for peer in gone:
