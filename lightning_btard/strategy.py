@@ -156,6 +156,7 @@ class BTARDStrategy(ParallelStrategy):
         self._catching_up = False  # admitted, restoring the group's state: no collectives until its first batch
         self._joined_state: Optional[dict[str, Any]] = None  # the group's checkpoint, downloaded and checked
         self._joins_checked_at = -1
+        self._admitted_nonces: list[bytes] = []  # join requests admitted so far (a request is admitted once)
         self._running_announced = 0.0
         if check_params_every < 1:
             raise UserError(f"check_params_every must be >= 1, got {check_params_every}")
@@ -637,7 +638,7 @@ class BTARDStrategy(ParallelStrategy):
             raise UserError(f"run {self._hivemind['run_id']!r} is running: a peer can only join it to train (`btard fit`)")
         assert self._identity is not None and self.cluster_environment is not None
         node, run_id = self._node, self._hivemind["run_id"]
-        nonce = ask_to_join(node, run_id, self._identity.public)
+        nonce = ask_to_join(node, run_id, self._identity.public, wait=self._hivemind["rendezvous_timeout"])
         print(f"BTARD hivemind: asked run {run_id!r} to admit this peer (its members admit joiners every "
               f"join_every={self.join_every} steps of theirs)", flush=True)
         record = wait_for_admission(node, run_id, nonce, self._hivemind["rendezvous_timeout"])
@@ -646,6 +647,7 @@ class BTARDStrategy(ParallelStrategy):
         membership.bans = [Ban(int(p), int(t), str(reason), str(evidence)) for p, t, reason, evidence in record["bans"]]
         membership.departed = {int(p): int(t) for p, t in record["departed"]}
         self.membership, self._keys, self._run_seed = membership, list(record["keys"]), int(record["seed"])
+        self._admitted_nonces = list(record["admitted"])
         me, step, active = int(record["id"]), int(record["step"]), membership.active
         members = [self._hivemind_members[p] for p in active]
         self.transport = HivemindTransport(
@@ -703,7 +705,7 @@ class BTARDStrategy(ParallelStrategy):
         node.states.withdraw()  # the previous admission's offer: its joiners have it by now, or have gone
         group = list(self.transport.members)
         bans = {self._hivemind_members[b.peer]: b for b in self.membership.bans}
-        admitted, refused = agree_on_joiners(self.transport, run_id, group, bans)
+        admitted, refused = agree_on_joiners(self.transport, run_id, group, bans, self._admitted_nonces)
         for peer in refused:
             ban = bans[peer]
             publish_refusal(node, run_id, peer, group, f"banned at step {ban.step} as peer {ban.peer} ({ban.evidence})", timeout)
@@ -731,11 +733,13 @@ class BTARDStrategy(ParallelStrategy):
             "keys": keys, "seed": self._run_seed, "generation": generation,
             "bans": [[b.peer, b.step, b.reason, b.evidence] for b in self.membership.bans],
             "departed": [[p, t] for p, t in self.membership.departed.items()], "digest": digest,
+            "admitted": self._admitted_nonces + [r.nonce for r in admitted],
         }
         for request, peer in zip(admitted, ids):
             publish_admission(node, run_id, request, {**record, "id": peer}, timeout)
         self.membership.admit(len(admitted))  # ids and generation as in the records
         self._hivemind_members, self._keys = peers, keys
+        self._admitted_nonces += [r.nonce for r in admitted]
         self._record = None  # the previous step's validation spanned the old group: it is not resolved in the new one
         self._rebuild_transport()
         self._setup_attacks(trainer)

@@ -45,6 +45,10 @@ def test_members_admit_what_a_majority_saw_and_refuse_banned_peers(hivemind_swar
     for admitted, refused in out[1:]:
         assert [(r.peer, r.key) for r in admitted] == [(nodes[3].peer_id, b"k" * 32)]
         assert refused == [nodes[4].peer_id]
+    # once admitted, a request is not admitted again (its peer may have joined and left since)
+    nonce = out[1][0][0].nonce
+    again = hivemind_swarm.run(3, lambda t: agree_on_joiners(t, run_id, group, [nodes[4].peer_id], admitted_before=[nonce]))
+    assert all(admitted == [] for admitted, _ in again)
 
 
 def _record(group, digest: bytes, peer_id: int = 3) -> dict:

@@ -74,8 +74,8 @@ def _admit_key(run_id: str, peer: PeerID) -> str:
     return f"btard/{run_id}/admit/{peer.to_base58()}"
 
 
-def _store(node: HivemindNode, key: str, value: Any, deadline: float) -> None:
-    if not node.store_until(key, encode_record(value), _TTL, deadline):
+def _store(node: HivemindNode, key: str, value: Any, deadline: float, ttl: float = _TTL) -> None:
+    if not node.store_until(key, encode_record(value), ttl, deadline):
         raise TransportError(f"could not store {key} in the DHT")
 
 
@@ -99,10 +99,11 @@ def run_is_running(node: HivemindNode, run_id: str) -> bool:
     return False
 
 
-def ask_to_join(node: HivemindNode, run_id: str, key: bytes, timeout: float = 30.0) -> bytes:
-    """Announce this peer's wish to join, with its signing key; returns the attempt's nonce."""
+def ask_to_join(node: HivemindNode, run_id: str, key: bytes, wait: float = _TTL, timeout: float = 30.0) -> bytes:
+    """Announce this peer's wish to join, with its signing key, for ``wait`` seconds (then the request expires);
+    returns the attempt's nonce."""
     nonce = os.urandom(16)
-    _store(node, _join_key(run_id), {"key": bytes(key), "nonce": nonce}, time.monotonic() + timeout)
+    _store(node, _join_key(run_id), {"key": bytes(key), "nonce": nonce}, time.monotonic() + timeout, ttl=wait + 60.0)
     return nonce
 
 
@@ -117,12 +118,14 @@ def _join_requests(node: HivemindNode, run_id: str) -> list[JoinRequest]:
 
 
 def agree_on_joiners(
-    transport: HivemindTransport, run_id: str, members: Iterable[PeerID], banned: Iterable[PeerID]
+    transport: HivemindTransport, run_id: str, members: Iterable[PeerID], banned: Iterable[PeerID],
+    admitted_before: Iterable[bytes] = (),
 ) -> tuple[list[JoinRequest], list[PeerID]]:
     """One board collective over the group: the join requests a majority of members saw (sorted by peer id), and the
-    banned peers asking to join that this member saw (each member refuses those on its own)."""
-    members, banned = set(members), set(banned)
-    requests = [r for r in _join_requests(transport.node, run_id) if r.peer not in members]
+    banned peers asking to join that this member saw (each member refuses those on its own). Requests whose nonce
+    was admitted before are old ones (a member that joined and left since): never admitted twice."""
+    members, banned, old = set(members), set(banned), set(admitted_before)
+    requests = [r for r in _join_requests(transport.node, run_id) if r.peer not in members and r.nonce not in old]
     refused = sorted({r.peer for r in requests if r.peer in banned}, key=lambda p: p.to_bytes())
     mine = sorted((r.view() for r in requests if r.peer not in banned), key=lambda v: v[0])
     views = transport.all_gather_object(mine)
@@ -140,7 +143,7 @@ def agree_on_joiners(
             pid = PeerID.from_base58(peer)
         except Exception:  # noqa: BLE001 - a malformed entry a majority listed cannot come from honest members
             continue
-        if pid not in banned and pid not in members and isinstance(key, bytes) and isinstance(nonce, bytes):
+        if pid not in banned and pid not in members and isinstance(key, bytes) and isinstance(nonce, bytes) and nonce not in old:
             admitted.append(JoinRequest(pid, key, nonce))
     # one request per peer id (the same peer asking twice with two nonces: the one a majority saw first in order)
     unique: dict[PeerID, JoinRequest] = {}
