@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from lightning_btard.ops.accurate_sums import accurate_dots
 from lightning_btard.ops.finite import finite_rows
 from lightning_btard.ops.median import coordinate_median
 from lightning_btard.ops.norms import safe_norm
@@ -111,10 +112,14 @@ def _solve_in_span(gram: Tensor, w: Tensor, tau: float, eps: float, budget: int)
 def _gram(work: Tensor) -> tuple[Tensor, float]:
     """The float64 Gram matrix of the rows ``d_i`` of ``work``, and the unit they are left in.
 
+    Its products are float32 chunks summed in float64 (:func:`accurate_dots`): one float32 product over millions
+    of elements errs by ~1e-4 relative, enough to leave the in-span solve short of the fixed point (two far-apart
+    rows, whose fixed points form a segment, were 12x short of the residual target and the check failed them).
+
     Squared distances outside float32's comfortable range (rows closer than ~1e-15 to ``v``, say the
     gradients of a confidently fitted model, or farther than ~1e15) would underflow or overflow in a
     float32 product: then ``work`` is divided by its largest row norm (``unit``) first."""
-    gram = (work @ work.T).double()
+    gram = accurate_dots(work, work)
     top = float(gram.diagonal().max())
     if 1e-30 < top < 1e30:
         return gram, 1.0
@@ -122,7 +127,7 @@ def _gram(work: Tensor) -> tuple[Tensor, float]:
     if not 0.0 < unit < math.inf:
         return gram, 1.0  # every row is v (nothing to scale), or the inputs are beyond float32 anyway
     work.div_(unit)
-    return (work @ work.T).double() * unit**2, unit
+    return accurate_dots(work, work) * unit**2, unit
 
 
 def centered_clip_with_stats(

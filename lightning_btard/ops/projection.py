@@ -11,6 +11,7 @@ about 3e-7 relative error, against 1e-5 for one long float32 dot and 10x the tim
 The directions are Rademacher (independent random signs), not Gaussian: ``<z, R>`` still has variance
 ``||R||^2`` and sub-Gaussian tails (Hoeffding: ``P(|<z, R>| > t ||R||) <= 2 exp(-t^2/2)``), so the
 same tolerances hold, and signs cost a quarter of the time of Gaussians (random bytes, not Box-Muller).
+The float64-accurate dot products and norms are in :mod:`.accurate_sums` (CenteredClip's Gram matrix uses them too).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from lightning_btard.ops.accurate_sums import accurate_dots, accurate_norms
 from lightning_btard.ops.centered_clip import clip_coefficients
-from lightning_btard.ops.norms import redo_unsure_norms
 from lightning_btard.ops.workspace import Workspace
 
 __all__ = [
@@ -35,9 +36,6 @@ __all__ = [
     "clipped_projections",
     "random_directions",
 ]
-
-_CHUNK = 1024
-
 
 _WORK = Workspace()
 
@@ -56,38 +54,6 @@ def random_directions(
     z = out if out is not None else torch.empty(k, size, dtype=torch.float32, device=device)
     z.copy_(signs)
     return z.sign_()
-
-
-def accurate_dots(z: Tensor, x: Tensor) -> Tensor:
-    """``z @ x`` in float64 from float32 chunk sums: ``[k, d] @ [d] -> [k]``, or ``[k, d]`` against the rows of
-    ``[n, d]`` ``-> [k, n]`` (one pass over ``z`` for all rows: these products are memory-bound)."""
-    single = x.dim() == 1
-    xs = (x[None] if single else x).to(z.dtype)
-    n = xs.shape[0]
-    k, d = z.shape
-    m = d // _CHUNK
-    r = m * _CHUNK
-    out = torch.zeros(k, n, dtype=torch.float64, device=x.device)
-    if m:
-        # (m, k, C) @ (m, C, n): strided views, no copies
-        chunks = torch.bmm(z[:, :r].reshape(k, m, _CHUNK).transpose(0, 1), xs[:, :r].reshape(n, m, _CHUNK).permute(1, 2, 0))
-        out += chunks.double().sum(0)
-    if r < d:
-        out += z[:, r:].double() @ xs[:, r:].double().T
-    return out[:, 0] if single else out
-
-
-def accurate_norms(x: Tensor) -> Tensor:
-    """Float64-accurate norms of the rows of ``[n, d]`` (float32 chunk norms combined in float64, no float64 copy)."""
-    n, d = x.shape
-    m = d // _CHUNK
-    r = m * _CHUNK
-    sq = torch.zeros(n, dtype=torch.float64, device=x.device)
-    if m:
-        sq += torch.linalg.vector_norm(x[:, :r].reshape(n, m, _CHUNK), dim=2).double().square().sum(1)
-    if r < d:
-        sq += x[:, r:].double().square().sum(1)
-    return redo_unsure_norms(x, sq.sqrt(), dim=1)
 
 
 def clipped_projections(z: Tensor, g: Tensor, aggregate: Tensor, tau: float) -> tuple[Tensor, Any, Tensor]:
