@@ -278,7 +278,7 @@ class BTARDStrategy(ParallelStrategy):
 
     def _join_swarm(self) -> Transport:
         """Start this peer's hivemind node, print its addresses, wait for the group; take the rank it gives us."""
-        from lightning_btard.transports.hivemind_admission import announce_running, run_is_running
+        from lightning_btard.transports.hivemind_admission import run_is_running
         from lightning_btard.transports.hivemind_node import HivemindNode
         from lightning_btard.transports.hivemind_rendezvous import rendezvous
 
@@ -307,8 +307,7 @@ class BTARDStrategy(ParallelStrategy):
         transport = rendezvous(self._node, cfg["run_id"], cfg["num_peers"], cfg["rendezvous_timeout"])
         transport.timeout = self._timeout.total_seconds()
         self._hivemind_members = list(transport.members)
-        announce_running(self._node, cfg["run_id"], 0)  # peers that start from now on ask to join instead
-        self._running_announced = time.monotonic()
+        self._mark_running(0)  # peers that start from now on ask to join instead
         self.cluster_environment.set_world_size(transport.world_size)
         self.cluster_environment.set_global_rank(transport.rank)
         rank_zero_only.rank = utils_rank_zero_only.rank = transport.rank
@@ -627,12 +626,7 @@ class BTARDStrategy(ParallelStrategy):
         members wrote, and their training state from one of them, checked against the digest they published."""
         from hivemind.p2p import PeerID
 
-        from lightning_btard.transports.hivemind import HivemindTransport
-        from lightning_btard.transports.hivemind_admission import (
-            announce_running, ask_to_join, download_agreed_state, wait_for_admission,
-        )
-        from lightning_btard.transports.hivemind_rendezvous import session_of
-        from lightning_btard.transports.hivemind_state import shared_state_digest
+        from lightning_btard.transports.hivemind_admission import ask_to_join, download_agreed_state, wait_for_admission
 
         if trainer.state.fn != TrainerFn.FITTING:
             raise UserError(f"run {self._hivemind['run_id']!r} is running: a peer can only join it to train (`btard fit`)")
@@ -649,27 +643,34 @@ class BTARDStrategy(ParallelStrategy):
         self.membership, self._keys, self._run_seed = membership, list(record["keys"]), int(record["seed"])
         self._admitted_nonces = list(record["admitted"])
         me, step, active = int(record["id"]), int(record["step"]), membership.active
-        members = [self._hivemind_members[p] for p in active]
-        self.transport = HivemindTransport(
-            node, members, session_of(run_id, members, "group", membership.generation), timeout=self._timeout.total_seconds()
-        )
+        self._rebuild_transport()  # the group's transport, as its members derive it
         self.cluster_environment.set_world_size(len(self._hivemind_members))
         self.cluster_environment.set_global_rank(me)
         rank_zero_only.rank = utils_rank_zero_only.rank = me
-        names = [n for n, _ in self.lightning_module.named_parameters()]  # type: ignore[union-attr]
-        precision = type(self.precision_plugin).__qualname__
-
         def agreed(checkpoint: dict[str, Any]) -> bool:
-            return checkpoint.get("global_step") == step and shared_state_digest(checkpoint, names, precision) == record["digest"]
+            return checkpoint.get("global_step") == step and self._state_digest(checkpoint) == record["digest"]
 
-        others = [m for m in members if m != node.peer_id]
+        others = [m for m in self.transport.members if m != node.peer_id]
         self._joined_state, source = download_agreed_state(node, others, step, agreed, self._timeout.total_seconds())
         trainer._checkpoint_connector._loaded_checkpoint = self._joined_state  # Lightning restores it after setup
         self._catching_up = True
-        announce_running(node, run_id, step)  # a member now: later peers find the run through it too
-        self._running_announced = time.monotonic()
+        self._mark_running(step)  # a member now: later peers find the run through it too
         print(f"BTARD hivemind: joined run {run_id!r} at step {step} as peer {me}; {len(active)} peers {active}; "
               f"state from {source}, its digest the one the members published", flush=True)
+
+    def _state_digest(self, checkpoint: dict[str, Any]) -> bytes:
+        """The digest of what every member in sync holds identically (``hivemind_state.shared_state_digest``)."""
+        from lightning_btard.transports.hivemind_state import shared_state_digest
+
+        names = [n for n, _ in self.lightning_module.named_parameters()]  # type: ignore[union-attr]
+        return shared_state_digest(checkpoint, names, type(self.precision_plugin).__qualname__)
+
+    def _mark_running(self, step: int) -> None:
+        """Mark the run as running in the DHT (peers starting later ask to join); refreshed now and then."""
+        from lightning_btard.transports.hivemind_admission import announce_running
+
+        announce_running(self._node, self._hivemind["run_id"], step)
+        self._running_announced = time.monotonic()
 
     def on_train_start(self) -> None:
         self._joined_state = None  # restored by now: free it
@@ -692,16 +693,13 @@ class BTARDStrategy(ParallelStrategy):
         """One board collective: admit the join requests a majority of members saw, refuse banned peers, offer the
         state, write the admission records, continue in the larger group (``transports/hivemind_admission.py``)."""
         from lightning_btard.transports.hivemind import encode_record
-        from lightning_btard.transports.hivemind_admission import (
-            agree_on_joiners, announce_running, publish_admission, publish_refusal,
-        )
-        from lightning_btard.transports.hivemind_state import shared_state_digest, to_plain
+        from lightning_btard.transports.hivemind_admission import agree_on_joiners, publish_admission, publish_refusal
+        from lightning_btard.transports.hivemind_state import to_plain
 
         assert self.membership is not None and self.transport is not None
         node, run_id, timeout = self._node, self._hivemind["run_id"], self._timeout.total_seconds()
         if time.monotonic() - self._running_announced > 600:
-            announce_running(node, run_id, step)
-            self._running_announced = time.monotonic()
+            self._mark_running(step)
         node.states.withdraw()  # the previous admission's offer: its joiners have it by now, or have gone
         group = list(self.transport.members)
         bans = {self._hivemind_members[b.peer]: b for b in self.membership.bans}
@@ -712,7 +710,7 @@ class BTARDStrategy(ParallelStrategy):
             log.warning("BTARD: step %d: refused banned peer %d (%s), which asked to join again", step, ban.peer, peer)
         if not admitted:
             return
-        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        checkpoint = _between_batches(trainer._checkpoint_connector.dump_checkpoint(weights_only=False))
         try:
             data = encode_record(to_plain(checkpoint))
         except (TypeError, ValueError, RuntimeError) as e:  # the same on every member: all refuse alike
@@ -720,8 +718,7 @@ class BTARDStrategy(ParallelStrategy):
             for request in admitted:
                 publish_refusal(node, run_id, request.peer, group, f"the run's state cannot be sent: {e}", timeout)
             return
-        names = [n for n, _ in self.lightning_module.named_parameters()]  # type: ignore[union-attr]
-        digest = shared_state_digest(checkpoint, names, type(self.precision_plugin).__qualname__)
+        digest = self._state_digest(checkpoint)
         node.states.offer(step, data)
         # the records first: if writing them fails (a TransportError: regroup), the group is still the old one
         first, generation = len(self.membership.peers), self.membership.generation + 1
@@ -1105,6 +1102,20 @@ class BTARDStrategy(ParallelStrategy):
         strategy_registry.register(
             "btard_spawn", cls, description="BTARD-SGD: ButterflyClip aggregation (spawn launcher)", start_method="spawn"
         )
+
+
+def _between_batches(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint dumped at ``on_train_batch_start`` as Lightning would have saved it after the previous batch: the
+    batch already fetched is not counted. (On restart Lightning rolls back only the epoch's counters, not the totals,
+    and ``val_check_interval`` counts the totals: a joiner would otherwise validate one batch before the members, in
+    a collective they are not in.)"""
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+    for counters in (progress.get("total"), progress.get("current")):
+        if isinstance(counters, dict) and "completed" in counters:
+            for key in ("ready", "started", "processed"):
+                if key in counters:
+                    counters[key] = counters["completed"]
+    return checkpoint
 
 
 def _butterfly_metrics(stats: ButterflyStats) -> dict[str, float]:
