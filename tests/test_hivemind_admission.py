@@ -56,12 +56,18 @@ def _record(group, digest: bytes, peer_id: int = 3) -> dict:
             "bans": [], "departed": [], "digest": digest, "id": peer_id}
 
 
-def test_a_joiner_believes_only_what_a_majority_of_the_group_wrote(hivemind_swarm) -> None:
-    run_id, nodes = _run_id(), hivemind_swarm.nodes
-    joiner, group = nodes[3], [n.peer_id for n in nodes[:3]]
+def _asking(nodes, asker, key: bytes) -> tuple[str, list, bytes]:
+    """A run of nodes 0-2, marked as running, and ``asker``'s request to join it: run id, group, nonce."""
+    run_id, group = _run_id(), [n.peer_id for n in nodes[:3]]
     for node in nodes[:3]:
         announce_running(node, run_id, 0)
-    nonce = ask_to_join(joiner, run_id, b"k" * 32)
+    return run_id, group, ask_to_join(asker, run_id, key)
+
+
+def test_a_joiner_believes_only_what_a_majority_of_the_group_wrote(hivemind_swarm) -> None:
+    nodes = hivemind_swarm.nodes
+    joiner = nodes[3]
+    run_id, group, nonce = _asking(nodes, joiner, b"k" * 32)
     request = JoinRequest(joiner.peer_id, b"k" * 32, nonce)
     # a Byzantine member alone: not enough
     publish_admission(nodes[0], run_id, request, _record(group, b"forged"), timeout=10)
@@ -78,11 +84,9 @@ def test_a_joiner_believes_only_what_a_majority_of_the_group_wrote(hivemind_swar
 
 
 def test_a_banned_peer_is_told_why_when_a_majority_refuses_it(hivemind_swarm) -> None:
-    run_id, nodes = _run_id(), hivemind_swarm.nodes
-    banned, group = nodes[4], [n.peer_id for n in nodes[:3]]
-    for node in nodes[:3]:
-        announce_running(node, run_id, 0)
-    nonce = ask_to_join(banned, run_id, b"b" * 32)
+    nodes = hivemind_swarm.nodes
+    banned = nodes[4]
+    run_id, group, nonce = _asking(nodes, banned, b"b" * 32)
     publish_refusal(nodes[0], run_id, banned.peer_id, group, "banned at step 7 as peer 2 (recomputation)", timeout=10)
     with pytest.raises(UserError, match="did not admit this peer"):  # one member of three refusing is not the group
         wait_for_admission(banned, run_id, nonce, timeout=2, poll_interval=0.2)
