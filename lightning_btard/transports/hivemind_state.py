@@ -18,15 +18,14 @@ import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import PurePath
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Iterator, Optional
 
-import blake3
-import torch
 from hivemind.p2p import P2PContext, PeerID, ServicerBase
 from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils import MSGPackSerializer
 from torch import Tensor
 
+from lightning_btard.protocol.digest import digest
 from lightning_btard.transports.base import TransportError
 
 __all__ = ["StateOffers", "StateServicer", "download_state", "shared_state", "shared_state_digest", "to_plain"]
@@ -72,34 +71,30 @@ def shared_state(checkpoint: Mapping[str, Any], parameter_names: Sequence[str], 
     }
 
 
-def _feed(h: "blake3.blake3", obj: Any) -> None:
-    """A canonical byte stream of plain data (type tags, lengths, dict items in order, tensors' dtype/shape/bytes)."""
-    if isinstance(obj, Tensor):
-        t = obj.detach().cpu().contiguous()
-        h.update(f"T{t.dtype}{tuple(t.shape)}:".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy())
-    elif isinstance(obj, Mapping):
-        h.update(f"D{len(obj)}:".encode())
+def _items(obj: Any) -> Iterator[Any]:
+    """Plain data as a flat sequence of :func:`digest` items: each container a marker with its kind and length, then
+    its contents in order. Markers are strings; string leaves carry a prefix no marker has, so no two values share a
+    sequence."""
+    if isinstance(obj, Mapping):
+        yield f"dict:{len(obj)}"
         for key, value in obj.items():
-            _feed(h, key)
-            _feed(h, value)
+            yield from _items(key)
+            yield from _items(value)
     elif isinstance(obj, (list, tuple)):
-        h.update(f"{'L' if isinstance(obj, list) else 'U'}{len(obj)}:".encode())
+        yield f"{type(obj).__name__}:{len(obj)}"
         for value in obj:
-            _feed(h, value)
-    elif isinstance(obj, bytes):
-        h.update(b"B%d:" % len(obj) + obj)
-    else:
-        text = repr(obj).encode()
-        h.update(f"{type(obj).__name__}{len(text)}:".encode() + text)
+            yield from _items(value)
+    elif obj is None or isinstance(obj, bool):
+        yield f"const:{obj}"
+    elif isinstance(obj, str):
+        yield "'" + obj
+    else:  # tensors, bytes, ints, floats: digest's own encodings
+        yield obj
 
 
 def shared_state_digest(checkpoint: Mapping[str, Any], parameter_names: Sequence[str], precision_key: str) -> bytes:
-    """BLAKE3 of :func:`shared_state` (32 bytes): equal on every member in sync, whatever its buffers and loggers."""
-    h = blake3.blake3()
-    _feed(h, to_plain(shared_state(checkpoint, parameter_names, precision_key)))
-    return h.digest()
+    """The digest of :func:`shared_state` (32 bytes): equal on every member in sync, whatever its buffers and loggers."""
+    return digest(*_items(to_plain(shared_state(checkpoint, parameter_names, precision_key))))
 
 
 class StateOffers:
