@@ -23,6 +23,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from lightning_btard.compat import apply_batch_transfer_handler
 from lightning_btard.ops.partition import flatten_grads
 from lightning_btard.verifiable_batches import VerifiableCollate, VerifiableDataset, rebuild_batch, seeded_step
 
@@ -105,7 +106,7 @@ class Recomputer:
         """Peer ``peer``'s micro-batch of ``step``, on the module's device (through its batch-transfer hooks)."""
         if self.data is None:
             raise RuntimeError("no verifiable training data installed: the strategy must process the train dataloader first")
-        return module._apply_batch_transfer_handler(self.data.batch(step, peer, micro))
+        return apply_batch_transfer_handler(module, self.data.batch(step, peer, micro))
 
     def gradient(
         self,

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from lightning_btard.transports.base import TransportError
-from lightning_btard.transports.hivemind import HivemindTransport, decode_record, encode_record
+from lightning_btard.transports.codec import decode_record, encode_record
+from lightning_btard.transports.hivemind import HivemindTransport
 from lightning_btard.transports.hivemind_mailbox import Malformed, MessageServicer
 from lightning_btard.transports.hivemind_node import peer_id_of_owner
 

@@ -251,3 +251,25 @@ def test_accumulation_with_short_epoch_ends_bans_nobody_and_still_catches_an_att
     for m in survivors_of(tmp_path, 4, [3]):
         assert [(b["peer"], b["evidence"]) for b in m["bans"]] == [(3, "recomputation")]
         assert min(b["step"] for b in m["bans"]) > 20 and m["global_step"] == 45
+
+
+@pytest.mark.timeout(600)
+def test_a_resumed_run_keeps_the_banned_attacker_out(tmp_path) -> None:
+    """4 peers, a sign-flipper banned, the run stopped and resumed from its checkpoint: the ban list is in the
+    checkpoint, the attacker leaves again as banned at the resume, and the three honest peers train on identically."""
+    ckpt = tmp_path / "stopped.ckpt"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    attack = ["--devices", "4", "--verify", "--validators", "1", "--attack", "SignFlipping", "--byzantine", "3",
+              "--attack-start", "2"]
+    first = run_script("train_tiny.py", [str(tmp_path / "a"), "--steps", "30", "--save-ckpt", str(ckpt), *attack], timeout=300)
+    assert "this peer (rank 3) was banned" in first.stdout
+    saved = torch.load(ckpt, weights_only=True)["btard"]
+    assert [b["peer"] for b in saved["bans"]] == [3]
+    ban_step = saved["bans"][0]["step"]
+    second = run_script("train_tiny.py", [str(tmp_path / "b"), "--steps", "40", "--resume", str(ckpt), *attack], timeout=300)
+    assert f"this peer (rank 3) was banned at step {ban_step}" in second.stdout
+    params, metrics = load_run(tmp_path / "b", [0, 1, 2])
+    assert_identical(params)
+    for m in metrics:
+        assert [(b["peer"], b["step"]) for b in m["bans"]] == [(3, ban_step)] and m["global_step"] == 40

@@ -17,21 +17,28 @@ from lightning_btard.ops.workspace import Workspace
 class CenteredClip:
     """BTARD's robust aggregation of one part: the CenteredClip fixed point with radius ``tau``."""
 
-    options = ("tau", "eps", "max_iters")
+    options = ("tau", "eps", "rel_eps", "max_iters")
 
-    def __init__(self, tau: float = 1.0, eps: float = 1e-6, max_iters: int = 500) -> None:
+    def __init__(self, tau: float = 1.0, eps: float = 0.0, max_iters: int = 500, rel_eps: float = 5e-7) -> None:
+        """``eps``: absolute residual target; ``rel_eps``: relative to ``||v||``. The solver stops at the larger of
+        the two; the verified round uses the same targets (and its check allows for them)."""
         if not tau > 0:
             raise UserError(f"tau must be positive (or inf), got {tau}")
-        self.tau, self.eps, self.max_iters = float(tau), float(eps), int(max_iters)
+        if not (eps >= 0 and rel_eps >= 0 and (eps > 0 or rel_eps > 0)):
+            raise UserError(f"eps and rel_eps must be >= 0 and not both 0, got eps={eps}, rel_eps={rel_eps}")
+        if max_iters < 1:
+            raise UserError(f"max_iters must be >= 1, got {max_iters}")
+        self.tau, self.eps, self.rel_eps, self.max_iters = float(tau), float(eps), float(rel_eps), int(max_iters)
         self._out = Workspace()  # the result is sent before the next call: reuse its memory
 
     def __call__(self, parts: Tensor, weights: Optional[Tensor] = None) -> AggregationResult:
         dtype = torch.float32 if parts.dtype in (torch.float16, torch.bfloat16) else parts.dtype
         out = self._out.get("centered_clip", parts.shape[1:], dtype, parts.device)
-        r = centered_clip_with_stats(parts, self.tau, weights, max_iters=self.max_iters, eps=self.eps, out=out)
+        r = centered_clip_with_stats(parts, self.tau, weights, max_iters=self.max_iters, eps=self.eps,
+                                     rel_eps=self.rel_eps, out=out)
         return AggregationResult(
             r.value, {"clipped": float(r.clipped), "iterations": float(r.iterations), "residual": r.residual}
         )
 
     def __repr__(self) -> str:
-        return f"CenteredClip(tau={self.tau}, eps={self.eps}, max_iters={self.max_iters})"
+        return f"CenteredClip(tau={self.tau}, eps={self.eps}, rel_eps={self.rel_eps}, max_iters={self.max_iters})"

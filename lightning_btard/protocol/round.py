@@ -52,7 +52,12 @@ _WORK = Workspace()  # received parts and secret directions: tens of MB, the sam
 
 @dataclass(frozen=True)
 class RoundConfig:
+    """The round's CenteredClip and its checks (built from the aggregator object: ``engine.round_config_of``)."""
+
     tau: float = 1.0
+    eps: float = 0.0
+    """CenteredClip's absolute residual target (the aggregator's ``eps``); the solver stops at
+    ``max(eps, rel_eps * ||G||)`` and the check allows twice that."""
     rel_eps: float = 5e-7
     """CenteredClip's residual target relative to ``||G||``; the check allows twice that, and never relative to more
     than twice the norm the senders' parts bound an honest aggregate by (:func:`aggregate_norm_bound`)."""
@@ -246,7 +251,7 @@ class _Round:
         uniform = bool((weights == weights[0]).all())
         self.result = result = centered_clip_with_stats(
             rows, self.config.tau, weights=None if uniform else weights.to(rows.dtype),
-            max_iters=self.config.max_iters, eps=0.0, rel_eps=self.config.rel_eps,
+            max_iters=self.config.max_iters, eps=self.config.eps, rel_eps=self.config.rel_eps,
         )
         self.mine = self.behaviour.published_aggregate(self.step, result.value)
         self.mine_hash = h = digest(self.mine)
@@ -343,7 +348,8 @@ class _Round:
             g_norm = torch.linalg.vector_norm(self.aggregates[j]).double()
             part_norms = torch.tensor([float(self.numbers[i][j][3]) for i in range(self.n)], dtype=torch.float64)
             scale = min(float(redo_unsure_norms(self.aggregates[j], g_norm)), 2 * aggregate_norm_bound(part_norms, weights, self.config.tau))
-            bound = math.inf if not bool(torch.isfinite(g_norm)) else 2 * self.config.rel_eps * scale + rounding_floor(self.sizes[j])
+            target = max(self.config.eps, self.config.rel_eps * scale)  # the solver's stopping residual
+            bound = math.inf if not bool(torch.isfinite(g_norm)) else 2 * target + rounding_floor(self.sizes[j])
             if not check.passes(weights, s, norms, bound) and j not in accusers:
                 self.ban(j, "its aggregate failed the CenteredClip check", "projection-check")
 
@@ -469,4 +475,5 @@ def verified_round(
         return r.outcome(**times)
     r.verify(seed)
     timed("verify")
-    return r.outcome(r.out, seed, clipped=float(r.result.clipped), iterations=float(r.result.iterations), **times)
+    return r.outcome(r.out, seed, clipped=float(r.result.clipped), iterations=float(r.result.iterations),
+                     residual=float(r.result.residual), **times)

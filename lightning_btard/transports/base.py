@@ -68,7 +68,8 @@ class Transport(ABC):
 
     @abstractmethod
     def all_gather_object(self, obj: Any) -> list[Any]:
-        """Every member's (picklable) ``obj``, in rank order: the public board."""
+        """Every member's record (plain data: :mod:`.codec`), in rank order: the public board. A member's record that
+        is malformed or too large is ``None``."""
 
     @abstractmethod
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:

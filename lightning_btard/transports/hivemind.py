@@ -18,57 +18,16 @@ import time
 from collections.abc import Sequence
 from typing import Any, Optional
 
-import msgpack
 import torch
 from hivemind.p2p import PeerID
 from torch import Tensor
 
 from lightning_btard.transports.base import Transport, TransportError
+from lightning_btard.transports.codec import decode_record, encode_record
 from lightning_btard.transports.hivemind_mailbox import Malformed, Message, MessageServicer
 from lightning_btard.transports.hivemind_node import HivemindNode
 
-__all__ = ["HivemindTransport", "decode_record", "encode_record"]
-
-
-_TENSOR, _TUPLE = 1, 2
-_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16,
-                                                      torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)}
-
-
-def _pack_ext(obj: Any) -> msgpack.ExtType:
-    if isinstance(obj, Tensor):
-        t = obj.detach().to("cpu").contiguous()
-        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        return msgpack.ExtType(_TENSOR, encode_record([str(t.dtype).removeprefix("torch."), list(t.shape), raw]))
-    if isinstance(obj, tuple):
-        return msgpack.ExtType(_TUPLE, encode_record(list(obj)))
-    raise TypeError(f"a board record cannot hold {type(obj).__name__}")
-
-
-def _unpack_ext(code: int, data: bytes) -> Any:
-    if code == _TUPLE:
-        return tuple(decode_record(data, strict=True))
-    if code == _TENSOR:
-        dtype, shape, raw = decode_record(data, strict=True)
-        t = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
-        return t.view(_DTYPES[dtype]).reshape(shape).clone()
-    raise ValueError(f"unknown record extension {code}")
-
-
-def encode_record(obj: Any) -> bytes:
-    """A board record as bytes (msgpack): numbers, strings, bytes, None, tensors and lists/tuples/dicts of them."""
-    return msgpack.packb(obj, default=_pack_ext, use_bin_type=True, strict_types=True)
-
-
-def decode_record(data: bytes, strict: bool = False) -> Any:
-    """The inverse of :func:`encode_record` for untrusted bytes: plain data only, no code runs; ``None`` if the
-    bytes are not a record (``strict``: raise instead)."""
-    try:
-        return msgpack.unpackb(data, ext_hook=_unpack_ext, raw=False, strict_map_key=False)
-    except Exception:  # noqa: BLE001 - whatever a Byzantine writer put there, it is just not a record
-        if strict:
-            raise
-        return None
+__all__ = ["HivemindTransport"]
 
 
 class HivemindTransport(Transport):

@@ -34,7 +34,8 @@ from hivemind.p2p import PeerID
 
 from lightning_btard.errors import UserError
 from lightning_btard.transports.base import TransportError
-from lightning_btard.transports.hivemind import HivemindTransport, decode_record, encode_record
+from lightning_btard.transports.codec import decode_record, encode_record
+from lightning_btard.transports.hivemind import HivemindTransport
 from lightning_btard.transports.hivemind_node import HivemindNode
 from lightning_btard.transports.hivemind_state import download_state
 

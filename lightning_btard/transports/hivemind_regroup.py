@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from lightning_btard.transports.base import TransportError
-from lightning_btard.transports.hivemind import HivemindTransport, decode_record, encode_record
+from lightning_btard.transports.codec import decode_record, encode_record
+from lightning_btard.transports.hivemind import HivemindTransport
 
 __all__ = ["Alone", "Regrouped", "regroup"]
 

@@ -16,7 +16,8 @@ from hivemind.p2p import PeerID
 
 from lightning_btard.errors import UserError
 from lightning_btard.transports.base import TransportError
-from lightning_btard.transports.hivemind import HivemindTransport, encode_record
+from lightning_btard.transports.codec import encode_record
+from lightning_btard.transports.hivemind import HivemindTransport
 from lightning_btard.transports.hivemind_node import HivemindNode
 
 __all__ = ["rank_order", "rendezvous"]

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from lightning_btard.transports.base import Transport, TransportError
+from lightning_btard.transports.codec import decode_record, encode_record
 
 __all__ = ["InProcessHub", "InProcessTransport", "run_in_threads", "run_peers"]
 
@@ -23,7 +24,7 @@ class InProcessHub:
         self.timeout = timeout
         self.slots: list[Any] = [None] * n
         self.barrier = threading.Barrier(n)
-        self.children: dict[tuple[int, ...], InProcessHub] = {}
+        self.children: dict[tuple[Any, ...], InProcessHub] = {}
         self.lock = threading.Lock()
 
     def exchange(self, rank: int, value: Any) -> list[Any]:
@@ -38,11 +39,12 @@ class InProcessHub:
             raise TransportError(f"in-process peers did not meet within {self.timeout}s") from e
         return out
 
-    def child(self, members: tuple[int, ...]) -> "InProcessHub":
+    def child(self, members: tuple[int, ...], key: Any = None) -> "InProcessHub":
+        """The hub of a group of ``members`` (one per ``(members, key)``: a later group of the same peers is new)."""
         with self.lock:
-            if members not in self.children:
-                self.children[members] = InProcessHub(len(members), self.timeout)
-            return self.children[members]
+            if (members, key) not in self.children:
+                self.children[(members, key)] = InProcessHub(len(members), self.timeout)
+            return self.children[(members, key)]
 
 
 class InProcessTransport(Transport):
@@ -85,10 +87,12 @@ class InProcessTransport(Transport):
         return {"sum": stacked.sum(0), "max": stacked.amax(0), "min": stacked.amin(0)}[op]
 
     def all_gather_object(self, obj: Any) -> list[Any]:
-        return self.hub.exchange(self.rank, obj)
+        """Records cross as bytes of the record codec, as on every other transport."""
+        return [decode_record(data) for data in self.hub.exchange(self.rank, encode_record(obj))]
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
-        return self.hub.exchange(self.rank, obj)[src]
+        data = self.hub.exchange(self.rank, encode_record(obj) if self.rank == src else None)[src]
+        return obj if self.rank == src else decode_record(data)
 
     def broadcast_tensor_(self, tensor: Tensor, src: int = 0) -> Tensor:
         return tensor.copy_(self.hub.exchange(self.rank, tensor)[src])

@@ -1,4 +1,9 @@
-"""torch.distributed transport: gloo on CPU, NCCL on GPU, over a process group of the members."""
+"""torch.distributed transport: gloo on CPU, NCCL on GPU, over a process group of the members.
+
+Tensors of known shapes go point to point; board records go through the record codec (:mod:`.codec`), never
+through ``all_gather_object``'s pickle, which would run whatever code a rank sends on every other rank. gloo's
+own framing is trusted (a rank that breaks it makes the collective fail for everyone, as a silent rank does);
+nothing in the contents is."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from torch import Tensor
 
 from lightning_btard.ops.workspace import Workspace
 from lightning_btard.transports.base import Transport
+from lightning_btard.transports.codec import MAX_RECORD_BYTES, decode_record, encode_record
 
 __all__ = ["TorchDistributedTransport"]
 
@@ -20,13 +26,15 @@ _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp
 class TorchDistributedTransport(Transport):
     """Collectives over ``group`` (default: the whole world), whose member order is the global rank order."""
 
-    def __init__(self, group: Optional[dist.ProcessGroup] = None, ranks: Optional[Sequence[int]] = None) -> None:
+    def __init__(self, group: Optional[dist.ProcessGroup] = None, ranks: Optional[Sequence[int]] = None,
+                 max_record_bytes: int = MAX_RECORD_BYTES) -> None:
         if not dist.is_initialized():
             raise RuntimeError("TorchDistributedTransport needs an initialised torch.distributed process group")
         self.group = group
         self.ranks = list(ranks) if ranks is not None else list(range(dist.get_world_size()))
         self._rank = self.ranks.index(dist.get_rank())
         self._buffers = Workspace()
+        self.max_record_bytes = int(max_record_bytes)
 
     @property
     def rank(self) -> int:
@@ -102,15 +110,47 @@ class TorchDistributedTransport(Transport):
         dist.all_reduce(out, op=_OPS[op], group=self.group)
         return out
 
+    def _device(self) -> torch.device:
+        """Where collectives' tensors live: the current CUDA device under NCCL, else the CPU."""
+        nccl = dist.get_backend(self.group) == "nccl"
+        return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+
     def all_gather_object(self, obj: Any) -> list[Any]:
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
+        """Every member's record (:mod:`.codec`, never pickle): sizes first, capped at ``max_record_bytes`` before
+        anything is allocated, then the bytes padded to the largest admissible size. A record that is too large or
+        does not decode is ``None`` (a malformed record of its sender)."""
+        data = encode_record(obj)
+        device = self._device()
+        mine = torch.tensor([len(data)], dtype=torch.int64, device=device)
+        sizes = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(sizes, mine, group=self.group)
+        lengths = [int(s.item()) for s in sizes]
+        width = max([0] + [n for n in lengths if 0 <= n <= self.max_record_bytes])
+        buf = torch.zeros(width, dtype=torch.uint8, device=device)
+        if len(data) <= width:
+            buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else buf[:0]
+        bufs = [torch.empty_like(buf) for _ in range(self.world_size)]
+        dist.all_gather(bufs, buf, group=self.group)
+        return [
+            decode_record(bytes(b[:n].cpu().numpy()), max_bytes=self.max_record_bytes) if 0 <= n <= width else None
+            for b, n in zip(bufs, lengths)
+        ]
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
-        box = [obj]
-        dist.broadcast_object_list(box, src=self.ranks[src], group=self.group)
-        return box[0]
+        """Member ``src``'s record on every member (``None`` where it is too large or does not decode); ``src`` keeps
+        its own object."""
+        device = self._device()
+        data = encode_record(obj) if self.rank == src else b""
+        size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+        dist.broadcast(size, src=self.ranks[src], group=self.group)
+        n = int(size.item())
+        if not 0 <= n <= self.max_record_bytes:
+            return obj if self.rank == src else None
+        buf = torch.zeros(n, dtype=torch.uint8, device=device)
+        if self.rank == src and n:
+            buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        dist.broadcast(buf, src=self.ranks[src], group=self.group)
+        return obj if self.rank == src else decode_record(bytes(buf.cpu().numpy()), max_bytes=self.max_record_bytes)
 
     def broadcast_tensor_(self, tensor: Tensor, src: int = 0) -> Tensor:
         dist.broadcast(tensor, src=self.ranks[src], group=self.group)
@@ -126,4 +166,4 @@ class TorchDistributedTransport(Transport):
         group = dist.new_group(ranks=global_ranks, backend=dist.get_backend(self.group), use_local_synchronization=False)
         if dist.get_rank() not in global_ranks:
             return None
-        return TorchDistributedTransport(group=group, ranks=global_ranks)
+        return TorchDistributedTransport(group=group, ranks=global_ranks, max_record_bytes=self.max_record_bytes)

@@ -1,0 +1,76 @@
+"""The hivemind group: independent peers that met in the DHT (``transports/hivemind_rendezvous.py``), each member a
+libp2p peer id; after a ban or an admission a new session over the active members; after a member fell silent, a
+regroup among those still answering (``transports/hivemind_regroup.py``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from hivemind.p2p import PeerID
+
+from lightning_btard.groups.base import Group, NoMajority, Recovery
+from lightning_btard.protocol.membership import Membership
+from lightning_btard.transports.base import TransportError
+from lightning_btard.transports.hivemind import HivemindTransport
+from lightning_btard.transports.hivemind_node import HivemindNode
+from lightning_btard.transports.hivemind_regroup import Alone, regroup
+from lightning_btard.transports.hivemind_rendezvous import session_of
+
+__all__ = ["HivemindGroup"]
+
+
+class HivemindGroup(Group):
+    """``members[p]`` is peer ``p``'s libp2p id; the transport covers the active ones, in id order."""
+
+    recoverable = True
+
+    def __init__(self, node: HivemindNode, run_id: str, members: Sequence[PeerID], membership: Membership, peer: int,
+                 timeout: float, transport: HivemindTransport | None = None) -> None:
+        self.node, self.run_id, self.members, self.timeout = node, run_id, list(members), float(timeout)
+        if transport is None:
+            transport = self._transport(membership)
+        super().__init__(membership, transport, peer)
+
+    def _transport(self, membership: Membership) -> HivemindTransport:
+        members = [self.members[p] for p in membership.active]
+        session = session_of(self.run_id, members, "group", membership.generation)
+        return HivemindTransport(self.node, members, session, timeout=self.timeout)
+
+    def rebuild(self) -> None:
+        old = self.transport
+        self.transport = self._transport(self.membership)
+        if isinstance(old, HivemindTransport):
+            old.close()
+
+    def admit(self, peers: Sequence[PeerID]) -> list[int]:
+        """Peers joining the running group: their ids (the next free ones), and the group rebuilt with them."""
+        ids = self.membership.admit(len(peers))
+        self.members += list(peers)
+        self.rebuild()
+        return ids
+
+    def recover(self, step: int, state: Any, failure: TransportError, accept: Callable[[Any], bool]) -> Recovery:
+        old, active = self.transport, self.membership.active
+        assert isinstance(old, HivemindTransport)
+        try:
+            result = regroup(old, state, window=self.timeout, accept=accept)
+        except Alone as err:
+            raise NoMajority(f"BTARD: step {step}: {err} (the failure: {failure})") from err
+        if result.refused and 2 * len(result.members) <= len(result.members) + len(result.refused):
+            # peers that answered from another step are as many as this group: neither side may claim to be the run
+            raise NoMajority(
+                f"BTARD: step {step}: after a failed collective, {len(result.members)} peers answered at this step and "
+                f"{len(result.refused)} at another step or malformed, so no group holds a majority. Restart the peers "
+                "that stopped here: while the run is marked as running they ask to join it and download its state"
+            )
+        gone = [p for i, p in enumerate(active) if i not in result.members]
+        for peer in gone:
+            self.membership.depart(peer, step)
+        old.close()
+        self.transport = result.transport
+        return Recovery(gone, {active[i]: s for i, s in result.states.items()})
+
+    def close(self) -> None:
+        if isinstance(self.transport, HivemindTransport):
+            self.transport.close()

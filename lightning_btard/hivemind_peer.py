@@ -1,0 +1,225 @@
+"""A hivemind peer inside a Lightning run: meeting the others, joining a running group, admitting joiners.
+
+``BTARDStrategy(backend="hivemind")`` holds one :class:`HivemindPeer`. The protocols themselves are in
+``transports/hivemind_rendezvous.py`` (forming the group), ``transports/hivemind_admission.py`` (join requests
+and admission records) and ``transports/hivemind_state.py`` (serving the training state); this module connects
+them to Lightning's checkpoints and to the strategy's group.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Optional
+
+from lightning_btard import compat
+from lightning_btard.errors import UserError
+from lightning_btard.groups.hivemind import HivemindGroup
+from lightning_btard.protocol.membership import Ban, Membership
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+
+    from lightning_btard.strategy import BTARDStrategy
+
+__all__ = ["HivemindPeer", "between_batches"]
+
+log = logging.getLogger(__name__)
+
+
+def between_batches(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint dumped at ``on_train_batch_start`` as Lightning would have saved it after the previous batch: the
+    batch already fetched is not counted. (On restart Lightning rolls back only the epoch's counters, not the totals,
+    and ``val_check_interval`` counts the totals: a joiner would otherwise validate one batch before the members, in
+    a collective they are not in.)"""
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+    for counters in (progress.get("total"), progress.get("current")):
+        if isinstance(counters, dict) and "completed" in counters:
+            for key in ("ready", "started", "processed"):
+                if key in counters:
+                    counters[key] = counters["completed"]
+    return checkpoint
+
+
+class HivemindPeer:
+    """This process's hivemind node and its place in the run ``run_id``."""
+
+    def __init__(self, initial_peers: list[str], num_peers: int, run_id: str, host_maddrs: list[str],
+                 announce_maddrs: Optional[list[str]], identity_path: Optional[str], rendezvous_timeout: float,
+                 join_every: int) -> None:
+        self.initial_peers, self.num_peers, self.run_id = initial_peers, num_peers, run_id
+        self.host_maddrs, self.announce_maddrs, self.identity_path = host_maddrs, announce_maddrs, identity_path
+        self.rendezvous_timeout, self.join_every = rendezvous_timeout, join_every
+        self.node: Any = None
+        self.joining = False
+        """This peer started after the run did: it is admitted instead of meeting the others."""
+        self.catching_up = False
+        """Admitted, restoring the group's state: no collectives until its first batch."""
+        self.joined_state: Optional[dict[str, Any]] = None
+        self._joins_checked_at = -1
+        self._admitted_nonces: list[bytes] = []
+        self._running_announced = 0.0
+
+    # ----------------------------------------------------------------- meeting the others
+    def start(self, cluster_environment: Any, timeout: float) -> Optional[HivemindGroup]:
+        """Start the node, print its addresses, wait for the group; take the rank it gives us (``None``: this peer
+        joins a running run, in :meth:`join`)."""
+        from lightning_btard.transports.hivemind_admission import run_is_running
+        from lightning_btard.transports.hivemind_node import HivemindNode
+        from lightning_btard.transports.hivemind_rendezvous import rendezvous
+
+        self.node = HivemindNode(initial_peers=self.initial_peers, host_maddrs=self.host_maddrs,
+                                 announce_maddrs=self.announce_maddrs, identity_path=self.identity_path)
+        join = f"  --trainer.strategy.initial_peers=[{','.join(self.node.visible_maddrs)}]"
+        if run_is_running(self.node, self.run_id):
+            self.joining = True
+            # a rank no member has, until the admission gives this peer its own (not 0: rank-zero-only output stays
+            # the first member's)
+            cluster_environment.set_world_size(self.num_peers + 1)
+            cluster_environment.set_global_rank(self.num_peers)
+            compat.set_rank_zero(self.num_peers)
+            print(f"BTARD hivemind peer {self.node.peer_id}: run {self.run_id!r} is running; this peer joins it "
+                  f"once set up. Other peers join with:\n{join}", flush=True)
+            return None
+        print(f"BTARD hivemind peer {self.node.peer_id} (run {self.run_id!r}, waiting for {self.num_peers} peers). "
+              f"Other peers join with:\n{join}", flush=True)
+        transport = rendezvous(self.node, self.run_id, self.num_peers, self.rendezvous_timeout)
+        transport.timeout = timeout
+        self.mark_running(0)  # peers that start from now on ask to join instead
+        cluster_environment.set_world_size(transport.world_size)
+        cluster_environment.set_global_rank(transport.rank)
+        compat.set_rank_zero(transport.rank)
+        print(f"BTARD hivemind: {transport.world_size} peers joined; this peer is rank {transport.rank}", flush=True)
+        membership = Membership(peers=list(range(transport.world_size)))
+        return HivemindGroup(self.node, self.run_id, transport.members, membership, transport.rank, timeout, transport)
+
+    def mark_running(self, step: int) -> None:
+        """Mark the run as running in the DHT (peers starting later ask to join); refreshed now and then."""
+        from lightning_btard.transports.hivemind_admission import announce_running
+
+        announce_running(self.node, self.run_id, step)
+        self._running_announced = time.monotonic()
+
+    # ----------------------------------------------------------------- joining a running group
+    def join(self, strategy: "BTARDStrategy", trainer: "pl.Trainer", identity_public: bytes, timeout: float) -> tuple[HivemindGroup, list[bytes], int]:
+        """Ask the running group to admit this peer; take the group, keys and seed from the admission a majority of
+        members wrote, and their training state from one of them, checked against the digest they published.
+        Returns the group, the keys and the run seed."""
+        from hivemind.p2p import PeerID
+
+        from lightning_btard.transports.hivemind_admission import ask_to_join, download_agreed_state, wait_for_admission
+
+        if trainer.state.fn != "fit":
+            raise UserError(f"run {self.run_id!r} is running: a peer can only join it to train (`btard fit`)")
+        node, run_id = self.node, self.run_id
+        nonce = ask_to_join(node, run_id, identity_public, wait=self.rendezvous_timeout)
+        print(f"BTARD hivemind: asked run {run_id!r} to admit this peer (its members admit joiners every "
+              f"join_every={self.join_every} steps of theirs)", flush=True)
+        record = wait_for_admission(node, run_id, nonce, self.rendezvous_timeout)
+        members = [PeerID.from_base58(p) for p in record["peers"]]
+        membership = Membership(peers=list(range(len(members))), generation=int(record["generation"]))
+        membership.bans = [Ban(int(p), int(t), str(reason), str(evidence)) for p, t, reason, evidence in record["bans"]]
+        membership.departed = {int(p): int(t) for p, t in record["departed"]}
+        self._admitted_nonces = list(record["admitted"])
+        me, step = int(record["id"]), int(record["step"])
+        group = HivemindGroup(node, run_id, members, membership, me, timeout)  # the group's transport, as its members derive it
+        assert strategy.cluster_environment is not None
+        strategy.cluster_environment.set_world_size(len(members))
+        strategy.cluster_environment.set_global_rank(me)
+        compat.set_rank_zero(me)
+
+        def agreed(checkpoint: dict[str, Any]) -> bool:
+            return checkpoint.get("global_step") == step and strategy.state_digest(checkpoint) == record["digest"]
+
+        others = [m for m in group.transport.members if m != node.peer_id]
+        self.joined_state, source = download_agreed_state(node, others, step, agreed, timeout)
+        compat.set_loaded_checkpoint(trainer, self.joined_state)  # Lightning restores it after setup
+        self.catching_up = True
+        self.mark_running(step)  # a member now: later peers find the run through it too
+        print(f"BTARD hivemind: joined run {run_id!r} at step {step} as peer {me}; {len(membership.active)} peers "
+              f"{membership.active}; state from {source}, its digest the one the members published", flush=True)
+        return group, list(record["keys"]), int(record["seed"])
+
+    # ----------------------------------------------------------------- admitting joiners
+    def due(self, trainer: "pl.Trainer", batch_idx: int) -> bool:
+        """Whether the members check for join requests at this batch (a step boundary every ``join_every`` steps)."""
+        if self.catching_up:  # a joiner's first batch: the members admitted it at this very point
+            self.catching_up = False
+            return False
+        step = trainer.global_step
+        if not self.join_every or step % self.join_every or batch_idx % trainer.accumulate_grad_batches:
+            return False
+        if step == self._joins_checked_at:
+            return False
+        self._joins_checked_at = step
+        return True
+
+    def admit(self, strategy: "BTARDStrategy", trainer: "pl.Trainer", step: int) -> None:
+        """One board collective: admit the join requests a majority of members saw, refuse banned peers, offer the
+        state, write the admission records, continue in the larger group."""
+        from lightning_btard.transports.codec import encode_record
+        from lightning_btard.transports.hivemind_admission import agree_on_joiners, publish_admission, publish_refusal
+        from lightning_btard.transports.hivemind_state import to_plain
+
+        engine = strategy.engine
+        assert engine is not None and isinstance(engine.group, HivemindGroup)
+        group_obj, membership = engine.group, engine.membership
+        node, run_id, timeout = self.node, self.run_id, group_obj.timeout
+        if time.monotonic() - self._running_announced > 600:
+            self.mark_running(step)
+        node.states.withdraw()  # the previous admission's offer: its joiners have it by now, or have gone
+        group = list(group_obj.transport.members)
+        bans = {group_obj.members[b.peer]: b for b in membership.bans}
+        admitted, refused = agree_on_joiners(group_obj.transport, run_id, group, bans, self._admitted_nonces)
+        for peer in refused:
+            ban = bans[peer]
+            publish_refusal(node, run_id, peer, group, f"banned at step {ban.step} as peer {ban.peer} ({ban.evidence})", timeout)
+            engine.events.emit("refusal", step, [ban.peer], f"({peer}), which asked to join again", ban.evidence)
+        if not admitted:
+            return
+        checkpoint = between_batches(compat.dump_checkpoint(trainer))
+        try:
+            data = encode_record(to_plain(checkpoint))
+        except (TypeError, ValueError, RuntimeError) as e:  # the same on every member: all refuse alike
+            log.warning("BTARD: the training state cannot be sent to joining peers, who are refused: %s", e)
+            for request in admitted:
+                publish_refusal(node, run_id, request.peer, group, f"the run's state cannot be sent: {e}", timeout)
+            return
+        digest = strategy.state_digest(checkpoint)
+        node.states.offer(step, data)
+        # the records first: if writing them fails (a TransportError: regroup), the group is still the old one
+        first, generation = len(membership.peers), membership.generation + 1
+        ids = list(range(first, first + len(admitted)))
+        peers = group_obj.members + [r.peer for r in admitted]
+        keys = engine.keys + [r.key for r in admitted] if strategy.verify else []
+        record = {
+            "step": step, "group": [m.to_base58() for m in group], "peers": [m.to_base58() for m in peers],
+            "keys": keys, "seed": strategy.run_seed, "generation": generation,
+            "bans": [[b.peer, b.step, b.reason, b.evidence] for b in membership.bans],
+            "departed": [[p, t] for p, t in membership.departed.items()], "digest": digest,
+            "admitted": self._admitted_nonces + [r.nonce for r in admitted],
+        }
+        for request, peer in zip(admitted, ids):
+            publish_admission(node, run_id, request, {**record, "id": peer}, timeout)
+        engine.keys = keys
+        group_obj.admit([r.peer for r in admitted])  # ids and generation as in the records
+        self._admitted_nonces += [r.nonce for r in admitted]
+        engine.record = None  # the previous step's validation spanned the old group: it is not resolved in the new one
+        engine.on_group_change()
+        engine.events.emit("admission", step, ids, f"({', '.join(str(r.peer) for r in admitted)})",
+                           members=membership.active)
+
+    # ----------------------------------------------------------------- leaving
+    def announce_finished(self, step: int) -> None:
+        """A member leaving at the end tells peers still asking to join that its part of the run is over."""
+        from lightning_btard.transports.hivemind_admission import announce_finished
+
+        try:
+            announce_finished(self.node, self.run_id, step)
+        except Exception as e:  # noqa: BLE001 - best effort on the way out
+            log.warning("BTARD: could not mark the run as finished in the DHT (%s)", e)
+
+    def shutdown(self) -> None:
+        if self.node is not None:
+            self.node.shutdown()
+            self.node = None

@@ -1,0 +1,93 @@
+"""The record codec every transport speaks: plain data only, no pickle, a size cap; and the torch transport's board
+built on it (a rank that sends a pickle or an oversized record runs no code and allocates nothing beyond the cap)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import pickle
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from lightning_btard.transports.codec import RecordTooLarge, decode_record, encode_record
+from procs import free_port
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/btard-codec-pwned",))
+
+
+def test_plain_records_round_trip() -> None:
+    record = [1, -2.5, "s", b"\x00\xff", None, True, (1, [2, (3,)]), {"k": [b"v"]}, pathlib.Path("/a/b"),
+              torch.arange(6, dtype=torch.int16).reshape(2, 3), torch.tensor([], dtype=torch.float64)]
+    back = decode_record(encode_record(record))
+    for a, b in zip(record, back):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b) and a.dtype == b.dtype
+        else:
+            assert a == b and type(a) is type(b)
+
+
+@pytest.mark.parametrize("bad", [pickle.dumps(Evil()), b"\xc1", b"", encode_record([1])[:-1]])
+def test_what_is_not_a_record_decodes_to_none(bad: bytes) -> None:
+    assert decode_record(bad) is None
+    assert not os.path.exists("/tmp/btard-codec-pwned")
+
+
+def test_hostile_tensor_headers_and_sizes() -> None:
+    import msgpack
+
+    def tensor_ext(dtype, shape, raw):
+        return msgpack.packb(msgpack.ExtType(1, encode_record([dtype, shape, raw])), use_bin_type=True)
+
+    assert decode_record(tensor_ext("float32", [10**9, 10**9], b"\x00" * 8)) is None  # numel does not match
+    assert decode_record(tensor_ext("float32", [-1, 2], b"\x00" * 8)) is None
+    assert decode_record(tensor_ext("object", [1], b"\x00" * 8)) is None
+    assert decode_record(tensor_ext("float32", [3], b"\x00" * 7)) is None
+    assert decode_record(encode_record(b"x" * 100), max_bytes=50) is None
+    with pytest.raises(RecordTooLarge):
+        decode_record(encode_record(b"x" * 100), strict=True, max_bytes=50)
+    with pytest.raises(TypeError):
+        encode_record(object())
+
+
+def _board_rank(rank: int, port: int, out: dict) -> None:
+    import torch.distributed as dist
+
+    from lightning_btard.transports import torch_distributed as td
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=3)
+    transport = td.TorchDistributedTransport(max_record_bytes=10_000)
+    if rank == 1:  # a hostile rank: its record is a pickle that would run code
+        td.encode_record = lambda obj: pickle.dumps(Evil())
+    honest_big = b"y" * 20_000 if rank == 2 else b"ok"
+    first = transport.all_gather_object(["rank", rank])
+    second = transport.all_gather_object(honest_big)  # rank 2's record is over the cap
+    third = transport.broadcast_object({"from": rank}, src=1)
+    out[rank] = (first, second, third)
+    dist.destroy_process_group()
+
+
+def test_the_torch_board_never_unpickles_and_caps_record_sizes() -> None:
+    ctx = mp.get_context("fork")
+    manager = ctx.Manager()
+    out = manager.dict()
+    port = free_port()
+    procs = [ctx.Process(target=_board_rank, args=(r, port, out)) for r in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    assert not os.path.exists("/tmp/btard-codec-pwned")
+    first, second, third = out[0]
+    assert first == [["rank", 0], None, ["rank", 2]]
+    assert second == [b"ok", None, None]
+    assert third is None  # rank 1 broadcast a pickle: nothing runs, nothing decodes
+    assert out[2][0] == [["rank", 0], None, ["rank", 2]]

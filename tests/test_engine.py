@@ -1,0 +1,215 @@
+"""The peer engine in-process: n peers as threads, each "gradient" a function of (step, peer) that any peer can
+recompute (the fake ``recompute``), so validation, bans, retries, regroups and fp16 skips run in seconds."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any, Optional
+
+import pytest
+import torch
+
+from lightning_btard.aggregators import resolve_aggregator
+from lightning_btard.groups import InProcessGroup, InProcessRegistry
+from lightning_btard.ops.centered_clip import centered_clip
+from lightning_btard.protocol.engine import METRIC_KEYS, PeerEngine, round_config_of
+from lightning_btard.protocol.identity import Identity
+from lightning_btard.protocol.membership import Membership
+from lightning_btard.protocol.round import Behaviour
+from lightning_btard.protocol.validation import ValidationCheck
+from lightning_btard.transports.in_process import InProcessHub
+
+DIM = 60
+
+
+def gradient(step: int, peer: int) -> torch.Tensor:
+    """Peer ``peer``'s honest gradient of ``step``: what its verifiable batch gives (the same wherever recomputed)."""
+    g = torch.Generator().manual_seed(1000 * step + peer)
+    return torch.randn(DIM, generator=g) * 0.1 + 1.0
+
+
+class Peer:
+    """One simulated peer: the glue's part of a step (which gradient it computes, what it sends)."""
+
+    def __init__(self, engine: PeerEngine, lie: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
+                 behaviour: Optional[Behaviour] = None, stop_at: Optional[int] = None) -> None:
+        self.engine, self.lie, self.behaviour, self.stop_at = engine, lie, behaviour, stop_at
+        self.applied: dict[int, torch.Tensor] = {}
+        self.validated: list[tuple[int, int, int]] = []  # (step, target, target's step)
+        self.recomputed: list[tuple[int, int]] = []
+
+    def recompute(self, record: Any, peer: int) -> torch.Tensor:
+        self.recomputed.append((record.step, peer))
+        return gradient(record.step, peer)
+
+    def run(self, steps: int, overflow_at: tuple[int, ...] = ()) -> "Peer":
+        me = self.engine.me
+        for step in range(steps):
+            if self.stop_at is not None and step == self.stop_at:
+                return self  # falls silent: never calls another collective
+            task = self.engine.begin_step(step)
+            fast = task is not None
+            if task is not None:
+                self.validated.append((step, task.target, task.record.step))
+                computed = gradient(task.record.step, task.target)  # the fast path: the step's gradient is the check
+            else:
+                computed = gradient(step, me)
+            sent = self.lie(step, computed) if self.lie is not None else computed
+            if step in overflow_at and me == 1:
+                computed = computed.clone()
+                computed[0] = float("inf")
+            out = self.engine.step(sent, step, computed=computed, recompute=self.recompute, behaviour=self.behaviour,
+                                   overflow_vote=bool(overflow_at), fast_path=fast)
+            if self.engine.left:
+                return self
+            if out is not None:
+                self.applied[step] = out.clone()
+        return self
+
+
+def make_peers(n: int, *, verify: bool = True, validators: int = 1, tau: float = 1.0, window: float = 3.0,
+               timeout: float = 20.0, **per_peer: dict[int, Any]) -> list[Peer]:
+    hub, registry = InProcessHub(n, timeout), InProcessRegistry()
+    identities = [Identity.generate() for _ in range(n)]
+    keys = [i.public for i in identities]
+    peers = []
+    for p in range(n):
+        group = InProcessGroup(Membership(peers=list(range(n))), p, hub, registry, window=window)
+        engine = PeerEngine(group, resolve_aggregator("centered_clip", tau=tau), verify=verify, identity=identities[p],
+                            keys=keys, validators=validators, validation_check=ValidationCheck(rtol=1e-3))
+        peers.append(Peer(engine, **{k: v[p] for k, v in per_peer.items() if p in v}))
+    return peers
+
+
+def run(peers: list[Peer], steps: int, timeout: float = 120.0, **kwargs: Any) -> list[Peer]:
+    errors: list[BaseException] = []
+
+    def target(peer: Peer) -> None:
+        try:
+            peer.run(steps, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=target, args=(p,), daemon=True) for p in peers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads), "a peer hung"
+    if errors:
+        raise errors[0]
+    return peers
+
+
+def honest_aggregate(step: int, peers: list[int], tau: float = 1.0, weights: Optional[list[float]] = None) -> torch.Tensor:
+    """The aggregate computed independently: CenteredClip of every part of the honest gradients."""
+    from lightning_btard.ops.partition import part_sizes
+
+    grads = torch.stack([gradient(step, p) for p in peers])
+    sizes = part_sizes(DIM, len(peers))
+    w = torch.tensor(weights, dtype=torch.float64) if weights is not None else None
+    return torch.cat([centered_clip(part.double(), tau, w, eps=1e-12, max_iters=1000).float()
+                      for part in torch.split(grads, sizes, dim=1)])
+
+
+def assert_same(peers: list[Peer], step: int) -> torch.Tensor:
+    first = peers[0].applied[step]
+    for p in peers[1:]:
+        assert torch.equal(p.applied[step], first)
+    return first
+
+
+def test_round_config_comes_from_the_aggregator() -> None:
+    cfg = round_config_of(resolve_aggregator("centered_clip", tau=0.25, eps=1e-9, max_iters=77), directions=3)
+    assert (cfg.tau, cfg.eps, cfg.max_iters, cfg.directions) == (0.25, 1e-9, 77, 3)
+    with pytest.raises(ValueError):
+        round_config_of(resolve_aggregator("mean"))
+
+
+def test_unverified_steps_give_the_independent_aggregate_and_one_metric_schema() -> None:
+    peers = run(make_peers(4, verify=False), 3)
+    for step in range(3):
+        got = assert_same(peers, step)
+        assert torch.allclose(got, honest_aggregate(step, [0, 1, 2, 3]), atol=1e-5)
+    assert set(METRIC_KEYS) <= set(peers[0].engine.metrics)
+
+
+def test_verified_steps_rotate_validators_that_weigh_zero_and_recompute_on_their_fast_path() -> None:
+    peers = run(make_peers(4, validators=1), 8)
+    assert all(not p.engine.membership.bans for p in peers)
+    validated = sorted(v for p in peers for v in p.validated)
+    # from step 1 on, exactly one validator per step, checking a step-(t-1) target other than itself
+    assert [v[0] for v in validated] == list(range(1, 8))
+    assert all(target_step == step - 1 for step, _, target_step in validated)
+    validators = {step: next(p.engine.me for p in peers if any(v[0] == step for v in p.validated)) for step in range(1, 8)}
+    assert len(set(validators.values())) > 1  # the role moves around
+    for step in range(8):
+        got = assert_same(peers, step)
+        weights = [0.0 if step in validators and p == validators[step] else 1.0 for p in range(4)]
+        assert torch.allclose(got, honest_aggregate(step, [0, 1, 2, 3], weights=weights), atol=1e-4)
+    assert set(METRIC_KEYS) | {"validations", "validation_bans"} <= set(peers[0].engine.metrics)
+    assert peers[0].engine.metrics["validations"] == 1.0
+
+
+def test_a_gradient_liar_is_banned_by_its_validator_and_the_rest_retrain_without_it() -> None:
+    def flip(step: int, g: torch.Tensor) -> torch.Tensor:
+        return -10 * g if step >= 2 else g
+
+    peers = run(make_peers(5, validators=2, lie={3: flip}), 14)
+    honest = [p for p in peers if p.engine.me != 3]
+    for p in honest:
+        assert [b.peer for b in p.engine.membership.bans] == [3]
+        assert p.engine.membership.bans[0].evidence == "recomputation"
+    assert peers[3].engine.left
+    ban_step = honest[0].engine.membership.bans[0].step
+    for step in range(ban_step + 1, 14):
+        assert_same(honest, step)
+    # every honest peer recomputed the accused once, at the accusation
+    assert all((ban_step - 1, 3) in p.recomputed for p in honest)
+
+
+class WrongAggregate(Behaviour):
+    def published_aggregate(self, step: int, aggregate: torch.Tensor) -> torch.Tensor:
+        return aggregate + 5.0 if step == 2 else aggregate
+
+
+def test_a_protocol_cheat_is_banned_and_the_step_is_retried_in_the_same_call() -> None:
+    peers = run(make_peers(4, validators=0, behaviour={1: WrongAggregate()}), 4)
+    honest = [p for p in peers if p.engine.me != 1]
+    for p in honest:
+        assert [(b.peer, b.step) for b in p.engine.membership.bans] == [(1, 2)]
+        assert p.engine.metrics["retries"] == 0.0  # the last step needed none
+    got = assert_same(honest, 2)  # step 2 was re-run among the three and applied
+    assert torch.allclose(got, honest_aggregate(2, [0, 2, 3]), atol=1e-4)
+
+
+def test_an_fp16_overflow_anywhere_skips_the_step_everywhere() -> None:
+    peers = run(make_peers(3, validators=0), 4, overflow_at=(2,))
+    for p in peers:
+        assert sorted(p.applied) == [0, 1, 3]
+        assert not p.engine.membership.bans
+
+
+def test_a_silent_peer_departs_the_survivors_regroup_and_stay_identical() -> None:
+    peers = run(make_peers(4, validators=1, window=4.0, timeout=3.0, stop_at={2: 3}), 7)
+    survivors = [p for p in peers if p.engine.me != 2]
+    for p in survivors:
+        assert p.engine.membership.departed == {2: 3}
+        assert not p.engine.membership.bans
+        assert p.engine.unvalidated_step == 3
+    for step in range(3, 7):
+        assert_same(survivors, step)
+    assert any(e.kind == "departure" for e in survivors[0].engine.events.events)
+
+
+def test_a_validator_that_accuses_falsely_is_banned() -> None:
+    class FalseAccuser(Behaviour):
+        def validation_claims(self, step: int, target: int, agrees: bool) -> list[int]:
+            return [target]
+
+    peers = run(make_peers(4, validators=3, behaviour={0: FalseAccuser()}), 12)
+    honest = [p for p in peers if p.engine.me != 0]
+    for p in honest:
+        assert [b.peer for b in p.engine.membership.bans] == [0]
+        assert p.engine.membership.bans[0].reason.startswith("false accusation")
