@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from common import best_of, row
+
 from lightning_btard.ops.accurate_sums import accurate_dots
 from lightning_btard.ops.centered_clip import centered_clip_with_stats
 from lightning_btard.ops.median import coordinate_median
@@ -19,7 +19,7 @@ from lightning_btard.ops.median import coordinate_median
 def released_plain_steps(x: torch.Tensor, tau: float, n_iters: int = 500, eps: float = 1e-6) -> tuple[torch.Tensor, int]:
     """The released code's loop: v += sum_i c_i (x_i - v) / n from the median, stopping when the step is <= eps."""
     v = x.median(dim=0).values
-    for i in range(n_iters):
+    for i in range(n_iters):  # noqa: B007 - the count is returned
         diff = x - v
         c = torch.clamp(tau / diff.norm(dim=1), max=1.0)
         step = (diff * c[:, None]).sum(0) / x.shape[0]

@@ -23,7 +23,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from datamodules.albert_tokenizer import ALBERT_HUB_TOKENIZER, load_tokenizer, tokenizer_digest, train_tokenizer
-from datamodules.sentence_order import InstanceBuilder, SPLITTERS
+from datamodules.sentence_order import SPLITTERS, InstanceBuilder
 from datamodules.synthetic_text import SYNTHETIC_MARKER, write_synthetic_wikitext
 
 __all__ = ["WikiText103DataModule"]

@@ -23,7 +23,6 @@ import hashlib
 import logging
 import os
 import sys
-import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, Literal, Optional, Union
@@ -46,21 +45,22 @@ from typing_extensions import override
 
 from lightning_btard import compat
 from lightning_btard.aggregators import Aggregator, resolve_aggregator
-from lightning_btard.attacks.base import Attack, AttackContext
+from lightning_btard.attacks.base import AttackContext
+from lightning_btard.attacks.roster import attacks_of, behaviour_of, count_fired, give_colluders_a_channel
 from lightning_btard.errors import TrainingDiverged, UserError
+from lightning_btard.event_sinks import attach_run_sinks
 from lightning_btard.groups.base import Group
+from lightning_btard.leaving import host_the_store_until_the_others_leave, mark_left
 from lightning_btard.ops.finite import all_finite
 from lightning_btard.ops.partition import assign_grads, flatten_grads, trainable_params
 from lightning_btard.ops.workspace import Workspace
 from lightning_btard.protocol.engine import PeerEngine
-from lightning_btard.protocol.events import Event, EventLog, JsonLinesSink
+from lightning_btard.protocol.events import EventLog
 from lightning_btard.protocol.identity import Identity
 from lightning_btard.protocol.membership import Ban, Membership
-from lightning_btard.protocol.round import Behaviour
 from lightning_btard.protocol.validation import StepRecord, ValidationCheck
-from lightning_btard.recomputation import Recomputer, TrainingData
 from lightning_btard.transports.base import Transport
-from lightning_btard.verifiable_batches import seeded_step, verifiable_loader
+from lightning_btard.verified_steps import VerifiedSteps
 
 __all__ = ["BTARDStrategy"]
 
@@ -180,13 +180,7 @@ class BTARDStrategy(ParallelStrategy):
         self.run_seed = 0
         self.engine: Optional[PeerEngine] = None
         self.events = EventLog()
-        self._restored: Optional[dict[str, Any]] = None  # the ban list of a checkpoint, applied once the group exists
-        self._recomputer: Optional[Recomputer] = None
-        self._fast_path = False
-        """This step's own gradient is the validator's recomputation (no accumulation; see ``_begin_step``)."""
-        self._micro = 0
-        self._step_micro = 1
-        self._batch_idx = 0
+        self._steps: Optional[VerifiedSteps] = None  # under verify: seeded steps, verifiable batches, validators
         self._process_group_backend = process_group_backend
         self._timeout = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
         self._start_method = start_method
@@ -319,7 +313,7 @@ class BTARDStrategy(ParallelStrategy):
         self.accelerator.setup(trainer)
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()
-        self._attach_event_sinks(trainer)
+        attach_run_sinks(self.events, trainer, self.global_rank)
         if self._hivemind is not None and self._hivemind.joining:
             self._join_running_group(trainer)
         else:
@@ -328,7 +322,9 @@ class BTARDStrategy(ParallelStrategy):
             self.setup_optimizers(trainer)
             self._setup_attacks(trainer)
             compat.route_sigterm_broadcast(trainer, lambda: self._broadcast_sigterm(trainer))
-            self._setup_validation(trainer)
+            if self.verify:
+                self._steps = VerifiedSteps(self.run_seed, self.global_rank, self.root_device)
+                self._steps.setup(trainer, self.lightning_module, self.validators, self.world_size)  # type: ignore[arg-type]
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             compat.optimizers_to_device(self.optimizers, self.root_device)
@@ -352,14 +348,8 @@ class BTARDStrategy(ParallelStrategy):
             raise SIGTERMException()
 
     def _setup_attacks(self, trainer: Optional["pl.Trainer"]) -> None:
-        """Give colluding attacks their channel among the active Byzantine peers (a collective: every peer calls
-        it, at the start and after every change of the group)."""
         assert self.transport is not None and self.membership is not None
-        active = self.membership.active
-        for attack in self._attacks(trainer):
-            colluders = [m for m, peer in enumerate(active) if peer in attack.byzantine]
-            if attack.colluding and colluders:
-                attack.collusion = self.transport.subgroup(colluders)
+        give_colluders_a_channel(attacks_of(trainer), self.transport, self.membership.active)
 
     def _after_group_change(self) -> None:
         """After a ban, a regroup or an admission: metrics sync over the new group, colluders get a new channel."""
@@ -369,24 +359,6 @@ class BTARDStrategy(ParallelStrategy):
             compat.bind_metrics_process_group(self.lightning_module, self.transport.group)
         self._setup_attacks(self.lightning_module.trainer if self.lightning_module is not None else None)
 
-    def _setup_validation(self, trainer: "pl.Trainer") -> None:
-        module = self.lightning_module
-        if not self.validators or module is None:
-            return
-        if not module.automatic_optimization:
-            raise UserError(
-                "BTARD validators recompute gradients through training_step, which needs automatic optimization; "
-                "with manual optimization pass BTARDStrategy(validators=0) (the round is still verified) or verify=False"
-            )
-        self._recomputer = Recomputer(self.run_seed, trainer.accumulate_grad_batches, [self.root_device])
-        contributing = self.world_size - self.validators
-        if 0 < contributing < 3:
-            rank_zero_warn(
-                f"BTARD: validators={self.validators} of {self.world_size} peers leaves {contributing} peer(s) contributing "
-                "to each step (validators weigh 0): one Byzantine contributor then holds half the weight or more, where "
-                "CenteredClip bounds nothing until validation bans it. Use fewer validators or more peers."
-            )
-
     def _check_manual_optimization(self) -> None:
         module = self.lightning_module
         if module is not None and not module.automatic_optimization:
@@ -395,104 +367,25 @@ class BTARDStrategy(ParallelStrategy):
                 "every peer must call it the same number of times."
             )
 
-    @staticmethod
-    def _attacks(trainer: Optional["pl.Trainer"]) -> list[Attack]:
-        return [cb for cb in (trainer.callbacks if trainer is not None else []) if isinstance(cb, Attack)]
-
-    # ----------------------------------------------------------------- events
-    def _attach_event_sinks(self, trainer: "pl.Trainer") -> None:
-        """Events to a JSON-lines file in the run directory (one per peer) and to the loggers as text."""
-        path = os.path.join(trainer.default_root_dir, "btard_events", f"rank{self.global_rank}.jsonl")
-        self.events.attach(JsonLinesSink(path))
-        self.events.attach(lambda event: self._log_event(trainer, event))
-
-    @staticmethod
-    def _log_event(trainer: "pl.Trainer", event: Event) -> None:
-        for logger in trainer.loggers:
-            experiment = getattr(logger, "experiment", None)
-            if hasattr(experiment, "add_text"):  # TensorBoard
-                experiment.add_text("btard/events", event.message(), event.step)
-            elif hasattr(logger, "log_text"):  # wandb
-                logger.log_text(key="btard/events", columns=["step", "kind", "peers", "reason"],
-                                data=[[event.step, event.kind, str(list(event.peers)), event.reason]])
-
     # ----------------------------------------------------------------- verifiable batches and validation
     @override
     def process_dataloader(self, dataloader: object) -> object:
-        """Under ``verify``, the training dataloader becomes this peer's verifiable batches (see ``verifiable_batches.py``)."""
+        """Under ``verify``, the training dataloader becomes this peer's verifiable batches (``verified_steps.py``)."""
         module = self.lightning_module
-        trainer = module.trainer if module is not None else None
-        if not self.verify or trainer is None or not trainer.training:
+        if self._steps is None or module is None or not module.trainer.training:
             return dataloader
-        try:
-            loader = verifiable_loader(
-                dataloader, self.run_seed, self.global_rank, trainer.accumulate_grad_batches, lambda: trainer.global_step  # type: ignore[arg-type]
-            )
-        except TypeError as err:
-            raise UserError(f"BTARDStrategy(verify=True): {err}") from err
-        if self._recomputer is not None:
-            self._recomputer.data = TrainingData(loader.dataset, loader.batch_sampler.batch_size, loader.collate_fn)  # type: ignore[union-attr, arg-type]
-        return loader
+        return self._steps.loader(dataloader, module.trainer)
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the module's training step with the step's RNGs seeded from ``(run seed, step, peer)``; a validator
-        runs its target's previous step instead, from the kept parameters, on the target's batch."""
-        if not self.verify or self.lightning_module is None:
+        """The module's training step, seeded; a validator's is its target's previous one (``verified_steps.py``)."""
+        if self._steps is None or self.lightning_module is None or self.engine is None:
             return super().training_step(*args, **kwargs)
-        trainer = self.lightning_module.trainer
-        step, micro = trainer.global_step, self._micro
-        self._micro += 1
-        if micro == 0 and self._recomputer is not None:
-            self._begin_step(step, args[1] if len(args) > 1 else kwargs.get("batch_idx", 0))
-        if not self._fast_path:
-            with seeded_step(self.run_seed, step, self.global_rank, micro, [self.root_device]):
-                return super().training_step(*args, **kwargs)
-        assert self.engine is not None and self.engine.validating is not None and self._recomputer is not None
-        record, target = self.engine.validating.record, self.engine.validating.target
-        try:
-            batch = self._recomputer.batch(self.lightning_module, record.step, target, micro)
-            with self._recomputer.seeded(record.step, target, micro):
-                return super().training_step(batch, record.batch_idx + micro)
-        except BaseException:
-            self._recomputer.restore(self._params())
-            raise
-
-    def _begin_step(self, step: int, batch_idx: int) -> None:
-        """Keep ``x_step``; if this peer validates in this step, note its target.
-
-        Without gradient accumulation the validator's step *is* the recomputation (its ``training_step`` runs
-        on the target's batch with ``x_{step-1}`` loaded, and the parameters are restored in the same optimizer
-        closure); with accumulation the parameters would stay swapped across Lightning's hooks between
-        micro-batches, so the validator computes its own gradient and recomputes the target's after it."""
-        assert self._recomputer is not None and self.engine is not None
-        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        if trainer is not None and trainer.accumulate_grad_batches != self._recomputer.accumulate:
-            raise UserError(
-                f"accumulate_grad_batches changed during training ({self._recomputer.accumulate} -> "
-                f"{trainer.accumulate_grad_batches}): verified training needs a fixed accumulation (or validators=0)"
-            )
-        params = self._params()
-        self._recomputer.snapshot(step, params)
-        self._batch_idx = int(batch_idx)
-        task = self.engine.begin_step(step, kept=self._recomputer.has)
-        self._fast_path = task is not None and self._recomputer.accumulate == 1
-        if task is not None and self._fast_path:
-            self._recomputer.load(task.record.step, params)
-
-    def _params(self) -> list[torch.nn.Parameter]:
-        return trainable_params(self.optimizers[0].param_groups)
+        return self._steps.training_step(super().training_step, self.lightning_module, self.engine, args, kwargs)
 
     def _recompute(self, record: StepRecord, peer: int) -> Tensor:
-        """Peer ``peer``'s gradient of ``record.step``, recomputed here through the module's ``training_step``."""
-        assert self._recomputer is not None and self.lightning_module is not None
-        params = self._params()
-        numel = sum(p.numel() for p in params)
-        return self._recomputer.gradient(
-            self.lightning_module, params, record.step, peer, record.batch_idx, self.precision_plugin.train_step_context,
-            micro_batches=record.micro_batches, scale=record.grad_scale,
-            out=self._buffers.get("recomputed", (numel,), torch.float32, self.root_device),
-        )
+        assert self._steps is not None and self.lightning_module is not None
+        return self._steps.recompute(self.lightning_module, self.precision_plugin.train_step_context, record, peer)
 
     # ----------------------------------------------------------------- the aggregation
     @override
@@ -517,12 +410,12 @@ class BTARDStrategy(ParallelStrategy):
     def aggregate_gradients(self, optimizer: Optimizer) -> None:
         """Replace the gradients of ``optimizer``'s parameters with the ButterflyClip aggregate over all peers."""
         assert self.engine is not None and self.transport is not None
-        self._step_micro, self._micro = max(self._micro, 1), 0
         params = trainable_params(optimizer.param_groups)
         numel = sum(p.numel() for p in params)
         flat = flatten_grads(params, out=self._buffers.get("flat", (numel,), torch.float32, self.root_device))
-        if self._recomputer is not None:
-            self._recomputer.restore(params)  # a fast-path recomputation ran on x_{t-1}; this step updates x_t
+        # a fast-path recomputation ran on x_{t-1}; this step updates x_t
+        micro_batches = self._steps.end_step(params) if self._steps is not None else 1
+        steps = self._steps
         scale = self._grad_scale()
         if scale is not None:
             flat.div_(scale)
@@ -531,14 +424,19 @@ class BTARDStrategy(ParallelStrategy):
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         ctx = AttackContext(step=trainer.global_step if trainer is not None else 0, rank=self.global_rank,
                             world_size=self.transport.world_size, trainer=trainer, pl_module=self.lightning_module)
-        sent = flat
-        for attack in self._attacks(trainer):
+        attacks, sent = attacks_of(trainer), flat
+        for attack in attacks:
             sent = attack.on_before_aggregate(sent, ctx)
+
+        def count_attackers() -> None:
+            self._attack_counts = count_fired(attacks, self.transport, ctx.step, self.root_device)  # type: ignore[arg-type]
+
+        validating = steps is not None and steps.recomputer is not None
         aggregate = self.engine.step(
-            sent, ctx.step, computed=flat, recompute=self._recompute if self._recomputer is not None else None,
-            behaviour=self._behaviour(ctx), overflow_vote=scale is not None, fast_path=self._fast_path,
-            batch_idx=self._batch_idx, micro_batches=self._step_micro, grad_scale=scale,
-            after=lambda: self._count_attackers(trainer, ctx.step),
+            sent, ctx.step, computed=flat, recompute=self._recompute if validating else None,
+            behaviour=behaviour_of(attacks, ctx), overflow_vote=scale is not None,
+            fast_path=steps is not None and steps.fast_path, batch_idx=steps.batch_idx if steps is not None else 0,
+            micro_batches=micro_batches, grad_scale=scale, after=count_attackers,
         )
         if aggregate is None:
             # fp16 overflow somewhere: every peer skips this step together (the scaler sees inf and backs off)
@@ -547,25 +445,6 @@ class BTARDStrategy(ParallelStrategy):
         if scale is not None:
             aggregate.mul_(scale)
         assign_grads(params, aggregate)
-
-    def _behaviour(self, ctx: AttackContext) -> Behaviour:
-        """This peer's conduct in the round: honest, unless a protocol attack callback scripts it."""
-        for attack in self._attacks(ctx.trainer):
-            scripted = attack.behaviour(ctx)
-            if scripted is not None:
-                return scripted
-        return Behaviour()
-
-    def _count_attackers(self, trainer: Optional["pl.Trainer"], step: int) -> None:
-        """How many peers fired each attack at ``step`` (one small collective; every peer runs the same callbacks)."""
-        attacks = self._attacks(trainer)
-        if not attacks:
-            self._attack_counts = {}
-            return
-        assert self.transport is not None
-        mine = torch.tensor([float(a.fired_at(step)) for a in attacks], device=self.root_device)
-        counts = self.transport.all_reduce(mine, "sum").tolist()
-        self._attack_counts = {f"attack/{a.name}": c for a, c in zip(attacks, counts)}
 
     def _grad_scale(self) -> Optional[float]:
         scaler = getattr(self.precision_plugin, "scaler", None)
@@ -576,13 +455,7 @@ class BTARDStrategy(ParallelStrategy):
         in (as DDP would) poisons the model of every peer."""
         module = self.lightning_module
         names = [n for n, p in module.named_parameters() if p.grad is not None and not all_finite(p.grad)] if module else []
-        step = module.trainer.global_step if module is not None and module._trainer is not None else "?"
-        raise TrainingDiverged(
-            f"BTARD: peer {self.global_rank}'s own gradient at step {step} is not finite (NaN or Inf in "
-            f"{', '.join(names[:5]) + (' ...' if len(names) > 5 else '') or 'the gradients'}): the model diverged. An honest "
-            "peer does not send it (the others would ban it as a malformed part). Lower the learning rate, clip "
-            "gradients (Trainer(gradient_clip_val=...)), or train in 16-mixed precision, whose loss scaler skips such steps."
-        )
+        raise TrainingDiverged.in_gradients(self.global_rank, module.trainer.global_step if module is not None else "?", names)
 
     def _log_round(self) -> None:
         module = self.lightning_module
@@ -612,11 +485,8 @@ class BTARDStrategy(ParallelStrategy):
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
         """Lightning's checkpoint, with the run's ban list and departed peers (restored on resume)."""
-        if self.membership is not None:
-            checkpoint["btard"] = {
-                "bans": [b.as_dict() for b in self.membership.bans],
-                "departed": [[p, t] for p, t in self.membership.departed.items()],
-            }
+        if self.engine is not None:
+            checkpoint["btard"] = self.engine.state_dict()
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     @override
@@ -625,22 +495,10 @@ class BTARDStrategy(ParallelStrategy):
             rank_zero_warn(f"BTARD: this peer joined a running group and takes its state; ckpt_path={checkpoint_path} is not loaded")
             return self._hivemind.joined_state
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        self._restore_bans(checkpoint.get("btard"))
+        if self.engine is not None and "btard" in checkpoint:
+            rank_zero_info(f"BTARD: resumed with the checkpoint's ban list: {[b['peer'] for b in checkpoint['btard']['bans']]}")
+            self.engine.load_state_dict(checkpoint["btard"])
         return checkpoint
-
-    def _restore_bans(self, state: Any) -> None:
-        """The bans and departures of a resumed run: a banned peer leaves again, the others continue without it."""
-        if not isinstance(state, dict) or self.engine is None:
-            return
-        bans = [Ban(int(b["peer"]), int(b["step"]), str(b["reason"]), str(b["evidence"])) for b in state.get("bans", [])]
-        membership = self.engine.membership
-        for peer, step in state.get("departed", []):
-            membership.depart(int(peer), int(step))
-        if bans or membership.departed:
-            rank_zero_info(f"BTARD: resumed with {len(bans)} banned peer(s) {[b.peer for b in bans]} kept out")
-        self.engine.apply_bans(bans)
-        if not self.engine.left and membership.departed and not bans:
-            self.engine.group.rebuild()
 
     # ----------------------------------------------------------------- peers joining a running group (hivemind)
     @property
@@ -699,40 +557,22 @@ class BTARDStrategy(ParallelStrategy):
             f"[{ban.evidence}]. Leaving the training.",
             flush=True,
         )
-        self._mark_left()
+        if self._hivemind is None:
+            mark_left(self.global_rank)
         if self.global_rank == 0 and isinstance(self._launcher, _MultiProcessingLauncher):
             # the launching process waits for rank 0's result: rank 0 ends fit() here (no more collectives), and
             # hosts the store in teardown until the others have finished
             if self.lightning_module is not None and self.lightning_module._trainer is not None:
                 self.lightning_module.trainer.should_stop = True
             return
-        self._host_the_store_until_the_others_leave()
+        if self._hivemind is None:
+            host_the_store_until_the_others_leave(self.global_rank, self.world_size, self._timeout)
         sys.stdout.flush()
         sys.stderr.flush()
         self._announce_finished()
         if self._hivemind is not None:
             self._hivemind.shutdown()
         os._exit(0)
-
-    def _mark_left(self) -> None:
-        """Tell the process group's store that this peer is done with it (torch backend)."""
-        if self._hivemind is None and dist.is_initialized():
-            try:
-                compat.default_store().set(f"btard/left/{self.global_rank}", "1")
-            except Exception as e:  # noqa: BLE001 - the host may be gone already; nothing to tell then
-                log.debug("BTARD: could not mark rank %d as left: %s", self.global_rank, e)
-
-    def _host_the_store_until_the_others_leave(self) -> None:
-        """Rank 0 serves torch.distributed's TCPStore, which the others need to form each new group after a ban:
-        a banned rank 0 keeps its process (idle) until every other peer has finished or left."""
-        if self._hivemind is not None or self.global_rank != 0 or not dist.is_initialized():
-            return
-        print("BTARD: rank 0 hosts the process group's store; it stays until the other peers have finished.", flush=True)
-        keys = [f"btard/left/{r}" for r in range(1, self.world_size)]
-        try:
-            compat.default_store().wait(keys, self._timeout)
-        except Exception as e:  # noqa: BLE001 - a peer that crashed never says so: leave after the timeout
-            log.warning("BTARD: not every peer finished within the timeout (%s); rank 0 leaves now", e)
 
     def _announce_finished(self) -> None:
         if self._hivemind is None or self._hivemind.node is None or self._hivemind.joining and self.membership is None:
@@ -743,9 +583,10 @@ class BTARDStrategy(ParallelStrategy):
     @override
     def teardown(self) -> None:
         """Leave the swarm after the others have finished their last collective (their records stay readable)."""
-        self._mark_left()
-        if self._left:  # a banned rank 0 that ended fit() early (fork/spawn launchers); the others still need the store
-            self._host_the_store_until_the_others_leave()
+        if self._hivemind is None:
+            mark_left(self.global_rank)
+            if self._left:  # a banned rank 0 that ended fit() early (fork/spawn launchers); the others need the store
+                host_the_store_until_the_others_leave(self.global_rank, self.world_size, self._timeout)
         engine = self.engine
         if self._hivemind is not None and engine is not None and engine.broken is None and not engine.left:
             engine.transport.timeout = min(engine.transport.timeout, 60.0)

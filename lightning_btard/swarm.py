@@ -89,7 +89,7 @@ def _peer_command(args: argparse.Namespace, name: str, key: Path, port: int, fir
 
 def _summary(run_dir: Path, n: int, codes: list[Optional[int]], byzantine: list[int], late: list[Optional[int]],
              rejoined: dict[int, Optional[int]]) -> str:
-    lines = [f"{n} hivemind peers, logs in {run_dir}/peer<rank>.log" + (f" (late peers: late<i>.log)" if late else "")]
+    lines = [f"{n} hivemind peers, logs in {run_dir}/peer<rank>.log" + (" (late peers: late<i>.log)" if late else "")]
     for rank in range(n):
         banned = _banned(_read(run_dir / f"peer{rank}.log"))
         state = f"banned at step {banned}" if banned else ("finished" if codes[rank] == 0 else f"exit code {codes[rank]}")

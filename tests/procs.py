@@ -78,7 +78,7 @@ def run_command(
     except subprocess.TimeoutExpired:
         _kill(proc)
         out, _ = proc.communicate()
-        raise AssertionError(f"{script} timed out after {timeout}s:\n{out[-6000:]}")
+        raise AssertionError(f"{script} timed out after {timeout}s:\n{out[-6000:]}") from None
     finally:
         _kill(proc)  # whatever it launched goes too
     if check and proc.returncode != 0:
@@ -108,7 +108,7 @@ def run_ranks(script: str, world_size: int, args: Sequence[str] = (), *, timeout
     except subprocess.TimeoutExpired:
         for p in procs:
             _kill(p)
-        raise AssertionError(f"{script} timed out after {timeout}s")
+        raise AssertionError(f"{script} timed out after {timeout}s") from None
     finally:
         for p in procs:
             _kill(p)

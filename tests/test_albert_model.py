@@ -111,7 +111,7 @@ def test_linear_schedule_warms_up_then_decays_to_zero() -> None:
     scheduler = config["lr_scheduler"]["scheduler"]
     assert config["lr_scheduler"]["interval"] == "step"
     lrs = []
-    for step in range(1101):
+    for _ in range(1101):
         lrs.append(scheduler.get_last_lr()[0])
         config["optimizer"].step()
         scheduler.step()

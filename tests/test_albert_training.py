@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from procs import ROOT, SCRIPTS, assert_identical, base_env, load_run, run_command
 
 from datamodules import WikiText103DataModule
-from procs import ROOT, SCRIPTS, assert_identical, base_env, load_run, run_command
 
 CONFIG = str(ROOT / "configs" / "albert_tiny.yaml")
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 
 import pytest
+from procs import ROOT, base_env, run_command
 
 from lightning_btard.cli import main
-from procs import ROOT, base_env, run_command
 
 ATTACK_CONFIGS = sorted((ROOT / "configs" / "attacks").glob("*.yaml"))
 

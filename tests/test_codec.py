@@ -10,9 +10,9 @@ import pickle
 import pytest
 import torch
 import torch.multiprocessing as mp
+from procs import free_port
 
 from lightning_btard.transports.codec import RecordTooLarge, decode_record, encode_record
-from procs import free_port
 
 
 class Evil:

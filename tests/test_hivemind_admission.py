@@ -15,9 +15,17 @@ from hivemind.p2p import PeerID
 from lightning_btard.errors import UserError
 from lightning_btard.transports.codec import decode_record, encode_record
 from lightning_btard.transports.hivemind_admission import (
-    Refused, agree_on_joiners, announce_finished, announce_running, ask_to_join, download_agreed_state, publish_admission, publish_refusal, wait_for_admission,
+    JoinRequest,
+    Refused,
+    agree_on_joiners,
+    announce_finished,
+    announce_running,
+    ask_to_join,
+    download_agreed_state,
+    publish_admission,
+    publish_refusal,
+    wait_for_admission,
 )
-from lightning_btard.transports.hivemind_admission import JoinRequest
 from lightning_btard.transports.hivemind_state import shared_state_digest, to_plain
 
 pytestmark = pytest.mark.timeout(180)

@@ -11,9 +11,9 @@ import threading
 from pathlib import Path
 
 import pytest
+from procs import ROOT, SCRIPTS, assert_identical, base_env, load_run, run_command
 
 from datamodules import write_synthetic_cifar10
-from procs import ROOT, SCRIPTS, assert_identical, base_env, load_run, run_command
 
 
 @pytest.fixture(scope="module")

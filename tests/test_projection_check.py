@@ -10,7 +10,11 @@ import torch
 
 from lightning_btard.ops.centered_clip import centered_clip_with_stats
 from lightning_btard.ops.projection import (
-    ProjectionCheck, accurate_dots, aggregate_norm_bound, clipped_projections, random_directions,
+    ProjectionCheck,
+    accurate_dots,
+    aggregate_norm_bound,
+    clipped_projections,
+    random_directions,
 )
 
 REL = 5e-7  # the solver's residual target, relative to ||G||; the check allows twice that

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
+from procs import assert_identical, load_run, run_script
 from pytorch_lightning import Trainer
 from pytorch_lightning.strategies import StrategyRegistry
 
 from lightning_btard import BTARDStrategy
 from lightning_btard.aggregators import AggregationResult
-from procs import assert_identical, load_run, run_script
 
 
 @pytest.mark.timeout(300)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from procs import ROOT, run_command
 
 from datamodules import write_synthetic_cifar10
-from procs import ROOT, run_command
 
 STEPS, ATTACK_START, TAU = 150, 30, 0.3
 

@@ -8,13 +8,13 @@ import sys
 
 import pytest
 import torch
+from procs import ROOT, assert_identical, load_run, run_command, run_script
 
+from datamodules import write_synthetic_cifar10
 from lightning_btard.ops.partition import part_sizes
 from lightning_btard.ops.projection import accurate_dots, random_directions
 from lightning_btard.protocol.validation import Assignment, StepRecord, ValidationCheck, assign_validators, resolve_validations
 from lightning_btard.transports import run_peers
-from datamodules import write_synthetic_cifar10
-from procs import ROOT, assert_identical, load_run, run_command, run_script
 
 SEED = b"\x07" * 32
 
@@ -59,7 +59,7 @@ def test_the_comparison_tolerates_recompute_noise_and_catches_deviations() -> No
     check = ValidationCheck(rtol=1e-3)
     assert check.agrees(record, 0, g)
     flagged, caught = 0, 0
-    for trial in range(300):
+    for _trial in range(300):
         noise = torch.randn(g.shape, generator=gen)
         # float non-determinism up to rtol: never flagged
         flagged += not check.agrees(record, 0, g + noise * (1e-3 * g.norm() / noise.norm()))

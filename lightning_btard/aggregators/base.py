@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol, Union, runtime_checkable
 
 from torch import Tensor
+
 from lightning_btard.errors import UserError
 
 __all__ = ["AggregationResult", "Aggregator", "AGGREGATORS", "register_aggregator", "resolve_aggregator", "STAT_KEYS"]

@@ -29,4 +29,5 @@ class TorchGroup(Group):
         """A private process group of the remaining ranks (only they call this: no stall on the banned)."""
         active = self.membership.active
         group = dist.new_group(ranks=active, backend=self.backend, use_local_synchronization=True)
+        assert isinstance(group, dist.ProcessGroup), "only the active ranks rebuild the group"
         self.transport = TorchDistributedTransport(group=group, ranks=active)

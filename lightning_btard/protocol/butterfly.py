@@ -74,7 +74,7 @@ def _aggregate_finite(
         return result, 0
     if malformed == received.shape[0]:
         # nothing left to aggregate: training has diverged on every peer (e.g. an undefended mean under attack)
-        warnings.warn("every part of this round is non-finite: the aggregate is NaN (training has diverged)", RuntimeWarning)
+        warnings.warn("every part of this round is non-finite: the aggregate is NaN (training has diverged)", RuntimeWarning, stacklevel=2)
         nan = torch.full(received.shape[1:], float("nan"), dtype=received.dtype, device=received.device)
         return AggregationResult(nan, {k: 0.0 for k in STAT_KEYS}), malformed
     # a non-finite part is malformed: never aggregated (the verification protocol bans its sender)

@@ -29,12 +29,12 @@ import torch
 from torch import Tensor
 
 from lightning_btard.aggregators.base import Aggregator
+from lightning_btard.groups.base import Group
 from lightning_btard.ops.finite import all_finite
 from lightning_btard.ops.partition import part_sizes
 from lightning_btard.ops.workspace import Workspace
 from lightning_btard.protocol.butterfly import ButterflyStats, butterfly_aggregate
 from lightning_btard.protocol.events import EventLog
-from lightning_btard.groups.base import Group
 from lightning_btard.protocol.identity import Identity
 from lightning_btard.protocol.membership import Ban
 from lightning_btard.protocol.round import Behaviour, RoundConfig, RoundOutcome, verified_round
@@ -392,6 +392,24 @@ class PeerEngine:
         else:
             self.events.emit("regroup", step, (), f"a collective failed: {failure}", members=members)
         assert all(p in active for p in members)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the run's membership: the ban list and the departed peers (plain data)."""
+        return {"bans": [b.as_dict() for b in self.membership.bans],
+                "departed": [[p, t] for p, t in self.membership.departed.items()]}
+
+    def load_state_dict(self, state: Any) -> None:
+        """A resumed run's bans and departures: a banned peer leaves again, the others continue without it."""
+        if not isinstance(state, dict):
+            return
+        bans = [Ban(int(b["peer"]), int(b["step"]), str(b["reason"]), str(b["evidence"])) for b in state.get("bans", [])]
+        departed = [p for p, t in state.get("departed", []) if self.membership.depart(int(p), int(t))]
+        rebuilt = any(self.membership.is_active(b.peer) for b in bans)  # apply_bans rebuilds the group then
+        self.apply_bans(bans)
+        if departed and not rebuilt and not self.left:
+            self.group.rebuild()
+            self.on_group_change()
 
     # ------------------------------------------------------------------ parameters in sync
     def compare_digests(self, mine: str) -> Optional[list[int]]:

@@ -36,8 +36,8 @@ from lightning_btard.ops.centered_clip import centered_clip_with_stats
 from lightning_btard.ops.finite import all_finite
 from lightning_btard.ops.norms import redo_unsure_norms, rounding_floor, safe_norm
 from lightning_btard.ops.partition import part_sizes
-from lightning_btard.ops.workspace import Workspace
 from lightning_btard.ops.projection import ProjectionCheck, aggregate_norm_bound, clipped_projections, random_directions
+from lightning_btard.ops.workspace import Workspace
 from lightning_btard.protocol.digest import digest
 from lightning_btard.protocol.identity import Identity, verify_signature
 from lightning_btard.protocol.membership import Ban
@@ -128,9 +128,9 @@ def _numbers_statement(step: int, peer: int, numbers: list) -> bytes:
     return digest("numbers", step, peer, repr(numbers))
 
 
-def _unpack(message: list[Any]) -> tuple[Optional[Tensor], bytes]:
+def _unpack(message: Optional[list[Any]]) -> tuple[Optional[Tensor], bytes]:
     """A malformed (content, signature) message, as far as it can be read."""
-    if len(message) != 2 or not isinstance(message[0], Tensor) or not isinstance(message[1], Tensor):
+    if message is None or len(message) != 2 or not isinstance(message[0], Tensor) or not isinstance(message[1], Tensor):
         return None, b""
     return message[0], bytes(message[1].to(torch.uint8).flatten().tolist())
 
@@ -195,7 +195,7 @@ class _Round:
         """Publish ``record`` with my signature of ``statement``; return every member's (record, signature)."""
         return self.t.all_gather_object((record, self.identity.sign(statement)))
 
-    def outcome(self, aggregate: Optional[Tensor] = None, seed: Optional[bytes] = None, **stats: float) -> RoundOutcome:
+    def outcome(self, stats: dict[str, float], aggregate: Optional[Tensor] = None, seed: Optional[bytes] = None) -> RoundOutcome:
         return RoundOutcome(
             None if self.bans else aggregate, list(self.bans.values()), seed, dict(stats),
             numbers=self.numbers, sizes=self.sizes, directions=self.directions, refuted=list(self.refuted),
@@ -230,19 +230,18 @@ class _Round:
         sigs = torch.zeros(self.n, _SIG, dtype=torch.uint8)
         malformed = self.t.exchange(sends, [[self.received[self.row[i]], sigs[i]] for i in range(self.n)])
         self.part_sigs = [bytes(s.tolist()) for s in sigs]
-        accusations = []
+        accusations: list[tuple[str, int, Any]] = []
         for i in range(self.n):
-            content, sig = self.received[self.row[i]], self.part_sigs[i]
-            if malformed[i] is not None:  # wrong shape or dtype: evidence if it is signed
-                content, sig = _unpack(malformed[i])
-                if content is None:
-                    accusations.append(("missing-part", i, None))
-                    continue
-            h = digest(content)
+            # wrong shape or dtype: evidence if it is signed
+            got, sig = (self.received[self.row[i]], self.part_sigs[i]) if malformed[i] is None else _unpack(malformed[i])
+            if got is None:
+                accusations.append(("missing-part", i, None))
+                continue
+            h = digest(got)
             if not verify_signature(self.keys[i], _part_statement(self.step, self.peers[i], self.peers[self.me], h), sig):
                 accusations.append(("missing-part", i, None))
-            elif malformed[i] is not None or h != self.committed[i][self.me] or not all_finite(content):
-                accusations.append(("bad-part", i, (content.clone(), sig)))
+            elif malformed[i] is not None or h != self.committed[i][self.me] or not all_finite(got):
+                accusations.append(("bad-part", i, (got.clone(), sig)))
         self.resolve(accusations)
 
     def aggregate(self) -> None:
@@ -275,15 +274,13 @@ class _Round:
             sends.append([content, _sig_tensor(sig)])
         sigs = torch.zeros(self.n, _SIG, dtype=torch.uint8)
         malformed = self.t.exchange(sends, [[self.aggregates[i], sigs[i]] for i in range(self.n)])
-        accusations = []
+        accusations: list[tuple[str, int, Any]] = []
         for i in range(self.n):
-            content, sig = self.aggregates[i], bytes(sigs[i].tolist())
-            if malformed[i] is not None:
-                content, sig = _unpack(malformed[i])
-                if content is None:
-                    accusations.append(("missing-aggregate", i, None))
-                    continue
-            h = digest(content)
+            got, sig = (self.aggregates[i], bytes(sigs[i].tolist())) if malformed[i] is None else _unpack(malformed[i])
+            if got is None:
+                accusations.append(("missing-aggregate", i, None))
+                continue
+            h = digest(got)
             if not verify_signature(self.keys[i], _aggregate_statement(self.step, self.peers[i], h), sig):
                 accusations.append(("missing-aggregate", i, None))
             elif h != self.agg_hashes[i]:
@@ -424,12 +421,12 @@ class _Round:
             copy = next((c for a, k, c in board[accused] if a == accuser and k == kind), None) if isinstance(board[accused], list) else None
             if kind == "missing-part":
                 valid = isinstance(copy, Tensor) and copy.shape == (self.sizes[accuser],) and digest(copy) == self.committed[accused][accuser]
-                valid = valid and all_finite(copy)
-                if valid and accuser == self.me:
+                valid = valid and isinstance(copy, Tensor) and all_finite(copy)
+                if valid and accuser == self.me and isinstance(copy, Tensor):
                     self.received[self.row[accused]].copy_(copy)
             else:
                 valid = isinstance(copy, Tensor) and copy.shape == (self.sizes[accused],) and digest(copy) == self.agg_hashes[accused]
-                if valid and accuser == self.me:
+                if valid and accuser == self.me and isinstance(copy, Tensor):
                     self.aggregates[accused].copy_(copy)
             if not valid:
                 self.ban(accused, f"{kind}: no valid copy published when disputed", "missing-record")
@@ -468,12 +465,13 @@ def verified_round(
         phase()
         timed(phase.__name__)
         if r.bans:  # every honest peer stops at the same phase: the bans come from the same records
-            return r.outcome(**times)
+            return r.outcome(times)
     seed = r.reveal()
     timed("reveal")
     if seed is None:
-        return r.outcome(**times)
+        return r.outcome(times)
     r.verify(seed)
     timed("verify")
-    return r.outcome(r.out, seed, clipped=float(r.result.clipped), iterations=float(r.result.iterations),
-                     residual=float(r.result.residual), **times)
+    stats = {"clipped": float(r.result.clipped), "iterations": float(r.result.iterations),
+             "residual": float(r.result.residual), **times}
+    return r.outcome(stats, r.out, seed)

@@ -22,11 +22,11 @@ from typing import Any, Optional, TypeVar
 
 from cryptography.hazmat.primitives import serialization
 from hivemind import DHT
-from hivemind.utils.timed_storage import get_dht_time
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.p2p import P2P, PeerID
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.utils.crypto import RSAPrivateKey
+from hivemind.utils.timed_storage import get_dht_time
 
 from lightning_btard.transports.base import TransportError
 from lightning_btard.transports.hivemind_mailbox import Mailbox, MessageServicer

@@ -125,6 +125,7 @@ if __name__ == "__main__":
         attack_args = json.loads(args.attack_args)
         callbacks.append(getattr(lightning_btard.attacks, args.attack)(byzantine=args.byzantine, attack_start=args.attack_start, **attack_args))
     trainer = pl.Trainer(
+        default_root_dir=args.out_dir,  # run outputs (the peers' event files) in the test's directory
         accelerator="cpu",
         devices=args.devices,
         strategy=strategy,
