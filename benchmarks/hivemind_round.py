@@ -27,11 +27,11 @@ def worker(rank: int, args, queue, results) -> None:
     from hivemind.utils.timed_storage import get_dht_time
 
     from lightning_btard.aggregators import resolve_aggregator
+    from lightning_btard.groups.hivemind_rendezvous import rendezvous
     from lightning_btard.protocol.butterfly import butterfly_aggregate
     from lightning_btard.protocol.identity import Identity
     from lightning_btard.protocol.round import RoundConfig, verified_round
     from lightning_btard.transports.hivemind_node import HivemindNode
-    from lightning_btard.transports.hivemind_rendezvous import rendezvous
 
     if rank == 0:
         node = HivemindNode()

@@ -78,7 +78,7 @@ def train(args: argparse.Namespace, mode: str, data_dir: Path, out: Path) -> Pat
     """One ``btard fit`` run; its full output goes to ``<run>/train.log``, attack and error lines to the console."""
     run_dir = out / mode
     run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in run_dir.glob("metrics.csv"):
+    for stale in [*run_dir.glob("metrics.csv"), *run_dir.glob("**/btard_events/*.jsonl")]:
         stale.unlink()
     (run_dir / "run.yaml").write_text(yaml.safe_dump(run_config(args, mode, data_dir, run_dir), sort_keys=False))
     cmd = [sys.executable, "-m", "lightning_btard.cli", "fit", "--config", str(ROOT / "configs" / "demo.yaml"), "--config", str(run_dir / "run.yaml")]
@@ -108,13 +108,16 @@ def _worth_showing(line: str) -> bool:
     )
 
 
-def ban_list(log: Path) -> list[str]:
-    """The ban list a run printed at its end."""
-    lines = log.read_text().splitlines()
-    start = next((i for i, line in enumerate(lines) if "banned during the run" in line), None)
-    if start is None:
+def ban_list(run_dir: Path) -> list[str]:
+    """The ban list rank 0 (never an attacker here) saw, from its event file (``protocol/events.py``)."""
+    from lightning_btard.protocol.events import read_events
+
+    bans = [e for path in sorted(run_dir.glob("**/btard_events/rank0.jsonl")) for e in read_events(str(path), "ban")]
+    if not bans and not list(run_dir.glob("**/btard_events/rank0.jsonl")):
         return []
-    return [lines[start]] + [line for line in lines[start + 1 :] if line.startswith("  step ")]
+    return [f"BTARD: {len(bans)} peer(s) banned during the run" + (":" if bans else ".")] + [
+        f"  step {e['step']:>6}  peer {e['peers'][0]:>3}  {e['reason']} [{e['evidence']}]" for e in bans
+    ]
 
 
 def read_metrics(path: Path) -> dict[str, dict[int, float]]:
@@ -165,7 +168,7 @@ def report(args: argparse.Namespace, metrics: dict[str, dict[str, dict[int, floa
         after = [v for s, v in fired.items() if s >= args.attack_start]
         print(f"peers firing {args.attack} per logged step after its start: {min(after, default=0):.0f}..{max(after, default=0):.0f}")
     print("\nBTARD's bans:")
-    for line in ban_list(out / "btard" / "train.log") or ["  (no ban list found in the log)"]:
+    for line in ban_list(out / "btard") or ["  (no ban list found in the log)"]:
         print("  " + line.strip())
     print("\nstep | test acc: mean | test acc: BTARD | BTARD peers | BTARD clipped parts (of peers x parts) | CenteredClip iters")
     for step in sorted(set(mean_acc) | set(btard_acc)):

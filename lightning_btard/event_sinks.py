@@ -10,7 +10,7 @@ from lightning_btard.protocol.events import Event, EventLog, JsonLinesSink
 if TYPE_CHECKING:
     import pytorch_lightning as pl
 
-__all__ = ["attach_run_sinks", "events_path"]
+__all__ = ["attach_run_sinks", "events_path", "run_dir"]
 
 
 def events_path(root_dir: str, rank: int) -> str:
@@ -18,9 +18,18 @@ def events_path(root_dir: str, rank: int) -> str:
     return os.path.join(root_dir, "btard_events", f"rank{rank}.jsonl")
 
 
-def attach_run_sinks(events: EventLog, trainer: "pl.Trainer", rank: int) -> None:
-    """The run directory is the logger's (``trainer.log_dir``: ``lightning_logs/version_N``), else ``default_root_dir``."""
-    events.attach(JsonLinesSink(events_path(trainer.log_dir or trainer.default_root_dir, rank)))
+def run_dir(trainer: "pl.Trainer", shared_filesystem: bool) -> str:
+    """The run directory: the logger's (``lightning_logs/version_N``), else ``default_root_dir``. Ranks launched
+    together share rank 0's (``trainer.log_dir`` broadcasts it, as Lightning assumes one filesystem); independent
+    peers (hivemind) each keep their own."""
+    if shared_filesystem:
+        return trainer.log_dir or trainer.default_root_dir
+    logger = trainer.loggers[0] if trainer.loggers else None
+    return getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None) or trainer.default_root_dir
+
+
+def attach_run_sinks(events: EventLog, trainer: "pl.Trainer", rank: int, shared_filesystem: bool = True) -> None:
+    events.attach(JsonLinesSink(events_path(run_dir(trainer, shared_filesystem), rank)))
 
     def to_loggers(event: Event) -> None:
         for logger in trainer.loggers:

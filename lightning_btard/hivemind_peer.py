@@ -1,8 +1,8 @@
 """A hivemind peer inside a Lightning run: meeting the others, joining a running group, admitting joiners.
 
 ``BTARDStrategy(backend="hivemind")`` holds one :class:`HivemindPeer`. The protocols themselves are in
-``transports/hivemind_rendezvous.py`` (forming the group), ``transports/hivemind_admission.py`` (join requests
-and admission records) and ``transports/hivemind_state.py`` (serving the training state); this module connects
+``groups/hivemind_rendezvous.py`` (forming the group), ``groups/hivemind_admission.py`` (join requests
+and admission records) and ``groups/hivemind_state.py`` (serving the training state); this module connects
 them to Lightning's checkpoints and to the strategy's group.
 """
 
@@ -51,6 +51,8 @@ class HivemindPeer:
         self.host_maddrs, self.announce_maddrs, self.identity_path = host_maddrs, announce_maddrs, identity_path
         self.rendezvous_timeout, self.join_every = rendezvous_timeout, join_every
         self.node: Any = None
+        self.states: Any = None
+        """The training state this peer offers to joining peers (``groups/hivemind_state.py``)."""
         self.joining = False
         """This peer started after the run did: it is admitted instead of meeting the others."""
         self.catching_up = False
@@ -64,12 +66,14 @@ class HivemindPeer:
     def start(self, cluster_environment: Any, timeout: float) -> Optional[HivemindGroup]:
         """Start the node, print its addresses, wait for the group; take the rank it gives us (``None``: this peer
         joins a running run, in :meth:`join`)."""
-        from lightning_btard.transports.hivemind_admission import run_is_running
+        from lightning_btard.groups.hivemind_admission import run_is_running
+        from lightning_btard.groups.hivemind_rendezvous import rendezvous
+        from lightning_btard.groups.hivemind_state import serve_states
         from lightning_btard.transports.hivemind_node import HivemindNode
-        from lightning_btard.transports.hivemind_rendezvous import rendezvous
 
         self.node = HivemindNode(initial_peers=self.initial_peers, host_maddrs=self.host_maddrs,
                                  announce_maddrs=self.announce_maddrs, identity_path=self.identity_path)
+        self.states = serve_states(self.node)
         join = f"  --trainer.strategy.initial_peers=[{','.join(self.node.visible_maddrs)}]"
         if run_is_running(self.node, self.run_id):
             self.joining = True
@@ -95,7 +99,7 @@ class HivemindPeer:
 
     def mark_running(self, step: int) -> None:
         """Mark the run as running in the DHT (peers starting later ask to join); refreshed now and then."""
-        from lightning_btard.transports.hivemind_admission import announce_running
+        from lightning_btard.groups.hivemind_admission import announce_running
 
         announce_running(self.node, self.run_id, step)
         self._running_announced = time.monotonic()
@@ -107,7 +111,7 @@ class HivemindPeer:
         Returns the group, the keys and the run seed."""
         from hivemind.p2p import PeerID
 
-        from lightning_btard.transports.hivemind_admission import ask_to_join, download_agreed_state, wait_for_admission
+        from lightning_btard.groups.hivemind_admission import Refused, ask_to_join, download_agreed_state, wait_for_admission
 
         if trainer.state.fn != "fit":
             raise UserError(f"run {self.run_id!r} is running: a peer can only join it to train (`btard fit`)")
@@ -115,7 +119,11 @@ class HivemindPeer:
         nonce = ask_to_join(node, run_id, identity_public, wait=self.rendezvous_timeout)
         print(f"BTARD hivemind: asked run {run_id!r} to admit this peer (its members admit joiners every "
               f"join_every={self.join_every} steps of theirs)", flush=True)
-        record = wait_for_admission(node, run_id, nonce, self.rendezvous_timeout)
+        try:
+            record = wait_for_admission(node, run_id, nonce, self.rendezvous_timeout)
+        except Refused as refusal:
+            strategy.events.emit("refusal", 0, (), refusal.reason)
+            raise
         members = [PeerID.from_base58(p) for p in record["peers"]]
         membership = Membership(peers=list(range(len(members))), generation=int(record["generation"]))
         membership.bans = [Ban(int(p), int(t), str(reason), str(evidence)) for p, t, reason, evidence in record["bans"]]
@@ -138,6 +146,8 @@ class HivemindPeer:
         self.mark_running(step)  # a member now: later peers find the run through it too
         print(f"BTARD hivemind: joined run {run_id!r} at step {step} as peer {me}; {len(membership.active)} peers "
               f"{membership.active}; state from {source}, its digest the one the members published", flush=True)
+        strategy.events.observer = me
+        strategy.events.emit("joined", step, [me], f"state from {source}", members=membership.active)
         return group, list(record["keys"]), int(record["seed"])
 
     # ----------------------------------------------------------------- admitting joiners
@@ -157,9 +167,9 @@ class HivemindPeer:
     def admit(self, strategy: "BTARDStrategy", trainer: "pl.Trainer", step: int) -> None:
         """One board collective: admit the join requests a majority of members saw, refuse banned peers, offer the
         state, write the admission records, continue in the larger group."""
+        from lightning_btard.groups.hivemind_admission import agree_on_joiners, publish_admission, publish_refusal
+        from lightning_btard.groups.hivemind_state import to_plain
         from lightning_btard.transports.codec import encode_record
-        from lightning_btard.transports.hivemind_admission import agree_on_joiners, publish_admission, publish_refusal
-        from lightning_btard.transports.hivemind_state import to_plain
 
         engine = strategy.engine
         assert engine is not None and isinstance(engine.group, HivemindGroup)
@@ -167,7 +177,7 @@ class HivemindPeer:
         node, run_id, timeout = self.node, self.run_id, group_obj.timeout
         if time.monotonic() - self._running_announced > 600:
             self.mark_running(step)
-        node.states.withdraw()  # the previous admission's offer: its joiners have it by now, or have gone
+        self.states.withdraw()  # the previous admission's offer: its joiners have it by now, or have gone
         group = list(group_obj.transport.members)
         bans = {group_obj.members[b.peer]: b for b in membership.bans}
         admitted, refused = agree_on_joiners(group_obj.transport, run_id, group, bans, self._admitted_nonces)
@@ -186,7 +196,7 @@ class HivemindPeer:
                 publish_refusal(node, run_id, request.peer, group, f"the run's state cannot be sent: {e}", timeout)
             return
         digest = strategy.state_digest(checkpoint)
-        node.states.offer(step, data)
+        self.states.offer(step, data)
         # the records first: if writing them fails (a TransportError: regroup), the group is still the old one
         first, generation = len(membership.peers), membership.generation + 1
         ids = list(range(first, first + len(admitted)))
@@ -212,7 +222,7 @@ class HivemindPeer:
     # ----------------------------------------------------------------- leaving
     def announce_finished(self, step: int) -> None:
         """A member leaving at the end tells peers still asking to join that its part of the run is over."""
-        from lightning_btard.transports.hivemind_admission import announce_finished
+        from lightning_btard.groups.hivemind_admission import announce_finished
 
         try:
             announce_finished(self.node, self.run_id, step)

@@ -313,7 +313,7 @@ class BTARDStrategy(ParallelStrategy):
         self.accelerator.setup(trainer)
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()
-        attach_run_sinks(self.events, trainer, self.global_rank)
+        attach_run_sinks(self.events, trainer, self.global_rank, shared_filesystem=self._hivemind is None)
         if self._hivemind is not None and self._hivemind.joining:
             self._join_running_group(trainer)
         else:
@@ -520,7 +520,7 @@ class BTARDStrategy(ParallelStrategy):
 
     def state_digest(self, checkpoint: dict[str, Any]) -> bytes:
         """The digest of what every member in sync holds identically (``hivemind_state.shared_state_digest``)."""
-        from lightning_btard.transports.hivemind_state import shared_state_digest
+        from lightning_btard.groups.hivemind_state import shared_state_digest
 
         names = [n for n, _ in self.lightning_module.named_parameters()]  # type: ignore[union-attr]
         return shared_state_digest(checkpoint, names, type(self.precision_plugin).__qualname__)

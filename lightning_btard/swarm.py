@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -38,8 +37,8 @@ def make_identities(run_dir: Path, n: int, prefix: str = "peer") -> list[tuple[P
     from hivemind.p2p import PeerID
     from hivemind.utils.crypto import RSAPrivateKey
 
+    from lightning_btard.groups.hivemind_rendezvous import rank_order
     from lightning_btard.transports.hivemind_node import identity_bytes, write_identity
-    from lightning_btard.transports.hivemind_rendezvous import rank_order
 
     blobs = {PeerID.from_identity(blob): blob for blob in (identity_bytes(RSAPrivateKey()) for _ in range(n))}
     out = []
@@ -63,9 +62,17 @@ def _training(run_dir: Path, rank: int) -> bool:
     return f"BTARD hivemind: rank {rank} set up; training" in _read(run_dir / f"peer{rank}.log")
 
 
-def _banned(log: str) -> Optional[str]:
-    found = re.search(r"BTARD: this peer \(rank \d+\) was banned at step (\d+)", log)
-    return found.group(1) if found else None
+def _events(root: Path, kind: Optional[str] = None) -> list[dict]:
+    """The events a peer whose run directory is ``root`` wrote (``btard_events/rank<r>.jsonl`` under its log dir)."""
+    from lightning_btard.protocol.events import read_events
+
+    return [e for path in sorted(root.glob("**/btard_events/*.jsonl")) for e in read_events(str(path), kind)]
+
+
+def _banned(root: Path) -> Optional[int]:
+    """The step at which the peer with run directory ``root`` was banned (its own ``left`` event), if it was."""
+    left = _events(root, "left")
+    return left[0]["step"] if left else None
 
 
 def _peer_command(args: argparse.Namespace, name: str, key: Path, port: int, first: Optional[str], run_id: str) -> list[str]:
@@ -89,30 +96,33 @@ def _peer_command(args: argparse.Namespace, name: str, key: Path, port: int, fir
 
 def _summary(run_dir: Path, n: int, codes: list[Optional[int]], byzantine: list[int], late: list[Optional[int]],
              rejoined: dict[int, Optional[int]]) -> str:
+    """Who finished, was banned, joined or was refused, from the peers' event files (``protocol/events.py``)."""
+    from lightning_btard.protocol.events import Event
+
     lines = [f"{n} hivemind peers, logs in {run_dir}/peer<rank>.log" + (" (late peers: late<i>.log)" if late else "")]
     for rank in range(n):
-        banned = _banned(_read(run_dir / f"peer{rank}.log"))
-        state = f"banned at step {banned}" if banned else ("finished" if codes[rank] == 0 else f"exit code {codes[rank]}")
+        banned = _banned(run_dir / f"peer{rank}")
+        state = f"banned at step {banned}" if banned is not None else ("finished" if codes[rank] == 0 else f"exit code {codes[rank]}")
         if rank in rejoined:
-            refused = re.search(r"refused this peer \([^)]*\): (.*)", _read(run_dir / f"peer{rank}.rejoin.log"))
-            state += "; asked to join again: " + (f"refused ({refused.group(1)})" if refused else f"exit code {rejoined[rank]}")
+            refused = _events(run_dir / f"peer{rank}.rejoin", "refusal")
+            state += "; asked to join again: " + (f"refused ({refused[0]['reason']})" if refused else f"exit code {rejoined[rank]}")
         lines.append(f"  rank {rank}{' (attacker)' if rank in byzantine else ''}: {state}")
     for i, code in enumerate(late):
-        log = _read(run_dir / f"late{i}.log")
-        joined = re.search(r"joined run \S+ at step (\d+) as peer (\d+)", log)
-        state = f"joined at step {joined.group(1)} as peer {joined.group(2)}" if joined else "did not join"
+        joined = _events(run_dir / f"late{i}", "joined")
+        state = f"joined at step {joined[0]['step']} as peer {joined[0]['peers'][0]}" if joined else "did not join"
         state += ", " + ("finished" if code == 0 else f"exit code {code}")
         lines.append(f"  late peer {i}: {state}")
     honest = [r for r in range(n) if r not in byzantine and codes[r] == 0]
     if honest:
-        log = _read(run_dir / f"peer{honest[0]}.log")
-        found = re.search(r"BTARD: \d+ peer\(s\) banned during the run[.:](\n  step .*)*", log)
-        if found:
-            lines.append(f"ban list seen by rank {honest[0]}:")
-            lines.append(found.group(0))
-        events = re.findall(r"BTARD: step \d+: (?:peer\(s\) .* stopped answering|admitted peer\(s\)).*", log)
-        events += re.findall(r"BTARD: step \d+: refused banned peer .*", log)
-        lines += [f"seen by rank {honest[0]}: {m}" for m in events]
+        seen = _events(run_dir / f"peer{honest[0]}")
+        bans = [e for e in seen if e["kind"] == "ban"]
+        lines.append(f"ban list seen by rank {honest[0]}:")
+        lines.append(f"BTARD: {len(bans)} peer(s) banned during the run" + (":" if bans else "."))
+        lines += [f"  step {e['step']:>6}  peer {e['peers'][0]:>3}  {e['reason']} [{e['evidence']}]" for e in bans]
+        for e in seen:
+            if e["kind"] in ("departure", "admission", "refusal", "regroup"):
+                event = Event(e["kind"], e["step"], tuple(e["peers"]), e["reason"], e["evidence"], tuple(e["members"]))
+                lines.append(f"seen by rank {honest[0]}: {event.message()}")
     return "\n".join(lines)
 
 
@@ -182,7 +192,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     print(f"started late peer {i}; it joins the running group", flush=True)
             for r, proc in enumerate(procs):
                 # rank 0 is not started again: its address was everyone's way in
-                if args.rejoin_banned and r and r not in rejoined and proc.poll() == 0 and _banned(_read(run_dir / f"peer{r}.log")):
+                if args.rejoin_banned and r and r not in rejoined and proc.poll() == 0 and _banned(run_dir / f"peer{r}") is not None:
                     cmd = _peer_command(args, f"peer{r}.rejoin", keys[r][0], 0, first, run_id)
                     rejoined[r] = _start(cmd, run_dir / f"peer{r}.rejoin.log", logs)
                     print(f"banned peer {r} starts again with its own key and asks to join", flush=True)

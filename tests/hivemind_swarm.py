@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Optional
 
+from peers import run_in_threads
+
+from lightning_btard.groups.hivemind_state import serve_states
 from lightning_btard.transports.base import Transport
 from lightning_btard.transports.hivemind import HivemindTransport
 from lightning_btard.transports.hivemind_node import HivemindNode
-from lightning_btard.transports.in_process import run_in_threads
 
 
 class Swarm:
@@ -22,6 +24,8 @@ class Swarm:
             first = self.nodes[0].visible_maddrs
             for _ in range(n - 1):
                 self.nodes.append(HivemindNode(initial_peers=first, host_maddrs=["/ip4/127.0.0.1/tcp/0"]))
+            self.states = [serve_states(node) for node in self.nodes]
+            """What each node offers joining peers (``groups/hivemind_state.py``)."""
         except BaseException:
             self.shutdown()
             raise

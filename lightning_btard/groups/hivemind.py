@@ -1,6 +1,6 @@
-"""The hivemind group: independent peers that met in the DHT (``transports/hivemind_rendezvous.py``), each member a
+"""The hivemind group: independent peers that met in the DHT (``groups/hivemind_rendezvous.py``), each member a
 libp2p peer id; after a ban or an admission a new session over the active members; after a member fell silent, a
-regroup among those still answering (``transports/hivemind_regroup.py``)."""
+regroup among those still answering (``groups/hivemind_regroup.py``)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from typing import Any
 from hivemind.p2p import PeerID
 
 from lightning_btard.groups.base import Group, NoMajority, Recovery
+from lightning_btard.groups.hivemind_regroup import Alone, regroup
 from lightning_btard.protocol.membership import Membership
 from lightning_btard.transports.base import TransportError
 from lightning_btard.transports.hivemind import HivemindTransport
+from lightning_btard.transports.hivemind_keys import session_of
 from lightning_btard.transports.hivemind_node import HivemindNode
-from lightning_btard.transports.hivemind_regroup import Alone, regroup
-from lightning_btard.transports.hivemind_rendezvous import session_of
 
 __all__ = ["HivemindGroup"]
 
@@ -34,7 +34,7 @@ class HivemindGroup(Group):
 
     def _transport(self, membership: Membership) -> HivemindTransport:
         members = [self.members[p] for p in membership.active]
-        session = session_of(self.run_id, members, "group", membership.generation)
+        session = session_of(self.run_id, *members, "group", membership.generation)
         return HivemindTransport(self.node, members, session, timeout=self.timeout)
 
     def rebuild(self) -> None:

@@ -1,7 +1,7 @@
 """Peer identities: a signing key per peer, so that messages can serve as evidence against their sender.
 
 torch.distributed peers use Ed25519 keys (from ``cryptography``) exchanged on the public board at
-start-up; the hivemind backend will use the peer's libp2p identity key instead.
+start-up; the hivemind backend binds the signer to the peer's libp2p identity through its signed DHT records.
 """
 
 from __future__ import annotations

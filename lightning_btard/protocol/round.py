@@ -1,4 +1,4 @@
-"""One verified BTARD aggregation round (steps 2-7 of ``shared/design/protocol.md``), over a transport.
+"""One verified BTARD aggregation round (steps 2-7 of ``docs/design.md``), over a transport.
 
 Phases, each closed by a board round (``all_gather_object``: every peer sees the same records):
 

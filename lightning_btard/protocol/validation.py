@@ -1,4 +1,4 @@
-"""Validation by recomputation (steps 8-9 of ``shared/design/protocol.md``).
+"""Validation by recomputation (steps 8-9 of ``docs/design.md``).
 
 After step ``t``'s round, its shared seed ``zeta_t`` picks ``m`` validators and, for each, a target
 peer. In step ``t+1`` a validator skips its own gradient (it joins the round with weight 0) and

@@ -13,7 +13,6 @@ and numbers its collectives in the same order, so messages of different rounds n
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from collections.abc import Sequence
 from typing import Any, Optional
@@ -24,6 +23,7 @@ from torch import Tensor
 
 from lightning_btard.transports.base import Transport, TransportError
 from lightning_btard.transports.codec import decode_record, encode_record
+from lightning_btard.transports.hivemind_keys import board_key, session_of
 from lightning_btard.transports.hivemind_mailbox import Malformed, Message, MessageServicer
 from lightning_btard.transports.hivemind_node import HivemindNode
 
@@ -197,24 +197,22 @@ class HivemindTransport(Transport):
         self._messages([[]] * self.world_size, range(self.world_size))
 
     # ---- the public board: DHT records ---------------------------------------------------------------
-    def _board_key(self, seq: int) -> str:
-        return f"btard/{self.session.hex()}/{seq}"
-
     def _board(self, obj: Any, writers: Sequence[int], publish: bool) -> dict[int, Any]:
         seq = self._next()
-        key = self._board_key(seq)
+        key = board_key(self.session, seq)
         deadline = time.monotonic() + self.timeout
         if publish:
             self.publish(key, encode_record(obj), deadline)
         wanted = {self.members[i]: i for i in writers}
         found: dict[int, Any] = {}
-        while True:
-            for writer, value in self.node.get_owned(key).items():
+
+        def complete(entries: dict[PeerID, bytes]) -> bool:
+            for writer, value in entries.items():
                 if writer in wanted and wanted[writer] not in found:
                     found[wanted[writer]] = decode_record(value)
-            if len(found) == len(wanted) or time.monotonic() > deadline:
-                break
-            time.sleep(self.poll_interval)
+            return len(found) == len(wanted)
+
+        self.node.poll_owned(key, complete, deadline, self.poll_interval)
         if len(found) < len(wanted):
             missing = [str(self.members[i]) for i in writers if i not in found]
             raise TransportError(f"board record {key}: nothing within {self.timeout}s from {missing}")
@@ -242,5 +240,5 @@ class HivemindTransport(Transport):
         seq = self._next()  # every member calls subgroup in the same order, so all derive the same session
         if self.rank not in chosen:
             return None
-        session = hashlib.sha256(self.session + seq.to_bytes(8, "big") + bytes(str(chosen), "ascii")).digest()[:16]
+        session = session_of(self.session, "subgroup", seq, *chosen)
         return HivemindTransport(self.node, [self.members[m] for m in chosen], session, self.timeout, self.poll_interval)

@@ -17,7 +17,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Optional, TypeVar
 
 from cryptography.hazmat.primitives import serialization
@@ -30,7 +30,6 @@ from hivemind.utils.timed_storage import get_dht_time
 
 from lightning_btard.transports.base import TransportError
 from lightning_btard.transports.hivemind_mailbox import Mailbox, MessageServicer
-from lightning_btard.transports.hivemind_state import StateOffers, StateServicer
 
 __all__ = ["HivemindNode", "peer_id_of_owner"]
 
@@ -142,9 +141,6 @@ class HivemindNode:
         self.namespace = namespace
         self.mailbox = Mailbox()
         self.run(MessageServicer(self.mailbox, max_message_bytes).add_p2p_handlers(self.p2p, namespace=namespace), timeout=30)
-        self.states = StateOffers()
-        """The training state this peer offers to joining peers (``hivemind_state.py``)."""
-        self.run(StateServicer(self.states).add_p2p_handlers(self.p2p, namespace=namespace), timeout=30)
         self._closed = False
 
     @property
@@ -156,6 +152,10 @@ class HivemindNode:
     def visible_maddrs(self) -> list[str]:
         """The full multiaddresses (with ``/p2p/<peer id>``) that other peers pass as ``initial_peers``."""
         return [str(m) for m in self.dht.get_visible_maddrs()]
+
+    def serve(self, servicer: Any) -> None:
+        """Register a hivemind ``ServicerBase``'s RPC handlers on this node (e.g. the group's state servicer)."""
+        self.run(servicer.add_p2p_handlers(self.p2p, namespace=self.namespace), timeout=30)
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: Optional[float]) -> T:
         """Run ``coro`` on the node's loop; :class:`TransportError` after ``timeout`` seconds."""
@@ -194,6 +194,16 @@ class HivemindNode:
             if writer is not None and isinstance(value, bytes):
                 out[writer] = value
         return out
+
+    def poll_owned(self, key: str, done: Callable[[dict[PeerID, bytes]], bool], deadline: float,
+                   interval: float) -> dict[PeerID, bytes]:
+        """Read ``key``'s owner-signed entries until ``done(entries)`` or ``deadline`` (``time.monotonic()``); returns
+        the last read (``done`` may raise to stop early)."""
+        while True:
+            entries = self.get_owned(key)
+            if done(entries) or time.monotonic() > deadline:
+                return entries
+            time.sleep(interval)
 
     def shutdown(self) -> None:
         if self._closed:

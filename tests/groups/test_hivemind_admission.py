@@ -13,8 +13,7 @@ import torch
 from hivemind.p2p import PeerID
 
 from lightning_btard.errors import UserError
-from lightning_btard.transports.codec import decode_record, encode_record
-from lightning_btard.transports.hivemind_admission import (
+from lightning_btard.groups.hivemind_admission import (
     JoinRequest,
     Refused,
     agree_on_joiners,
@@ -26,7 +25,8 @@ from lightning_btard.transports.hivemind_admission import (
     publish_refusal,
     wait_for_admission,
 )
-from lightning_btard.transports.hivemind_state import shared_state_digest, to_plain
+from lightning_btard.groups.hivemind_state import shared_state_digest, to_plain
+from lightning_btard.transports.codec import decode_record, encode_record
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -136,11 +136,11 @@ def test_the_state_digest_covers_what_members_share_and_nothing_else() -> None:
 
 def test_the_joiner_takes_only_the_state_with_the_agreed_digest(hivemind_swarm) -> None:
     """Member 0 offers a tampered model, member 1 the honest one, member 2 nothing for this step."""
-    nodes = hivemind_swarm.nodes
+    nodes, states = hivemind_swarm.nodes, hivemind_swarm.states
     honest, tampered = _checkpoint(buffer=2.0), _checkpoint(weight=-1.0)
-    nodes[0].states.offer(5, encode_record(to_plain(tampered)))
-    nodes[1].states.offer(5, encode_record(to_plain(honest)))
-    nodes[2].states.offer(4, encode_record(to_plain(honest)))
+    states[0].offer(5, encode_record(to_plain(tampered)))
+    states[1].offer(5, encode_record(to_plain(honest)))
+    states[2].offer(4, encode_record(to_plain(honest)))
     agreed = _digest(honest)
     try:
         for _ in range(3):  # the sources are tried in a random order
@@ -153,12 +153,12 @@ def test_the_joiner_takes_only_the_state_with_the_agreed_digest(hivemind_swarm) 
             assert got["optimizer_states"][0]["param_groups"][0]["betas"] == (0.9, 0.99)
             assert got["callbacks"]["ModelCheckpoint{'monitor': None}"]["dirpath"] == "/a"
             assert got["state_dict"]["bn.num_batches_tracked"].shape == ()
-        nodes[1].states.withdraw()
+        states[1].withdraw()
         with pytest.raises(Exception, match="no member sent the agreed state of step 5"):
             download_agreed_state(nodes[3], [n.peer_id for n in nodes[:3]], 5, lambda c: _digest(c) == agreed, timeout=20)
     finally:
-        for node in nodes[:3]:
-            node.states.withdraw()
+        for offers in states[:3]:
+            offers.withdraw()
 
 
 def test_a_checkpoint_travels_as_plain_data() -> None:
@@ -169,7 +169,7 @@ def test_a_checkpoint_travels_as_plain_data() -> None:
 
 
 def test_a_joiner_is_told_when_the_run_has_ended(hivemind_swarm) -> None:
-    from lightning_btard.transports.hivemind_admission import run_is_running
+    from lightning_btard.groups.hivemind_admission import run_is_running
 
     run_id, nodes = _run_id(), hivemind_swarm.nodes
     assert not run_is_running(nodes[3], run_id)

@@ -28,7 +28,7 @@ from torch import Tensor
 from lightning_btard.protocol.digest import digest
 from lightning_btard.transports.base import TransportError
 
-__all__ = ["StateOffers", "StateServicer", "download_state", "shared_state", "shared_state_digest", "to_plain"]
+__all__ = ["StateOffers", "StateServicer", "download_state", "serve_states", "shared_state", "shared_state_digest", "to_plain"]
 
 _CHUNK = 512 * 1024
 
@@ -133,6 +133,13 @@ class StateServicer(ServicerBase):
         yield averaging_pb2.DownloadData(metadata=MSGPackSerializer.dumps(len(data)))
         for start in range(0, len(data), _CHUNK):
             yield averaging_pb2.DownloadData(metadata=data[start : start + _CHUNK])
+
+
+def serve_states(node: Any) -> StateOffers:
+    """Serve training states from ``node``: what the returned offers hold, joining peers can download."""
+    offers = StateOffers()
+    node.serve(StateServicer(offers))
+    return offers
 
 
 async def _download(p2p: Any, peer: PeerID, namespace: str, step: int, max_bytes: int) -> bytes:

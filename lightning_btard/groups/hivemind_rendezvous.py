@@ -8,7 +8,6 @@ keys: a launcher that makes the keys beforehand knows every peer's rank (:func:`
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Sequence
 
@@ -18,6 +17,7 @@ from lightning_btard.errors import UserError
 from lightning_btard.transports.base import TransportError
 from lightning_btard.transports.codec import encode_record
 from lightning_btard.transports.hivemind import HivemindTransport
+from lightning_btard.transports.hivemind_keys import rendezvous_key, session_of
 from lightning_btard.transports.hivemind_node import HivemindNode
 
 __all__ = ["rank_order", "rendezvous"]
@@ -28,27 +28,18 @@ def rank_order(peer_ids: Sequence[PeerID]) -> list[PeerID]:
     return sorted(peer_ids, key=lambda p: p.to_bytes())
 
 
-def session_of(run_id: str, members: Sequence[PeerID], *extra: object) -> bytes:
-    """The session every member derives for the same run, group and ``extra``."""
-    text = "|".join([run_id, *(m.to_base58() for m in members), *map(str, extra)])
-    return hashlib.sha256(text.encode()).digest()[:16]
-
-
 def rendezvous(node: HivemindNode, run_id: str, num_peers: int, timeout: float, poll_interval: float = 0.2) -> HivemindTransport:
     """Wait for ``num_peers`` peers (this one included) to announce ``run_id``; the transport over them, in rank order.
 
     Raises :class:`UserError` when fewer arrive within ``timeout`` seconds, when more than ``num_peers`` announce
     the run (a stale or reused ``run_id``), or when the members did not all see the same group.
     """
-    key = f"btard/{run_id}/rendezvous"
+    key = rendezvous_key(run_id)
     deadline = time.monotonic() + timeout
     if not node.store_until(key, encode_record({"run": run_id}), max(3600.0, 2 * timeout), deadline):
         raise UserError(f"could not announce this peer in the DHT (run {run_id!r}) within {timeout}s")
-    while True:
-        seen = set(node.get_owned(key)) | {node.peer_id}
-        if len(seen) >= num_peers or time.monotonic() > deadline:
-            break
-        time.sleep(poll_interval)
+    entries = node.poll_owned(key, lambda entries: len(set(entries) | {node.peer_id}) >= num_peers, deadline, poll_interval)
+    seen = set(entries) | {node.peer_id}
     if len(seen) < num_peers:
         raise UserError(
             f"only {len(seen)} of {num_peers} peers joined run {run_id!r} within {timeout:.0f}s. Start the others with "
@@ -59,8 +50,8 @@ def rendezvous(node: HivemindNode, run_id: str, num_peers: int, timeout: float, 
             f"{len(seen)} peers announced run {run_id!r} but num_peers={num_peers}: another run uses this run_id "
             "(give each run its own run_id) or num_peers is wrong."
         )
-    members = rank_order(seen)
-    transport = HivemindTransport(node, members, session_of(run_id, members, "rendezvous"), timeout=timeout)
+    members = rank_order(list(seen))
+    transport = HivemindTransport(node, members, session_of(run_id, *members, "rendezvous"), timeout=timeout)
     try:
         views = transport.all_gather_object([m.to_base58() for m in members])
     except TransportError as e:

@@ -33,11 +33,12 @@ from typing import Any
 from hivemind.p2p import PeerID
 
 from lightning_btard.errors import UserError
+from lightning_btard.groups.hivemind_state import download_state
 from lightning_btard.transports.base import TransportError
 from lightning_btard.transports.codec import decode_record, encode_record
 from lightning_btard.transports.hivemind import HivemindTransport
+from lightning_btard.transports.hivemind_keys import admit_key, join_key, running_key
 from lightning_btard.transports.hivemind_node import HivemindNode
-from lightning_btard.transports.hivemind_state import download_state
 
 __all__ = [
     "JoinRequest", "Refused", "agree_on_joiners", "announce_finished", "announce_running", "ask_to_join", "download_agreed_state",
@@ -49,6 +50,11 @@ _TTL = 3600.0
 
 class Refused(UserError):
     """A majority of the run's members refused this peer (it was banned)."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+        """The members' reason, as they wrote it."""
 
 
 @dataclass(frozen=True)
@@ -63,18 +69,6 @@ class JoinRequest:
         return [self.peer.to_base58(), self.key, self.nonce]
 
 
-def _running_key(run_id: str) -> str:
-    return f"btard/{run_id}/running"
-
-
-def _join_key(run_id: str) -> str:
-    return f"btard/{run_id}/join"
-
-
-def _admit_key(run_id: str, peer: PeerID) -> str:
-    return f"btard/{run_id}/admit/{peer.to_base58()}"
-
-
 def _store(node: HivemindNode, key: str, value: Any, deadline: float, ttl: float = _TTL) -> None:
     if not node.store_until(key, encode_record(value), ttl, deadline):
         raise TransportError(f"could not store {key} in the DHT")
@@ -82,18 +76,18 @@ def _store(node: HivemindNode, key: str, value: Any, deadline: float, ttl: float
 
 def announce_running(node: HivemindNode, run_id: str, step: int, timeout: float = 30.0) -> None:
     """Mark the run as running (a member's own subkey; refreshed by the members, it expires an hour after the last)."""
-    _store(node, _running_key(run_id), {"step": int(step)}, time.monotonic() + timeout)
+    _store(node, running_key(run_id), {"step": int(step)}, time.monotonic() + timeout)
 
 
 def announce_finished(node: HivemindNode, run_id: str, step: int, timeout: float = 10.0) -> None:
     """Mark this member's part of the run as finished (peers still asking to join are told the run is over)."""
-    _store(node, _running_key(run_id), {"step": int(step), "finished": True}, time.monotonic() + timeout)
+    _store(node, running_key(run_id), {"step": int(step), "finished": True}, time.monotonic() + timeout)
 
 
 def run_is_running(node: HivemindNode, run_id: str) -> bool:
     """Whether members of ``run_id`` have marked it as running and not all of them as finished (a peer that starts
     now joins instead of meeting the others)."""
-    for writer, raw in node.get_owned(_running_key(run_id)).items():
+    for writer, raw in node.get_owned(running_key(run_id)).items():
         record = decode_record(raw)
         if writer != node.peer_id and not (isinstance(record, dict) and record.get("finished")):
             return True
@@ -104,13 +98,13 @@ def ask_to_join(node: HivemindNode, run_id: str, key: bytes, wait: float = _TTL,
     """Announce this peer's wish to join, with its signing key, for ``wait`` seconds (then the request expires);
     returns the attempt's nonce."""
     nonce = os.urandom(16)
-    _store(node, _join_key(run_id), {"key": bytes(key), "nonce": nonce}, time.monotonic() + timeout, ttl=wait + 60.0)
+    _store(node, join_key(run_id), {"key": bytes(key), "nonce": nonce}, time.monotonic() + timeout, ttl=wait + 60.0)
     return nonce
 
 
 def _join_requests(node: HivemindNode, run_id: str) -> list[JoinRequest]:
     out = []
-    for writer, raw in node.get_owned(_join_key(run_id)).items():
+    for writer, raw in node.get_owned(join_key(run_id)).items():
         record = decode_record(raw)
         if isinstance(record, dict) and isinstance(record.get("key"), bytes) and len(record["key"]) == 32 \
                 and isinstance(record.get("nonce"), bytes) and len(record["nonce"]) == 16:
@@ -155,13 +149,13 @@ def agree_on_joiners(
 
 def publish_admission(node: HivemindNode, run_id: str, request: JoinRequest, record: dict[str, Any], timeout: float) -> None:
     """This member's admission record for ``request`` (the same content on every member in sync)."""
-    _store(node, _admit_key(run_id, request.peer), {**record, "nonce": request.nonce}, time.monotonic() + timeout)
+    _store(node, admit_key(run_id, request.peer), {**record, "nonce": request.nonce}, time.monotonic() + timeout)
 
 
 def publish_refusal(node: HivemindNode, run_id: str, peer: PeerID, group: Sequence[PeerID], reason: str, timeout: float) -> None:
     """This member's refusal of ``peer`` (banned), for the group ``group``."""
     record = {"refused": reason, "group": [m.to_base58() for m in group]}
-    _store(node, _admit_key(run_id, peer), record, time.monotonic() + timeout)
+    _store(node, admit_key(run_id, peer), record, time.monotonic() + timeout)
 
 
 def _agreed(records: dict[PeerID, bytes]) -> list[dict[str, Any]]:
@@ -183,25 +177,33 @@ def _agreed(records: dict[PeerID, bytes]) -> list[dict[str, Any]]:
 def wait_for_admission(node: HivemindNode, run_id: str, nonce: bytes, timeout: float, poll_interval: float = 0.5) -> dict[str, Any]:
     """The admission record of this attempt (``nonce``) agreed by a majority of the group; :class:`Refused` if a
     majority refused this peer, :class:`UserError` if nothing was agreed within ``timeout`` seconds."""
-    key = _admit_key(run_id, node.peer_id)
+    key = admit_key(run_id, node.peer_id)
     deadline = time.monotonic() + timeout
     polls = 0
-    while True:
-        for record in _agreed(node.get_owned(key)):
+    found: list[dict[str, Any]] = []
+
+    def agreed(entries: dict[PeerID, bytes]) -> bool:
+        nonlocal polls
+        for record in _agreed(entries):
             if "refused" in record:
-                raise Refused(f"the members of run {run_id!r} refused this peer ({node.peer_id}): {record['refused']}")
+                raise Refused(f"the members of run {run_id!r} refused this peer ({node.peer_id}): {record['refused']}",
+                              str(record["refused"]))
             if record.get("nonce") == nonce:
-                return record
+                found.append(record)
+                return True
         polls += 1
         if polls % 10 == 0 and not run_is_running(node, run_id):
             raise UserError(f"run {run_id!r} ended before its members admitted this peer: start a new run (another run_id)")
-        if time.monotonic() > deadline:
-            raise UserError(
-                f"run {run_id!r} is marked as running, but its members did not admit this peer within {timeout:.0f}s. "
-                "Members admit joiners every `join_every` steps; if the run has ended, start a new one with another "
-                "run_id (or raise rendezvous_timeout)."
-            )
-        time.sleep(poll_interval)
+        return False
+
+    node.poll_owned(key, agreed, deadline, poll_interval)
+    if not found:
+        raise UserError(
+            f"run {run_id!r} is marked as running, but its members did not admit this peer within {timeout:.0f}s. "
+            "Members admit joiners every `join_every` steps; if the run has ended, start a new one with another "
+            "run_id (or raise rendezvous_timeout)."
+        )
+    return found[0]
 
 
 def download_agreed_state(

@@ -18,7 +18,6 @@ Byzantine member that answers selectively is caught by the protocol's own checks
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -26,6 +25,7 @@ from typing import Any, Callable
 from lightning_btard.transports.base import TransportError
 from lightning_btard.transports.codec import decode_record, encode_record
 from lightning_btard.transports.hivemind import HivemindTransport
+from lightning_btard.transports.hivemind_keys import regroup_key, session_of
 
 __all__ = ["Alone", "Regrouped", "regroup"]
 
@@ -55,21 +55,20 @@ def _announce_and_collect(
     index = {peer: i for i, peer in enumerate(old.members)}
     seen: dict[int, Any] = {old.rank: state}
     refused: set[int] = set()
-    while len(seen) + len(refused) < len(old.members) and time.monotonic() < deadline:
-        for writer, value in old.node.get_owned(key).items():
+
+    def everyone(entries: dict[Any, bytes]) -> bool:
+        for writer, value in entries.items():
             i = index.get(writer)
             if i is None or i in seen or i in refused:
                 continue
-            try:
-                announced = decode_record(value)
-            except Exception:  # noqa: BLE001 - an unreadable announcement is refused like a wrong one
-                refused.add(i)
-                continue
-            if accept(announced):
+            announced = decode_record(value)  # None when unreadable: refused like a wrong one
+            if announced is not None and accept(announced):
                 seen[i] = announced
             else:  # malformed, or not where I am: left out
                 refused.add(i)
-        time.sleep(old.poll_interval)
+        return len(seen) + len(refused) >= len(old.members)
+
+    old.node.poll_owned(key, everyone, deadline, old.poll_interval)
     return seen, refused
 
 
@@ -83,11 +82,11 @@ def regroup(
     attempt's number, so members whose first confirmation failed meet again. Raises :class:`Alone` when nobody else
     is accepted within ``window`` seconds, :class:`TransportError` when ``attempts`` confirmations failed."""
     for attempt in range(attempts):
-        seen, refused = _announce_and_collect(old, f"btard/{old.session.hex()}/regroup/{attempt}", state, window, accept)
+        seen, refused = _announce_and_collect(old, regroup_key(old.session, attempt), state, window, accept)
         members = sorted(seen)
         if len(members) < 2:
             raise Alone(f"no other peer answered within {window:.0f}s after a failed collective: this peer is alone")
-        session = hashlib.sha256(old.session + b"regroup" + repr((attempt, members)).encode()).digest()[:16]
+        session = session_of(old.session, "regroup", attempt, *members)
         nxt = HivemindTransport(old.node, [old.members[i] for i in members], session, old.timeout, old.poll_interval)
         view = [[str(old.members[i]), seen[i]] for i in members]  # who, and what each announced
         try:

@@ -6,11 +6,11 @@ import os
 import time
 
 import pytest
+from peers import run_in_threads
 
+from lightning_btard.groups.hivemind_regroup import Alone, regroup
 from lightning_btard.transports.base import TransportError
 from lightning_btard.transports.hivemind import HivemindTransport
-from lightning_btard.transports.hivemind_regroup import Alone, regroup
-from lightning_btard.transports.in_process import run_in_threads
 
 pytestmark = pytest.mark.timeout(120)
 
