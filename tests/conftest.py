@@ -4,8 +4,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pytest  # noqa: E402
-
-from lightning_btard.transports import run_peers  # noqa: E402
+from peers import run_peers  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from typing import Any, Callable
 import pytest
 import pytorch_lightning as pl
 import torch
+from peers import run_peers
 from torch import Tensor
 
 from lightning_btard.attacks import (
@@ -24,7 +25,7 @@ from lightning_btard.attacks import (
     SignFlipping,
 )
 from lightning_btard.attacks.a_little_is_enough import alie_z_max
-from lightning_btard.transports import Transport, run_peers
+from lightning_btard.transports import Transport
 
 N, BYZ, D = 5, [1, 3], 37
 START, EVERY, STEPS = 3, 2, range(12)

@@ -154,7 +154,7 @@ def test_hivemind_backend_needs_one_device_per_process_and_a_group_size() -> Non
 
 def test_rendezvous_orders_the_group_by_peer_id_and_reports_missing_peers(hivemind_swarm) -> None:
     from lightning_btard.errors import UserError
-    from lightning_btard.transports.hivemind_rendezvous import rank_order, rendezvous
+    from lightning_btard.groups.hivemind_rendezvous import rank_order, rendezvous
 
     nodes = hivemind_swarm.nodes[:3]
     run_id = f"test-{os.urandom(4).hex()}"

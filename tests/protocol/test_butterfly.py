@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from peers import run_peers
 from procs import run_ranks
 
 from lightning_btard.aggregators import resolve_aggregator
 from lightning_btard.ops.centered_clip import centered_clip
 from lightning_btard.ops.partition import part_sizes, split_parts
 from lightning_btard.protocol.butterfly import butterfly_aggregate
-from lightning_btard.transports import run_peers
 
 
 def partwise_reference(inputs: torch.Tensor, tau: float) -> torch.Tensor:

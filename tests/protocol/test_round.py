@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from peers import run_peers
 
 from lightning_btard.attacks import (
     AttackContext,
@@ -19,7 +20,6 @@ from lightning_btard.ops.centered_clip import centered_clip
 from lightning_btard.ops.partition import split_parts
 from lightning_btard.protocol.identity import Identity
 from lightning_btard.protocol.round import Behaviour, RoundConfig, verified_round
-from lightning_btard.transports import run_peers
 
 N, D, TAU = 5, 2003, 1.0
 

@@ -8,13 +8,13 @@ import sys
 
 import pytest
 import torch
+from peers import run_peers
 from procs import ROOT, assert_identical, load_run, run_command, run_script
 
 from datamodules import write_synthetic_cifar10
 from lightning_btard.ops.partition import part_sizes
 from lightning_btard.ops.projection import accurate_dots, random_directions
 from lightning_btard.protocol.validation import Assignment, StepRecord, ValidationCheck, assign_validators, resolve_validations
-from lightning_btard.transports import run_peers
 
 SEED = b"\x07" * 32
 
