@@ -105,10 +105,11 @@ class HivemindPeer:
         self._running_announced = time.monotonic()
 
     # ----------------------------------------------------------------- joining a running group
-    def join(self, strategy: "BTARDStrategy", trainer: "pl.Trainer", identity_public: bytes, timeout: float) -> tuple[HivemindGroup, list[bytes], int]:
+    def join(self, strategy: "BTARDStrategy", trainer: "pl.Trainer", identity_public: bytes,
+             timeout: float) -> tuple[HivemindGroup, list[bytes], int, bytes]:
         """Ask the running group to admit this peer; take the group, keys and seed from the admission a majority of
         members wrote, and their training state from one of them, checked against the digest they published.
-        Returns the group, the keys and the run seed."""
+        Returns the group, the keys, the run seed and the run nonce."""
         from hivemind.p2p import PeerID
 
         from lightning_btard.groups.hivemind_admission import Refused, ask_to_join, download_agreed_state, wait_for_admission
@@ -148,7 +149,7 @@ class HivemindPeer:
               f"{membership.active}; state from {source}, its digest the one the members published", flush=True)
         strategy.events.observer = me
         strategy.events.emit("joined", step, [me], f"state from {source}", members=membership.active)
-        return group, list(record["keys"]), int(record["seed"])
+        return group, list(record["keys"]), int(record["seed"]), bytes(record["run_nonce"])
 
     # ----------------------------------------------------------------- admitting joiners
     def due(self, trainer: "pl.Trainer", batch_idx: int) -> bool:
@@ -204,7 +205,7 @@ class HivemindPeer:
         keys = engine.keys + [r.key for r in admitted] if strategy.verify else []
         record = {
             "step": step, "group": [m.to_base58() for m in group], "peers": [m.to_base58() for m in peers],
-            "keys": keys, "seed": strategy.run_seed, "generation": generation,
+            "keys": keys, "seed": strategy.run_seed, "generation": generation, "run_nonce": engine.run_nonce,
             "bans": [[b.peer, b.step, b.reason, b.evidence] for b in membership.bans],
             "departed": [[p, t] for p, t in membership.departed.items()], "digest": digest,
             "admitted": self._admitted_nonces + [r.nonce for r in admitted],

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -29,11 +30,13 @@ import torch
 from torch import Tensor
 
 from lightning_btard.aggregators.base import Aggregator
+from lightning_btard.errors import UserError
 from lightning_btard.groups.base import Group
 from lightning_btard.ops.finite import all_finite
 from lightning_btard.ops.partition import part_sizes
 from lightning_btard.ops.workspace import Workspace
 from lightning_btard.protocol.butterfly import ButterflyStats, butterfly_aggregate
+from lightning_btard.protocol.digest import digest
 from lightning_btard.protocol.events import EventLog
 from lightning_btard.protocol.identity import Identity
 from lightning_btard.protocol.membership import Ban
@@ -96,6 +99,7 @@ class PeerEngine:
         verify: bool = False,
         identity: Optional[Identity] = None,
         keys: Sequence[bytes] = (),
+        run_nonce: bytes = b"",
         validators: int = 0,
         validation_check: ValidationCheck = ValidationCheck(),
         directions: int = 2,
@@ -107,6 +111,9 @@ class PeerEngine:
             raise ValueError("a verified engine needs this peer's identity and every peer's key")
         self.group, self.aggregator, self.verify = group, aggregator, bool(verify)
         self.identity, self.keys = identity, list(keys)
+        self.run_nonce = run_nonce or digest("run", *self.keys)
+        """Unique to the run (its peers' fresh keys): bound into every signature, with the attempt."""
+        self._tries: tuple[int, int] = (-1, 0)  # (step, verified rounds tried in it)
         self.validators = int(validators) if verify else 0
         self.validation_check = validation_check
         self.round_config = round_config_of(aggregator, directions) if verify else RoundConfig(directions=directions)
@@ -239,6 +246,7 @@ class PeerEngine:
             outcome = verified_round(
                 sent, self.transport, self.identity, [self.keys[p] for p in active], active, step, self.round_config,
                 behaviour, weights, out=self._work.get("aggregate", (sent.numel(),), torch.float32, sent.device),
+                context=self._next_attempt(step),
             )
             # the limit on unprovable claims between two peers: past it both are banned (the round itself stands)
             limited = [b for c, a in outcome.refuted for b in self.membership.count_refuted_claim(c, a, step)]
@@ -252,6 +260,13 @@ class PeerEngine:
             self.apply_bans(outcome.bans + limited)
             if self.left:
                 return sent
+
+    def _next_attempt(self, step: int) -> bytes:
+        """The context of the next verified round of ``step``: run nonce, group generation and attempt number (a
+        retry after a ban, or the redo after a regroup, is a new attempt: nothing signed in another counts)."""
+        last_step, tries = self._tries
+        self._tries = (step, tries + 1 if last_step == step else 1)
+        return digest("attempt", self.run_nonce, self.membership.generation, self._tries[1])
 
     def _validate(self, computed: Tensor, step: int, recompute: Optional[Recompute], behaviour: Behaviour,
                   fast_path: bool) -> None:
@@ -410,6 +425,32 @@ class PeerEngine:
         if departed and not rebuilt and not self.left:
             self.group.rebuild()
             self.on_group_change()
+
+    # ------------------------------------------------------------------ start-up agreement
+    def agree(self, what: str, mine: str, advice: str) -> int:
+        """Every member's fingerprint of ``what`` (its data, its initial state) on the board; a strict majority's
+        decides. A member whose fingerprint differs leaves the run (departed): on its own side this raises
+        :class:`~lightning_btard.errors.UserError` saying what differs and ``advice``; with no strict majority every
+        member raises. Returns the first member (index) holding the majority's value."""
+        values = self.transport.all_gather_object(mine)
+        valid = [v if isinstance(v, str) and len(v) <= 128 else None for v in values]
+        top, count = Counter(valid).most_common(1)[0]
+        active = self.membership.active
+        differing = [active[i] for i, v in enumerate(valid) if v != top]
+        if top is None or 2 * count <= len(valid):
+            raise UserError(f"BTARD: the peers' {what} differ and no majority of them agrees (peers {active}: "
+                            f"{len(set(valid))} different fingerprints). {advice}")
+        if mine != top:
+            raise UserError(f"BTARD: this peer's {what} differs from the majority's (peers {differing} differ). {advice}")
+        if differing:
+            log.warning("BTARD: peers %s have different %s from the majority's: they leave the run", differing, what)
+            for peer in differing:
+                self.membership.depart(peer, -1)
+            self.events.emit("departure", -1, differing, f"their {what} differ from the majority's",
+                             members=self.membership.active)
+            self.group.rebuild()
+            self.on_group_change()
+        return valid.index(top)
 
     # ------------------------------------------------------------------ parameters in sync
     def compare_digests(self, mine: str) -> Optional[list[int]]:

@@ -38,6 +38,7 @@ from lightning_btard.ops.norms import redo_unsure_norms, rounding_floor, safe_no
 from lightning_btard.ops.partition import part_sizes
 from lightning_btard.ops.projection import ProjectionCheck, aggregate_norm_bound, clipped_projections, random_directions
 from lightning_btard.ops.workspace import Workspace
+from lightning_btard.protocol import records
 from lightning_btard.protocol.digest import digest
 from lightning_btard.protocol.identity import Identity, verify_signature
 from lightning_btard.protocol.membership import Ban
@@ -91,6 +92,11 @@ class Behaviour:
     def republish(self, step: int, kind: str, receiver: int, content: Tensor) -> Optional[Tensor]:
         return content
 
+    def record(self, step: int, phase: str, record: Any) -> Any:
+        """What this peer publishes on the board in ``phase`` (``commit``, ``aggregate``, ``numbers``,
+        ``publication``), signature included where the phase signs it (an attacker may publish anything)."""
+        return record
+
     def validation_claims(self, step: int, target: int, agrees: bool) -> list[int]:
         """The targets this validator accuses (honest: its target, if the recomputation disagreed)."""
         return [] if agrees else [target]
@@ -116,16 +122,20 @@ def _sig_tensor(sig: bytes) -> Tensor:
     return torch.frombuffer(bytearray(sig), dtype=torch.uint8)
 
 
-def _part_statement(step: int, sender: int, receiver: int, h: bytes) -> bytes:
-    return digest("part", step, sender, receiver, h)
+def _part_statement(context: bytes, sender: int, receiver: int, h: bytes) -> bytes:
+    return digest("part", context, sender, receiver, h)
 
 
-def _aggregate_statement(step: int, aggregator: int, h: bytes) -> bytes:
-    return digest("aggregate", step, aggregator, h)
+def _aggregate_statement(context: bytes, aggregator: int, h: bytes) -> bytes:
+    return digest("aggregate", context, aggregator, h)
 
 
-def _numbers_statement(step: int, peer: int, numbers: list) -> bytes:
-    return digest("numbers", step, peer, repr(numbers))
+def _numbers_statement(context: bytes, peer: int, numbers: list) -> bytes:
+    return digest("numbers", context, peer, repr(numbers))
+
+
+def _commit_statement(context: bytes, peer: int, hashes: Sequence[bytes], commitment: bytes) -> bytes:
+    return digest("commit", context, peer, *hashes, commitment)
 
 
 def _unpack(message: Optional[list[Any]]) -> tuple[Optional[Tensor], bytes]:
@@ -158,9 +168,11 @@ class _Round:
 
     def __init__(self, flat: Tensor, transport: Transport, identity: Identity, keys: Sequence[bytes],
                  peers: Sequence[int], step: int, config: RoundConfig, behaviour: Behaviour,
-                 weights: Optional[Sequence[float]] = None, out: Optional[Tensor] = None) -> None:
+                 weights: Optional[Sequence[float]] = None, out: Optional[Tensor] = None, context: bytes = b"") -> None:
         self.t, self.identity, self.keys, self.peers = transport, identity, list(keys), list(peers)
         self.step, self.config, self.behaviour = step, config, behaviour
+        self.context = digest("round", context, step, *self.peers)
+        """What every signature of this round binds: the caller's context (run nonce, attempt), the step, the group."""
         self.n, self.me = transport.world_size, transport.rank
         self.weights = torch.ones(self.n, dtype=torch.float64) if weights is None else torch.tensor(list(weights), dtype=torch.float64)
         if self.weights.shape != (self.n,) or bool((self.weights < 0).any()) or not float(self.weights.sum()) > 0:
@@ -191,9 +203,9 @@ class _Round:
         if peer not in self.bans:
             self.bans[peer] = Ban(peer, self.step, reason, evidence)
 
-    def signed_board(self, record: Any, statement: bytes) -> list[Any]:
+    def signed_board(self, phase: str, record: Any, statement: bytes) -> list[Any]:
         """Publish ``record`` with my signature of ``statement``; return every member's (record, signature)."""
-        return self.t.all_gather_object((record, self.identity.sign(statement)))
+        return self.t.all_gather_object(self.behaviour.record(self.step, phase, (record, self.identity.sign(statement))))
 
     def outcome(self, stats: dict[str, float], aggregate: Optional[Tensor] = None, seed: Optional[bytes] = None) -> RoundOutcome:
         return RoundOutcome(
@@ -206,14 +218,12 @@ class _Round:
         self.part_hashes = hashes = [digest(p) for p in self.parts]
         self.secret = MPRNGSecret.fresh(self.peers[self.me], self.step)
         record = (self.step, self.peers[self.me], hashes, self.secret.commitment)
-        board = self.signed_board(record, digest(self.step, self.peers[self.me], *hashes, self.secret.commitment))
+        board = self.signed_board("commit", record, _commit_statement(self.context, self.peers[self.me], hashes, self.secret.commitment))
         for i, entry in enumerate(board):
-            try:
-                (r_step, r_peer, r_hashes, r_commit), sig = entry
-                ok = r_step == self.step and r_peer == self.peers[i] and len(r_hashes) == self.n
-                ok = ok and verify_signature(self.keys[i], digest(self.step, self.peers[i], *r_hashes, r_commit), sig)
-            except (TypeError, ValueError):
-                ok, r_hashes, r_commit = False, [b""] * self.n, b""
+            parsed = records.commitment(entry, self.step, self.peers[i], self.n)
+            ok = parsed is not None and verify_signature(
+                self.keys[i], _commit_statement(self.context, self.peers[i], parsed[0], parsed[1]), parsed[2])
+            r_hashes, r_commit = (parsed[0], parsed[1]) if parsed is not None else ([b""] * self.n, b"")
             self.committed.append(list(r_hashes))
             self.commitments.append(r_commit)
             if not ok:
@@ -224,7 +234,7 @@ class _Round:
         for j in range(self.n):
             content = self.behaviour.part(self.step, self.peers[j], self.parts[j])
             h = self.part_hashes[j] if content is self.parts[j] else digest(content)
-            sig = self.identity.sign(_part_statement(self.step, self.peers[self.me], self.peers[j], h))
+            sig = self.identity.sign(_part_statement(self.context, self.peers[self.me], self.peers[j], h))
             sends.append([content, _sig_tensor(sig)])
         self.received = _WORK.get("received", (self.n, self.sizes[self.me]), self.flat.dtype, self.flat.device)
         sigs = torch.zeros(self.n, _SIG, dtype=torch.uint8)
@@ -238,7 +248,7 @@ class _Round:
                 accusations.append(("missing-part", i, None))
                 continue
             h = digest(got)
-            if not verify_signature(self.keys[i], _part_statement(self.step, self.peers[i], self.peers[self.me], h), sig):
+            if not verify_signature(self.keys[i], _part_statement(self.context, self.peers[i], self.peers[self.me], h), sig):
                 accusations.append(("missing-part", i, None))
             elif malformed[i] is not None or h != self.committed[i][self.me] or not all_finite(got):
                 accusations.append(("bad-part", i, (got.clone(), sig)))
@@ -254,13 +264,11 @@ class _Round:
         )
         self.mine = self.behaviour.published_aggregate(self.step, result.value)
         self.mine_hash = h = digest(self.mine)
-        board = self.signed_board(h, _aggregate_statement(self.step, self.peers[self.me], h))
+        board = self.signed_board("aggregate", h, _aggregate_statement(self.context, self.peers[self.me], h))
         for i, entry in enumerate(board):
-            try:
-                h_i, sig = entry
-                ok = isinstance(h_i, bytes) and verify_signature(self.keys[i], _aggregate_statement(self.step, self.peers[i], h_i), sig)
-            except (TypeError, ValueError):
-                ok, h_i = False, b""
+            parsed = records.signed_hash(entry)
+            h_i = parsed[0] if parsed is not None else b""
+            ok = parsed is not None and verify_signature(self.keys[i], _aggregate_statement(self.context, self.peers[i], h_i), parsed[1])
             self.agg_hashes.append(h_i)
             if not ok:
                 self.ban(i, "malformed or missing aggregate hash", "missing-record")
@@ -270,7 +278,7 @@ class _Round:
         for j in range(self.n):
             content = self.behaviour.aggregate(self.step, self.peers[j], self.mine)
             h = self.mine_hash if content is self.mine else digest(content)
-            sig = self.identity.sign(_aggregate_statement(self.step, self.peers[self.me], h))
+            sig = self.identity.sign(_aggregate_statement(self.context, self.peers[self.me], h))
             sends.append([content, _sig_tensor(sig)])
         sigs = torch.zeros(self.n, _SIG, dtype=torch.uint8)
         malformed = self.t.exchange(sends, [[self.aggregates[i], sigs[i]] for i in range(self.n)])
@@ -281,7 +289,7 @@ class _Round:
                 accusations.append(("missing-aggregate", i, None))
                 continue
             h = digest(got)
-            if not verify_signature(self.keys[i], _aggregate_statement(self.step, self.peers[i], h), sig):
+            if not verify_signature(self.keys[i], _aggregate_statement(self.context, self.peers[i], h), sig):
                 accusations.append(("missing-aggregate", i, None))
             elif h != self.agg_hashes[i]:
                 accusations.append(("equivocation", i, (h, sig)))
@@ -311,12 +319,12 @@ class _Round:
             list(self.behaviour.numbers(self.step, j, *self.my_numbers(j, self.parts[j]))) + [float(safe_norm(self.parts[j]))]
             for j in range(self.n)
         ]
-        board = self.signed_board(mine, _numbers_statement(self.step, self.peers[self.me], mine))
+        board = self.signed_board("numbers", mine, _numbers_statement(self.context, self.peers[self.me], mine))
         for i, entry in enumerate(board):
             try:
                 nums, sig = entry
                 ok = _well_formed_numbers(nums, self.n, self.config.directions)
-                ok = ok and verify_signature(self.keys[i], _numbers_statement(self.step, self.peers[i], nums), sig)
+                ok = ok and verify_signature(self.keys[i], _numbers_statement(self.context, self.peers[i], nums), sig)
             except (TypeError, ValueError):
                 ok, nums = False, None
             self.numbers.append(nums)
@@ -367,23 +375,29 @@ class _Round:
         """Publish my accusations; judge everybody's from the evidence. Returns the members whose
         accusations held (an aggregator that caught a liar is not blamed for its failed check)."""
         mine = self.behaviour.accusations(self.step, accusations)
-        board = self.t.all_gather_object([(kind, accused, evidence) for kind, accused, evidence in mine])
+        board = self.t.all_gather_object(list(mine))
         upheld: set[int] = set()
         disputes: list[tuple[int, str, int]] = []  # (accuser, kind, accused)
         for accuser, items in enumerate(board):
-            for item in items if isinstance(items, list) else []:
-                try:
-                    kind, accused, evidence = item
-                    if kind in ("missing-part", "missing-aggregate"):
-                        disputes.append((accuser, kind, int(accused)))
-                        continue
-                    if self.evidence_holds(kind, accuser, int(accused), evidence):
-                        self.ban(int(accused), f"{kind} (accused by peer {self.peers[accuser]})", "signed-message")
-                        upheld.add(accuser)
-                    else:
-                        self.ban(accuser, f"false accusation: {kind} against peer {self.peers[int(accused)]}", "signed-message")
-                except (TypeError, ValueError, IndexError, KeyError):
-                    self.ban(accuser, "malformed accusation", "signed-message")
+            # at most one accusation per (kind, accused) and round: 2 kinds of claim against each other member
+            if type(items) is not list or len(items) > 2 * (self.n - 1):
+                self.ban(accuser, "malformed accusation list", "signed-message")
+                continue
+            seen: set[tuple[str, int]] = set()
+            for item in items:
+                parsed = records.accusation(item, accuser, self.n, self.sizes)
+                if parsed is None or (parsed[0], parsed[1]) in seen:
+                    self.ban(accuser, "malformed or repeated accusation", "signed-message")
+                    break
+                kind, accused, evidence = parsed
+                seen.add((kind, accused))
+                if kind in records.DISPUTE_KINDS:
+                    disputes.append((accuser, kind, accused))
+                elif self.evidence_holds(kind, accuser, accused, evidence):
+                    self.ban(accused, f"{kind} (accused by peer {self.peers[accuser]})", "signed-message")
+                    upheld.add(accuser)
+                else:
+                    self.ban(accuser, f"false accusation: {kind} against peer {self.peers[accused]}", "signed-message")
         if disputes:
             self.settle_disputes(disputes)
         return upheld
@@ -392,18 +406,18 @@ class _Round:
         if kind == "bad-part":
             content, sig = evidence
             h = digest(content)
-            signed = verify_signature(self.keys[accused], _part_statement(self.step, self.peers[accused], self.peers[accuser], h), sig)
-            wrong = h != self.committed[accused][accuser] or content.shape != (self.sizes[accuser],)
-            return signed and (wrong or not content.is_floating_point() or not all_finite(content))
+            signed = verify_signature(self.keys[accused], _part_statement(self.context, self.peers[accused], self.peers[accuser], h), sig)
+            wrong = h != self.committed[accused][accuser] or tuple(content.shape) != (self.sizes[accuser],)
+            return signed and (wrong or content.dtype != self.flat.dtype or not all_finite(content))
         if kind == "equivocation":
             h, sig = evidence
-            signed = verify_signature(self.keys[accused], _aggregate_statement(self.step, self.peers[accused], h), sig)
+            signed = verify_signature(self.keys[accused], _aggregate_statement(self.context, self.peers[accused], h), sig)
             return signed and h != self.agg_hashes[accused]
         if kind == "lying-numbers":
             content, sig = evidence
             h = digest(content)
             genuine = h == self.committed[accused][accuser] and verify_signature(
-                self.keys[accused], _part_statement(self.step, self.peers[accused], self.peers[accuser], h), sig
+                self.keys[accused], _part_statement(self.context, self.peers[accused], self.peers[accuser], h), sig
             )
             return genuine and not self.numbers_match(accused, accuser, content)
         raise ValueError(f"unknown accusation {kind!r}")
@@ -416,18 +430,22 @@ class _Round:
         for accuser, kind in owed:
             content = self.parts[accuser] if kind == "missing-part" else self.mine
             publication.append((accuser, kind, self.behaviour.republish(self.step, kind, self.peers[accuser], content)))
-        board = self.t.all_gather_object(publication)
+        board = self.t.all_gather_object(self.behaviour.record(self.step, "publication", publication))
+        copies = [records.publication(entry, author, self.n, 2 * (self.n - 1)) for author, entry in enumerate(board)]
         for accuser, kind, accused in disputes:
-            copy = next((c for a, k, c in board[accused] if a == accuser and k == kind), None) if isinstance(board[accused], list) else None
-            if kind == "missing-part":
-                valid = isinstance(copy, Tensor) and copy.shape == (self.sizes[accuser],) and digest(copy) == self.committed[accused][accuser]
-                valid = valid and isinstance(copy, Tensor) and all_finite(copy)
-                if valid and accuser == self.me and isinstance(copy, Tensor):
-                    self.received[self.row[accused]].copy_(copy)
-            else:
-                valid = isinstance(copy, Tensor) and copy.shape == (self.sizes[accused],) and digest(copy) == self.agg_hashes[accused]
-                if valid and accuser == self.me and isinstance(copy, Tensor):
-                    self.aggregates[accused].copy_(copy)
+            published = copies[accused]
+            copy = published.get((accuser, kind)) if published is not None else None
+            size = self.sizes[accuser] if kind == "missing-part" else self.sizes[accused]
+            valid = False
+            if isinstance(copy, Tensor) and copy.dtype == self.flat.dtype and tuple(copy.shape) == (size,):
+                if kind == "missing-part":
+                    valid = digest(copy) == self.committed[accused][accuser] and all_finite(copy)
+                    if valid and accuser == self.me:
+                        self.received[self.row[accused]].copy_(copy)
+                else:
+                    valid = digest(copy) == self.agg_hashes[accused]
+                    if valid and accuser == self.me:
+                        self.aggregates[accused].copy_(copy)
             if not valid:
                 self.ban(accused, f"{kind}: no valid copy published when disputed", "missing-record")
             else:
@@ -445,13 +463,15 @@ def verified_round(
     behaviour: Optional[Behaviour] = None,
     weights: Optional[Sequence[float]] = None,
     out: Optional[Tensor] = None,
+    context: bytes = b"",
 ) -> RoundOutcome:
     """One verified round among ``peers`` (member ``i`` is ``peers[i]`` with public key ``keys[i]``).
 
     ``weights[i]`` is member ``i``'s weight in CenteredClip and in the check (default 1; 0 for a validator,
     whose gradient this step is a recomputation of somebody else's). The aggregate is written into ``out``
-    when given (a buffer like ``flat``, not overlapping it)."""
-    r = _Round(flat, transport, identity, keys, peers, step, config, behaviour or Behaviour(), weights, out)
+    when given (a buffer like ``flat``, not overlapping it). Every signature binds ``context`` (the caller's run
+    nonce and attempt: a statement signed in one attempt is no evidence in another), the step and ``peers``."""
+    r = _Round(flat, transport, identity, keys, peers, step, config, behaviour or Behaviour(), weights, out, context)
     times: dict[str, float] = {}
     clock = time.perf_counter()
 

@@ -1,0 +1,183 @@
+"""The verified round against an attacker that reads the code: hostile records (wrong types, negative or
+out-of-range indices, repeated claims, replayed signatures) ban their author and nobody else, and never raise on
+an honest peer. The hypothesis harness draws the colluders' accusation lists from every kind of hostile value."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from peers import run_peers
+
+from lightning_btard.ops.partition import part_sizes
+from lightning_btard.protocol.identity import Identity
+from lightning_btard.protocol.round import Behaviour, RoundConfig, verified_round
+from lightning_btard.transports.base import Transport
+
+N, D = 5, 211
+
+
+def gradients(n: int = N, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(D, generator=g) * 0.05 + torch.randn(n, D, generator=g) * 0.05
+
+
+class Accuser(Behaviour):
+    """Publishes ``items`` as its accusation list in the first accusation phase of the round."""
+
+    def __init__(self, items: list[Any]) -> None:
+        self.items, self.used = items, False
+
+    def accusations(self, step: int, honest: list[tuple]) -> list[tuple]:
+        if self.used:
+            return honest
+        self.used = True
+        return list(self.items)
+
+
+def run_round(behaviours: dict[int, Behaviour], n: int = N, peers: list[int] | None = None, context: bytes = b"",
+              ids: list[Identity] | None = None, grads: torch.Tensor | None = None, wrap=None) -> list[Any]:
+    peers = peers if peers is not None else list(range(n))
+    ids = ids or [Identity.generate() for _ in range(max(peers) + 1)]
+    grads = grads if grads is not None else gradients(max(peers) + 1)
+    keys = [ids[p].public for p in peers]
+
+    def peer(t: Transport) -> Any:
+        me = peers[t.rank]
+        transport = wrap(me, t) if wrap is not None else t
+        return verified_round(grads[me].clone(), transport, ids[me], keys, peers, step=3, config=RoundConfig(tau=1.0),
+                              behaviour=behaviours.get(me), context=context)
+
+    return run_peers(len(peers), peer, timeout=30.0)
+
+
+def banned(outcomes: list[Any], honest: list[int]) -> set[int]:
+    views = [{b.peer for b in outcomes[i].bans} for i in honest]
+    assert all(v == views[0] for v in views), f"honest peers disagree: {views}"
+    return views[0]
+
+
+@pytest.mark.parametrize("items", [
+    [("missing-part", -1, None)],  # Python's negative indexing named the last member
+    [("missing-part", i, None) for i in (-1, -2, -3, -5)],
+    [("missing-aggregate", 99, None)],  # beyond the group: crashed every peer
+    [("missing-part", 2, None)],  # itself
+    [1],
+    [("bad-part", 0, torch.zeros(3))],
+    [("bad-part", True, (torch.zeros(3), b"x" * 64))],
+    [("lying-numbers", 0, (torch.zeros(7, 2), b"x" * 64))],  # a wrongly shaped evidence tensor
+    [("equivocation", torch.tensor(0), (b"h" * 32, b"s" * 64))],
+    [("equivocation", 0, ([1, 2], b"s" * 64))],
+    [("no-such-kind", 0, None)],
+    "not a list",
+    [("missing-part", 0, None)] * 4,  # four copies of one unprovable claim
+])
+def test_a_hostile_accusation_bans_its_author_only(items: Any) -> None:
+    """Member 2 publishes the hostile list (not the last member: -1 named the last one)."""
+    outcomes = run_round({2: Accuser(items)})
+    assert banned(outcomes, [0, 1, 3, 4]) == {2}
+
+
+def test_one_unprovable_claim_is_refuted_once_not_four_times() -> None:
+    outcomes = run_round({4: Accuser([("missing-part", 0, None)])})
+    assert banned(outcomes, [0, 1, 2, 3]) == set()
+    assert outcomes[0].refuted == [(4, 0)]
+
+
+class Spy:
+    """The attacker's transport: records the signed parts it receives (what a real attacker keeps)."""
+
+    def __init__(self, inner: Transport, seen: list) -> None:
+        self.inner, self.seen = inner, seen
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def exchange(self, sends: Any, recvs: Any) -> Any:
+        out = self.inner.exchange(sends, recvs)
+        if not self.seen:
+            self.seen.extend([[t.clone() for t in r] for r in recvs])
+        return out
+
+
+def test_parts_signed_in_an_earlier_attempt_are_no_evidence_in_a_later_one() -> None:
+    """Attempt 1 among 5 peers; attempt 2 of the same step among 4 (peer 2 was banned): the attacker replays the part
+    peer 0 signed for it in attempt 1, which no longer matches anything peer 0 committed. The signature binds the
+    attempt and the group, so the replay bans the replayer (it banned peer 0 before)."""
+    ids = [Identity.generate() for _ in range(N)]
+    grads = gradients()
+    seen: list = []
+    run_round({}, ids=ids, grads=grads, context=b"attempt 1", wrap=lambda me, t: Spy(t, seen) if me == 4 else t)
+    part, sig = seen[0][0], bytes(seen[0][1].tolist())
+    assert part.numel() == part_sizes(D, N)[4]
+    replay = Accuser([("bad-part", 0, (part, sig))])
+    outcomes = run_round({4: replay}, peers=[0, 1, 3, 4], ids=ids, grads=grads, context=b"attempt 2")
+    assert banned(outcomes, [0, 1, 2]) == {4}
+
+
+HOSTILE = st.one_of(
+    st.none(), st.booleans(), st.integers(-10, 10), st.floats(allow_nan=True), st.binary(max_size=70),
+    st.text(max_size=5), st.sampled_from(["missing-part", "missing-aggregate", "bad-part", "equivocation", "lying-numbers"]),
+    st.builds(lambda n, dt: torch.zeros(n, dtype=dt), st.integers(0, 60), st.sampled_from([torch.float32, torch.int64, torch.bool])),
+)
+ITEM = st.one_of(
+    HOSTILE,
+    st.tuples(st.sampled_from(["missing-part", "missing-aggregate", "bad-part", "equivocation", "lying-numbers"]),
+              st.one_of(st.integers(-6, 6), HOSTILE), st.one_of(HOSTILE, st.tuples(HOSTILE, HOSTILE))),
+    st.lists(HOSTILE, max_size=4),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@given(lists=st.lists(st.lists(ITEM, max_size=5), min_size=1, max_size=2))
+def test_colluders_publishing_any_hostile_accusations_ban_nobody_honest(lists: list[list[Any]]) -> None:
+    """1 or 2 colluders (of 5) each publish a hostile accusation list: no honest peer is banned or raises, every
+    honest peer reaches the same verdict, and where nobody was banned the honest aggregates are identical."""
+    colluders = [4, 3][: len(lists)]
+    outcomes = run_round({c: Accuser(items) for c, items in zip(colluders, lists)})
+    honest = [p for p in range(N) if p not in colluders]
+    out = banned(outcomes, honest)
+    assert out <= set(colluders)
+    if not out:
+        assert all(torch.equal(outcomes[p].aggregate, outcomes[honest[0]].aggregate) for p in honest)
+
+
+class Publishes(Behaviour):
+    """Publishes ``value`` instead of its record in ``phase``."""
+
+    def __init__(self, phase: str, value: Any) -> None:
+        self.phase, self.value = phase, value
+
+    def record(self, step: int, phase: str, record: Any) -> Any:
+        return self.value(record) if phase == self.phase else record
+
+
+@pytest.mark.parametrize("phase, value", [
+    ("commit", lambda r: ((torch.tensor(3), r[0][1], r[0][2], r[0][3]), r[1])),  # a tensor where the step is
+    ("commit", lambda r: ((True, r[0][1], r[0][2], r[0][3]), r[1])),
+    ("commit", lambda r: ((3, r[0][1], r[0][2][:2], r[0][3]), r[1])),  # too few hashes
+    ("commit", lambda r: ((3, r[0][1], [[1]] * N, r[0][3]), r[1])),
+    ("commit", lambda r: [1]),
+    ("aggregate", lambda r: ([1, 2], r[1])),  # a list where a digest is
+    ("aggregate", lambda r: (r[0], torch.zeros(64))),
+    ("aggregate", lambda r: None),
+    ("numbers", lambda r: (r[0][:1], r[1])),
+    ("numbers", lambda r: ([[[float("nan")] * 2, 1.0, [0.0] * 2, 1.0]] * N, r[1])),
+])
+def test_a_malformed_board_record_bans_its_author_only(phase: str, value: Any) -> None:
+    outcomes = run_round({2: Publishes(phase, value)})
+    assert banned(outcomes, [0, 1, 3, 4]) == {2}
+
+
+def test_a_disputed_peer_publishing_garbage_is_banned_and_nobody_crashes() -> None:
+    """Peer 0 claims peer 2 sent it nothing; peer 2 (the attacker) answers with ill-typed copies."""
+    class Claims(Behaviour):
+        def accusations(self, step: int, honest: list[tuple]) -> list[tuple]:
+            return [("missing-part", 2, None)]
+
+    for garbage in ([1], "x", [(0, "missing-part")], [(-1, "missing-part", torch.zeros(3))], [(0, "missing-part", [1.0])]):
+        outcomes = run_round({0: Claims(), 2: Publishes("publication", lambda r, g=garbage: g)})
+        assert banned(outcomes, [1, 3, 4]) == {2}
