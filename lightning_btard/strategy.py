@@ -53,6 +53,7 @@ from lightning_btard.groups.base import Group
 from lightning_btard.leaving import host_the_store_until_the_others_leave, mark_left
 from lightning_btard.ops.finite import all_finite
 from lightning_btard.ops.partition import assign_grads, flatten_grads, trainable_params
+from lightning_btard.ops.robust_reduce import majority, robust_reduce
 from lightning_btard.ops.workspace import Workspace
 from lightning_btard.protocol.engine import PeerEngine
 from lightning_btard.protocol.events import EventLog
@@ -60,11 +61,18 @@ from lightning_btard.protocol.identity import Identity
 from lightning_btard.protocol.membership import Ban, Membership
 from lightning_btard.protocol.validation import StepRecord, ValidationCheck
 from lightning_btard.transports.base import Transport
+from lightning_btard.verifiable_batches import data_fingerprint
 from lightning_btard.verified_steps import VerifiedSteps
 
 __all__ = ["BTARDStrategy"]
 
 log = logging.getLogger(__name__)
+
+_DATA_ADVICE = (
+    "Every peer must see the same training data, so that any peer can recompute any other's gradient: seed the "
+    "dataset's construction identically on every peer (seed_everything(<the same seed>), not seed_everything(rank)), "
+    "seed any random_split, and list files in a fixed order. Peers whose data differ would accuse each other."
+)
 
 
 class BTARDStrategy(ParallelStrategy):
@@ -181,6 +189,7 @@ class BTARDStrategy(ParallelStrategy):
         self.engine: Optional[PeerEngine] = None
         self.events = EventLog()
         self._steps: Optional[VerifiedSteps] = None  # under verify: seeded steps, verifiable batches, validators
+        self._data_agreed = False
         self._process_group_backend = process_group_backend
         self._timeout = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
         self._start_method = start_method
@@ -294,10 +303,10 @@ class BTARDStrategy(ParallelStrategy):
             self.run_seed = int(group.transport.broadcast_object(mine, 0))
         self._make_engine(group, identity, keys)
 
-    def _make_engine(self, group: Group, identity: Optional[Identity], keys: list[bytes]) -> None:
+    def _make_engine(self, group: Group, identity: Optional[Identity], keys: list[bytes], run_nonce: bytes = b"") -> None:
         self.events.observer = group.peer
         self.engine = PeerEngine(
-            group, self.aggregator, verify=self.verify, identity=identity, keys=keys, validators=self.validators,
+            group, self.aggregator, verify=self.verify, identity=identity, keys=keys, run_nonce=run_nonce, validators=self.validators,
             validation_check=self.validation_check, directions=self.directions, on_banned=self._leave,
             on_group_change=self._after_group_change, events=self.events,
         )
@@ -334,11 +343,22 @@ class BTARDStrategy(ParallelStrategy):
                 print(f"BTARD hivemind: rank {self.global_rank} set up; training", flush=True)
 
     def _broadcast_module_state(self) -> None:
-        """Start every peer from the first member's parameters and buffers (nothing else does it without DDP)."""
+        """Start every peer from the same parameters and buffers (nothing else does it without DDP): those a strict
+        majority of peers started with (so that no single member chooses them), else, when every peer initialised
+        differently (unseeded), the first member's, as DDP does."""
         assert self.model is not None and self.transport is not None
+        tensors = list(self.model.parameters()) + list(self.model.buffers())
+        mine = hashlib.blake2b(b"".join(t.detach().cpu().contiguous().numpy().tobytes() for t in tensors), digest_size=16).hexdigest()
+        values = self.transport.all_gather_object(mine)
+        top, count = max(((v, values.count(v)) for v in values if isinstance(v, str)), key=lambda vc: vc[1], default=(None, 0))
+        src = values.index(top) if top is not None and 2 * count > len(values) else 0
+        if src == 0 and (top is None or 2 * count <= len(values)):
+            rank_zero_warn("BTARD: the peers initialised their models differently (no majority started alike); every peer "
+                           "takes the first member's parameters, as DDP does. seed_everything(<the same seed>) on every "
+                           "peer makes the start a majority's choice instead of one member's.")
         with torch.no_grad():
-            for tensor in list(self.model.parameters()) + list(self.model.buffers()):
-                self.transport.broadcast_tensor_(tensor.data, src=0)
+            for tensor in tensors:
+                self.transport.broadcast_tensor_(tensor.data, src=src)
 
     def _broadcast_sigterm(self, trainer: "pl.Trainer") -> None:
         """Lightning's SIGTERM flag broadcast, over the members (after a ban the default group holds a departed peer)."""
@@ -374,7 +394,11 @@ class BTARDStrategy(ParallelStrategy):
         module = self.lightning_module
         if self._steps is None or module is None or not module.trainer.training:
             return dataloader
-        return self._steps.loader(dataloader, module.trainer)
+        loader = self._steps.loader(dataloader, module.trainer)
+        if not self._data_agreed and self.engine is not None and not self._catching_up:
+            self.engine.agree("training data", data_fingerprint(loader.dataset), _DATA_ADVICE)
+            self._data_agreed = True
+        return loader
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -515,8 +539,8 @@ class BTARDStrategy(ParallelStrategy):
     def _join_running_group(self, trainer: "pl.Trainer") -> None:
         assert self._hivemind is not None
         identity = Identity.generate()
-        group, keys, self.run_seed = self._hivemind.join(self, trainer, identity.public, self._timeout.total_seconds())
-        self._make_engine(group, identity if self.verify else None, keys)
+        group, keys, self.run_seed, run_nonce = self._hivemind.join(self, trainer, identity.public, self._timeout.total_seconds())
+        self._make_engine(group, identity if self.verify else None, keys, run_nonce)
 
     def state_digest(self, checkpoint: dict[str, Any]) -> bytes:
         """The digest of what every member in sync holds identically (``hivemind_state.shared_state_digest``)."""
@@ -606,22 +630,42 @@ class BTARDStrategy(ParallelStrategy):
             return fallback()
         return self.engine.tolerant(attempt, fallback)
 
+    def _gather(self, tensor: Tensor) -> Tensor:
+        """``[n, *tensor.shape]``: every member's tensor of this shape (the same on every member), in member order."""
+        assert self.transport is not None
+        t, flat = self.transport, tensor.detach().reshape(-1).contiguous()
+        return t.gather_parts(flat, [flat.numel()] * t.world_size).view(t.world_size, *tensor.shape)
+
     @override
     def reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Union[str, Any]] = "mean") -> Any:
-        """Sum/mean/max/min of a logged tensor over peers (``self.log(sync_dist=True)``)."""
+        """A logged tensor over peers (``self.log(sync_dist=True)``), robustly (``ops/robust_reduce.py``): mean is the
+        median over peers, sum ``n`` times it, max/min an order statistic inside the honest peers' range. A sum or an
+        extreme would be whatever one Byzantine peer chose."""
         if not isinstance(tensor, Tensor) or self.transport is None:
             return tensor
         op = str(reduce_op).lower().split(".")[-1] if reduce_op is not None else "mean"
         op = {"avg": "mean", "average": "mean"}.get(op, op)
         if op not in ("sum", "mean", "max", "min"):
             raise ValueError(f"BTARDStrategy.reduce does not support reduce_op={reduce_op!r}")
-        transport = self.transport
+        dtype = tensor.dtype if tensor.is_floating_point() else torch.float32
+        return self._tolerant(lambda: robust_reduce(self._gather(tensor), op).to(dtype), lambda: tensor)
 
-        def reduce_over_peers() -> Tensor:
-            out = transport.all_reduce(tensor.float() if op == "mean" else tensor, "sum" if op == "mean" else op)
-            return out / transport.world_size if op == "mean" else out
+    @override
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        """A decision (EarlyStopping, ModelCheckpoint) by the majority of peers: with "all", one Byzantine peer could
+        veto every stop; with "any", force one."""
+        if self.transport is None:
+            return decision
+        mine = torch.tensor([float(bool(decision))], device=self.root_device)
+        return self._tolerant(lambda: majority(self._gather(mine).reshape(-1)), lambda: decision)
 
-        return self._tolerant(reduce_over_peers, lambda: tensor)
+    @override
+    def all_gather(self, tensor: Tensor, group: Optional[Any] = None, sync_grads: bool = False) -> Tensor:
+        """Every member's ``tensor`` (same shape everywhere), stacked ``[n, ...]`` over the current members (not the
+        default process group, which holds banned and departed peers). No gradient flows back (``sync_grads``)."""
+        if self.transport is None:
+            return tensor.unsqueeze(0)
+        return self._tolerant(lambda: self._gather(tensor), lambda: tensor.unsqueeze(0))
 
     def _connected(self) -> bool:
         return self.transport is not None and (self._hivemind is not None or dist.is_initialized())

@@ -32,6 +32,7 @@ __all__ = [
     "VerifiableCollate",
     "VerifiableDataset",
     "batch_keys",
+    "data_fingerprint",
     "rebuild_batch",
     "seeded_rngs",
     "seeded_step",
@@ -205,3 +206,37 @@ def rebuild_batch(
         collate_fn = VerifiableCollate(collate_fn, dataset.run_seed)
     keys = batch_keys(len(dataset), batch_size, dataset.run_seed, step, peer, micro)
     return collate_fn([dataset[k] for k in keys])
+
+
+def _fingerprint_items(obj: Any) -> Iterator[Any]:
+    """The digestible leaves of a sample (tensors, arrays, numbers, strings, bytes, in containers); other objects by
+    their type's name only (their ``repr`` may hold a memory address)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, np.ndarray):
+        yield torch.from_numpy(np.ascontiguousarray(obj))
+    elif isinstance(obj, (bytes, str)) or (isinstance(obj, (int, float)) and not isinstance(obj, bool)):
+        yield obj
+    elif isinstance(obj, bool):
+        yield int(obj)
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            yield str(k)
+            yield from _fingerprint_items(obj[k])
+    elif isinstance(obj, (list, tuple)):
+        yield f"seq{len(obj)}"
+        for item in obj:
+            yield from _fingerprint_items(item)
+    else:
+        yield type(obj).__qualname__
+
+
+def data_fingerprint(dataset: VerifiableDataset, samples: int = 8) -> str:
+    """A digest of the training data as a validator would rebuild it: its length and ``samples`` samples at keys drawn
+    from the run seed. Peers whose data differ (``seed_everything(rank)`` before a random dataset, an unseeded
+    ``random_split``, files listed in another order) get different fingerprints."""
+    n = len(dataset)
+    items: list[Any] = ["data", n]
+    for key in batch_keys(n, samples, dataset.run_seed, step=-1, peer=-1) if n else []:
+        items += list(_fingerprint_items(dataset[key][1]))
+    return digest(*items).hex()
