@@ -128,7 +128,9 @@ def agree_on_joiners(
     for view in views:
         if not isinstance(view, list):
             continue
-        for item in {tuple(v) for v in view if isinstance(v, list) and len(v) == 3}:
+        # exact types: anything else (a list, a tensor) cannot come from an honest member, and must not crash us
+        for item in {tuple(v) for v in view if type(v) is list and len(v) == 3
+                     and type(v[0]) is str and type(v[1]) is bytes and type(v[2]) is bytes}:
             counts[item] += 1
     admitted = []
     for (peer, key, nonce), count in counts.items():

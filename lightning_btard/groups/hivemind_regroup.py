@@ -90,7 +90,8 @@ def regroup(
         nxt = HivemindTransport(old.node, [old.members[i] for i in members], session, old.timeout, old.poll_interval)
         view = [[str(old.members[i]), seen[i]] for i in members]  # who, and what each announced
         try:
-            if all(v == view for v in nxt.all_gather_object(view)):
+            mine = encode_record(view)  # compared as bytes: a peer's value is never compared with ==
+            if all(encode_record(v) == mine for v in nxt.all_gather_object(view)):
                 return Regrouped(nxt, members, {i: seen[i] for i in members}, sorted(refused))
         except TransportError:
             pass  # somebody saw another group, or other states: try again, all under the next attempt's key

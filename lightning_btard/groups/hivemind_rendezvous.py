@@ -56,6 +56,6 @@ def rendezvous(node: HivemindNode, run_id: str, num_peers: int, timeout: float, 
         views = transport.all_gather_object([m.to_base58() for m in members])
     except TransportError as e:
         raise UserError(f"the peers of run {run_id!r} did not agree on the group: {e}") from e
-    if any(view != views[transport.rank] for view in views):
+    if any(encode_record(view) != encode_record(views[transport.rank]) for view in views):
         raise UserError(f"the peers of run {run_id!r} saw different groups: {views}")
     return transport

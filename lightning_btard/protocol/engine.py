@@ -44,7 +44,7 @@ from lightning_btard.protocol.round import Behaviour, RoundConfig, RoundOutcome,
 from lightning_btard.protocol.validation import StepRecord, ValidationCheck, assign_validators, resolve_validations
 from lightning_btard.transports.base import TransportError
 
-__all__ = ["METRIC_KEYS", "PeerEngine", "Recompute", "round_config_of"]
+__all__ = ["METRIC_KEYS", "PeerEngine", "Recompute", "announced_at", "round_config_of"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,17 @@ def round_config_of(aggregator: Aggregator, directions: int = 2) -> RoundConfig:
         tau=float(aggregator.tau), eps=float(aggregator.eps), max_iters=int(aggregator.max_iters),  # type: ignore[attr-defined]
         rel_eps=float(getattr(aggregator, "rel_eps", RoundConfig.rel_eps)), directions=int(directions),
     )
+
+
+def announced_at(step: int) -> Callable[[Any], bool]:
+    """Whether a regroup announcement ``(step, stand_in)`` is at ``step`` (a malformed one, or one from another step,
+    is left out; exact types: a peer's value is never compared with ``==`` where it could be a tensor)."""
+
+    def accept(state: Any) -> bool:
+        return (type(state) in (tuple, list) and len(state) == 2 and type(state[0]) is int and state[0] == int(step)
+                and type(state[1]) is bool)
+
+    return accept
 
 
 @dataclass
@@ -391,10 +402,7 @@ class PeerEngine:
         active = self.membership.active
         stand_in = bool(fast_path and self.validating is not None)  # my gradient is a recomputation
 
-        def at_my_step(state: Any) -> bool:  # a malformed announcement, or one from another step, is left out
-            return isinstance(state, (tuple, list)) and len(state) == 2 and state[0] == int(step) and isinstance(state[1], bool)
-
-        recovery = self.group.recover(step, (int(step), stand_in), failure, at_my_step)
+        recovery = self.group.recover(step, (int(step), stand_in), failure, announced_at(step))
         # the previous step's validation spanned the old group, and this step's gradients go unvalidated: a peer on
         # the validators' fast path holds a recomputation, not its own gradient (it contributes weight 0)
         self.record = None

@@ -72,6 +72,24 @@ def _asking(nodes, asker, key: bytes) -> tuple[str, list, bytes]:
     return run_id, group, ask_to_join(asker, run_id, key)
 
 
+@pytest.mark.parametrize("view", [[[[1], b"k" * 32, b"n" * 16]], [[torch.zeros(2), b"k", b"n"]], [1], "x", [[None] * 3]])
+def test_an_ill_typed_join_view_is_ignored_not_a_crash(hivemind_swarm, view) -> None:
+    """A Byzantine member's view of the join requests with values of the wrong types (a list where a peer id is: it
+    was unhashable and crashed every member) counts for nothing."""
+    run_id, nodes = _run_id(), hivemind_swarm.nodes
+    ask_to_join(nodes[3], run_id, b"k" * 32)
+    group = [n.peer_id for n in nodes[:3]]
+
+    def member(t):
+        if t.rank == 0:
+            return t.all_gather_object(view)
+        return agree_on_joiners(t, run_id, group, banned=[])
+
+    out = hivemind_swarm.run(3, member)
+    for admitted, _ in out[1:]:
+        assert [r.peer for r in admitted] == [nodes[3].peer_id]
+
+
 def test_a_joiner_believes_only_what_a_majority_of_the_group_wrote(hivemind_swarm) -> None:
     nodes = hivemind_swarm.nodes
     joiner = nodes[3]

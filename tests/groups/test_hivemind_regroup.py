@@ -6,6 +6,7 @@ import os
 import time
 
 import pytest
+import torch
 from peers import run_in_threads
 
 from lightning_btard.groups.hivemind_regroup import Alone, regroup
@@ -66,3 +67,24 @@ def test_a_member_at_another_step_or_malformed_is_left_out_and_counted(hivemind_
 
     out = run_in_threads(group, member, 60)
     assert out[0] == out[1] == ([0, 1], [2, 3], {0: (5, False), 1: (5, False)})
+
+
+def test_announcements_of_the_wrong_types_are_left_out_not_a_crash(hivemind_swarm) -> None:
+    """Members 2 and 3 announce tensors where the step is (``tensor == 5`` is no bool: it crashed every survivor)."""
+    from lightning_btard.protocol.engine import announced_at
+
+    group = transports(hivemind_swarm, 4, timeout=2.0)
+    states = {0: (5, False), 1: (5, True), 2: (torch.tensor([5, 5]), False), 3: torch.tensor([5, 0])}
+
+    def member(t):
+        if t.rank >= 2:
+            try:
+                regroup(t, states[t.rank], window=3.0, accept=lambda s: True)
+            except Exception:  # noqa: BLE001 - the attackers' own fate does not matter
+                pass
+            return None
+        r = regroup(t, states[t.rank], window=3.0, accept=announced_at(5))
+        return r.members, r.refused, r.states
+
+    out = run_in_threads(group, member, 60)
+    assert out[0] == out[1] == ([0, 1], [2, 3], {0: (5, False), 1: (5, True)})
