@@ -38,7 +38,11 @@ class Membership:
     refutes by publishing a valid copy; one more bans *both*: either may be the Byzantine one (a claimant that
     keeps the board busy, or a sender that keeps sending garbage and then publishing), and banning the pair
     keeps the honest majority."""
-    refuted: dict[tuple[int, int], int] = field(default_factory=dict)
+    refuted_window: int = 100
+    """Refuted claims count for this many steps, then are forgotten: an honest peer's occasional lost message is not
+    held against it for the rest of the run."""
+    refuted: dict[tuple[int, int], list[int]] = field(default_factory=dict)
+    """``(claimant, accused)`` -> the steps of its refuted claims still counted."""
     departed: dict[int, int] = field(default_factory=dict)
     """Peers that stopped answering (crashed or disconnected) -> the step: out for the rest of the run, not banned."""
 
@@ -82,8 +86,10 @@ class Membership:
         """Record that ``claimant``'s unprovable claim against ``accused`` was refuted. Returns the bans this
         calls for (both peers, past the limit), for the caller to apply with :meth:`ban` like any other."""
         key = (claimant, accused)
-        self.refuted[key] = self.refuted.get(key, 0) + 1
-        if self.refuted[key] <= self.max_refuted_claims:
+        recent = [t for t in self.refuted.get(key, []) if t > step - self.refuted_window] + [step]
+        self.refuted[key] = recent
+        if len(recent) <= self.max_refuted_claims:
             return []
-        reason = f"{self.refuted[key]} unprovable claims by peer {claimant} against peer {accused}, each refuted: both banned"
+        reason = (f"{len(recent)} unprovable claims by peer {claimant} against peer {accused} within "
+                  f"{self.refuted_window} steps, each refuted: both banned")
         return [Ban(p, step, reason, "missing-record") for p in (claimant, accused) if self.is_active(p)]

@@ -31,11 +31,12 @@ from lightning_btard.ops.finite import all_finite
 from lightning_btard.ops.norms import rounding_floor
 from lightning_btard.ops.projection import accurate_dots, random_directions
 from lightning_btard.ops.workspace import Workspace
+from lightning_btard.protocol import records
 from lightning_btard.protocol.digest import digest
 from lightning_btard.protocol.membership import Ban
 from lightning_btard.transports.base import Transport
 
-__all__ = ["Assignment", "StepRecord", "ValidationCheck", "assign_validators", "resolve_validations"]
+__all__ = ["Assignment", "RecomputationDisagrees", "StepRecord", "ValidationCheck", "assign_validators", "resolve_validations"]
 
 _WORK = Workspace()
 
@@ -121,6 +122,10 @@ class ValidationCheck:
         return True
 
 
+class RecomputationDisagrees(RuntimeError):
+    """This peer's recomputation of an accused gradient contradicts the verdict of the majority of peers."""
+
+
 def resolve_validations(
     transport: Transport,
     peers: Sequence[int],
@@ -134,35 +139,65 @@ def resolve_validations(
 
     ``peers[i]`` is the transport's member ``i``; ``recompute(peer)`` returns that peer's gradient of
     ``record.step`` as this peer recomputes it. Only assigned validators may accuse (anything else is a
-    protocol violation and bans its author); each accused target is recomputed once."""
+    protocol violation and bans its author); each accused target is recomputed once by every peer, and the peers
+    vote (one more board round, only when somebody accused): the strict majority's verdict bans the target or the
+    accuser on every peer alike. A peer whose own verdict contradicts the majority's raises
+    :class:`RecomputationDisagrees` (its data or ``training_step`` is not deterministic like the others')."""
     board = transport.all_gather_object(list(claims))
     assigned = set(record.assignments)
-    verdicts: dict[int, Optional[bool]] = {}
     bans: dict[int, Ban] = {}
 
     def ban(peer: int, reason: str, evidence: str) -> None:
         bans.setdefault(peer, Ban(peer, step, reason, evidence))
 
+    accusations: list[tuple[int, int]] = []  # (accuser, target)
     for member, items in enumerate(board):
         accuser = peers[member]
-        if not isinstance(items, list):
+        targets = records.validation_claims(items, max_items=len(peers))
+        if targets is None:
             ban(accuser, "malformed validation record", "signed-message")
             continue
-        for target in items:
-            if not isinstance(target, int) or Assignment(accuser, target) not in assigned:
+        for target in targets:
+            if Assignment(accuser, target) not in assigned:
                 ban(accuser, f"accusation outside its validation assignment (target {target!r})", "signed-message")
-                continue
-            if target not in peers:
-                continue
-            if target not in verdicts:
-                recomputed = recompute(target)
-                # a recomputation that overflows decides nothing: nobody is banned for it
-                verdicts[target] = check.agrees(record, target, recomputed) if all_finite(recomputed) else None
-            if verdicts[target] is None:
-                continue
-            if verdicts[target]:
-                ban(accuser, f"false accusation: peer {target}'s gradient of step {record.step} recomputes as published", "recomputation")
-            else:
-                ban(target, f"its gradient of step {record.step} is not the one its batch gives (validated by peer {accuser}, "
-                            "recomputed by every peer)", "recomputation")
+            elif target in peers:
+                accusations.append((accuser, target))
+    if not accusations:
+        return list(bans.values())
+    mine: dict[int, int] = {}  # target -> 1 (recomputes as published), 0 (differs), -1 (overflowed: no verdict)
+    for _, target in accusations:
+        if target not in mine:
+            recomputed = recompute(target)
+            mine[target] = (int(check.agrees(record, target, recomputed)) if all_finite(recomputed) else -1)
+    votes = transport.all_gather_object(sorted([t, v] for t, v in mine.items()))
+    for accuser, target in accusations:
+        tally = [_vote(v, target) for v in votes]
+        honest_target, guilty = tally.count(1), tally.count(0)
+        verdict = 1 if 2 * honest_target > len(votes) else 0 if 2 * guilty > len(votes) else None
+        if verdict is None:
+            continue  # no majority either way (e.g. the recomputations overflowed): nobody is banned for it
+        if mine[target] in (0, 1) and mine[target] != verdict:
+            raise RecomputationDisagrees(
+                f"BTARD: step {step}: this peer's recomputation of peer {target}'s gradient of step {record.step} "
+                f"{'differs from' if mine[target] == 0 else 'matches'} what it published, but the majority of peers found "
+                f"the opposite ({honest_target} as published, {guilty} not, of {len(votes)}). This peer's data or "
+                "training_step is not deterministic like the others' (a different dataset or data order, an unseeded "
+                "random draw, rank-dependent code, different library versions or hardware): it stops rather than train "
+                "on alone."
+            )
+        if verdict:
+            ban(accuser, f"false accusation: peer {target}'s gradient of step {record.step} recomputes as published", "recomputation")
+        else:
+            ban(target, f"its gradient of step {record.step} is not the one its batch gives (validated by peer {accuser}, "
+                        "recomputed by every peer)", "recomputation")
     return list(bans.values())
+
+
+def _vote(votes: object, target: int) -> int:
+    """A member's verdict on ``target`` from its vote record (``[[target, verdict], ...]``): -1 if none or malformed."""
+    if type(votes) is not list:
+        return -1
+    for entry in votes:
+        if type(entry) is list and len(entry) == 2 and type(entry[0]) is int and entry[0] == target and type(entry[1]) is int:
+            return entry[1] if entry[1] in (0, 1) else -1
+    return -1

@@ -156,6 +156,17 @@ def test_repeated_refuted_claims_between_two_peers_ban_both_past_the_limit() -> 
     assert membership.count_refuted_claim(1, 3, step=4) == []  # other pairs have their own count
 
 
+def test_refuted_claims_are_forgotten_after_the_window() -> None:
+    """An honest peer's occasional lost message is not held against it for the rest of the run: one refuted claim
+    every 40 steps never reaches the limit of 3 within 100 steps; 4 within 100 do."""
+    from lightning_btard.protocol.membership import Membership
+
+    membership = Membership(peers=list(range(N)), max_refuted_claims=3, refuted_window=100)
+    assert all(membership.count_refuted_claim(1, 0, step=40 * k) == [] for k in range(20))
+    assert [membership.count_refuted_claim(2, 0, step=t) for t in (0, 30, 60)] == [[], [], []]
+    assert [b.peer for b in membership.count_refuted_claim(2, 0, step=99)] == [2, 0]
+
+
 class NeverRepublish(Behaviour):
     def part(self, step, receiver, part):
         return part[:10] if receiver == 1 else part  # malformed (and, as signed, provable)

@@ -14,7 +14,14 @@ from procs import ROOT, assert_identical, load_run, run_command, run_script
 from datamodules import write_synthetic_cifar10
 from lightning_btard.ops.partition import part_sizes
 from lightning_btard.ops.projection import accurate_dots, random_directions
-from lightning_btard.protocol.validation import Assignment, StepRecord, ValidationCheck, assign_validators, resolve_validations
+from lightning_btard.protocol.validation import (
+    Assignment,
+    RecomputationDisagrees,
+    StepRecord,
+    ValidationCheck,
+    assign_validators,
+    resolve_validations,
+)
 
 SEED = b"\x07" * 32
 
@@ -124,6 +131,44 @@ def test_accusing_outside_the_assignment_bans_without_recomputing(peers) -> None
     assert recomputed == [[]] * 4
     bans, _ = _resolve({}, honest, honest, [Assignment(1, 2)], peers=peers)  # nobody accuses: nothing happens
     assert bans == {}
+
+
+def test_a_peer_whose_recomputation_differs_from_the_majority_stops_instead_of_splitting() -> None:
+    """Peer 3 recomputes differently (its data differ): the majority bans the guilty target, peer 3 raises with
+    the likely cause instead of reaching its own verdict and training on alone."""
+    honest = {p: torch.randn(800) for p in range(4)}
+    published = {**honest, 2: -10 * honest[2]}
+    record = record_of(published, assignments=[Assignment(1, 2)])
+
+    def peer(t):
+        def recompute(target: int) -> torch.Tensor:
+            return published[target] if t.rank == 3 else honest[target]
+
+        try:
+            return resolve_validations(t, [0, 1, 2, 3], [2] if t.rank == 1 else [], record, recompute, ValidationCheck(), step=6)
+        except RecomputationDisagrees as e:
+            return str(e)
+
+    out = run_peers(4, peer)
+    assert [b.peer for b in out[0]] == [2] and out[1] == out[0] and out[2] == out[0]
+    assert isinstance(out[3], str) and "not deterministic like the others'" in out[3]
+
+
+def test_byzantine_voters_cannot_flip_a_verdict() -> None:
+    """Of 5 peers, the guilty target 2 and its accomplice 3 vote "as published": the 3 honest votes still ban 2."""
+    honest = {p: torch.randn(800) for p in range(5)}
+    published = {**honest, 2: -10 * honest[2]}
+    record = record_of(published, assignments=[Assignment(1, 2)])
+
+    def peer(t):
+        recompute = (lambda target: published[target]) if t.rank in (2, 3) else (lambda target: honest[target])
+        try:
+            return resolve_validations(t, list(range(5)), [2] if t.rank == 1 else [], record, recompute, ValidationCheck(), step=6)
+        except RecomputationDisagrees:
+            return None  # the colluders' own fate
+
+    out = run_peers(5, peer)
+    assert all([b.peer for b in out[p]] == [2] for p in (0, 1, 4))
 
 
 # ---------------------------------------------------------------------------------------------- under Lightning
