@@ -18,7 +18,8 @@ class TrainingDiverged(UserError):
         """The error for peer ``peer`` whose gradients of parameters ``names`` are not finite at ``step``."""
         where = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "") or "the gradients"
         return cls(
-            f"BTARD: peer {peer}'s own gradient at step {step} is not finite (NaN or Inf in {where}): the model diverged. "
+            f"BTARD: peer {peer}'s own gradient at step {step} is not finite (NaN or Inf in {where}) or beyond the "
+            f"largest part the protocol handles: the model diverged. "
             "An honest peer does not send it (the others would ban it as a malformed part). Lower the learning rate, "
             "clip gradients (Trainer(gradient_clip_val=...)), or train in 16-mixed precision, whose loss scaler skips "
             "such steps."

@@ -51,7 +51,7 @@ from lightning_btard.errors import TrainingDiverged, UserError
 from lightning_btard.event_sinks import attach_run_sinks
 from lightning_btard.groups.base import Group
 from lightning_btard.leaving import host_the_store_until_the_others_leave, mark_left
-from lightning_btard.ops.finite import all_finite
+from lightning_btard.ops.finite import all_finite, well_formed_part
 from lightning_btard.ops.partition import assign_grads, flatten_grads, trainable_params
 from lightning_btard.ops.robust_reduce import majority, robust_reduce
 from lightning_btard.ops.workspace import Workspace
@@ -443,7 +443,7 @@ class BTARDStrategy(ParallelStrategy):
         scale = self._grad_scale()
         if scale is not None:
             flat.div_(scale)
-        elif self.verify and not all_finite(flat):
+        elif self.verify and not well_formed_part(flat):
             self._diverged()
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         ctx = AttackContext(step=trainer.global_step if trainer is not None else 0, rank=self.global_rank,

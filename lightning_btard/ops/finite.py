@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["all_finite", "finite_rows"]
+__all__ = ["MAX_PART_NORM", "all_finite", "finite_rows", "well_formed_part"]
+
+MAX_PART_NORM = 1e18
+"""The largest gradient part (L2 norm) the protocol handles. Above about 1e19 the float32 sums of squares in
+CenteredClip's check overflow, and no honest gradient comes near it (a model that large has diverged), so a part
+beyond this is malformed, like a NaN: its signed copy bans its sender alone."""
 
 
 def finite_rows(x: Tensor) -> Tensor:
@@ -19,6 +24,15 @@ def finite_rows(x: Tensor) -> Tensor:
         for i in (~ok).nonzero().flatten().tolist():
             ok[i] = bool(torch.isfinite(x[i]).all())
     return ok
+
+
+def well_formed_part(x: Tensor, norm: float | None = None) -> bool:
+    """Finite and of norm at most :data:`MAX_PART_NORM` (``norm``: its float64 norm when already known)."""
+    from lightning_btard.ops.norms import safe_norm
+
+    if not all_finite(x):
+        return False
+    return (float(safe_norm(x)) if norm is None else norm) <= MAX_PART_NORM
 
 
 def all_finite(x: Tensor) -> bool:

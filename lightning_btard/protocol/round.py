@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from lightning_btard.ops.centered_clip import centered_clip_with_stats
-from lightning_btard.ops.finite import all_finite
+from lightning_btard.ops.finite import well_formed_part
 from lightning_btard.ops.norms import redo_unsure_norms, rounding_floor, safe_norm
 from lightning_btard.ops.partition import part_sizes
 from lightning_btard.ops.projection import ProjectionCheck, aggregate_norm_bound, clipped_projections, random_directions
@@ -240,6 +240,7 @@ class _Round:
         sigs = torch.zeros(self.n, _SIG, dtype=torch.uint8)
         malformed = self.t.exchange(sends, [[self.received[self.row[i]], sigs[i]] for i in range(self.n)])
         self.part_sigs = [bytes(s.tolist()) for s in sigs]
+        self.received_norms = safe_norm(self.received, dim=1)  # float64; the verify phase reuses them
         accusations: list[tuple[str, int, Any]] = []
         for i in range(self.n):
             # wrong shape or dtype: evidence if it is signed
@@ -250,7 +251,8 @@ class _Round:
             h = digest(got)
             if not verify_signature(self.keys[i], _part_statement(self.context, self.peers[i], self.peers[self.me], h), sig):
                 accusations.append(("missing-part", i, None))
-            elif malformed[i] is not None or h != self.committed[i][self.me] or not all_finite(got):
+            elif malformed[i] is not None or h != self.committed[i][self.me] or not well_formed_part(
+                    got, float(self.received_norms[self.row[i]]) if malformed[i] is None else None):
                 accusations.append(("bad-part", i, (got.clone(), sig)))
         self.resolve(accusations)
 
@@ -334,7 +336,7 @@ class _Round:
             return
         # as aggregator of part `me`, I hold every sender's signed part: recompute their numbers (all at once)
         s_all, norms, p_all = clipped_projections(self.directions[self.me], self.received, self.aggregates[self.me], self.config.tau)
-        part_norms = safe_norm(self.received, dim=1)
+        part_norms = self.received_norms
         accusations = []
         for i in range(self.n):
             r = self.row[i]
@@ -408,7 +410,7 @@ class _Round:
             h = digest(content)
             signed = verify_signature(self.keys[accused], _part_statement(self.context, self.peers[accused], self.peers[accuser], h), sig)
             wrong = h != self.committed[accused][accuser] or tuple(content.shape) != (self.sizes[accuser],)
-            return signed and (wrong or content.dtype != self.flat.dtype or not all_finite(content))
+            return signed and (wrong or content.dtype != self.flat.dtype or not well_formed_part(content))
         if kind == "equivocation":
             h, sig = evidence
             signed = verify_signature(self.keys[accused], _aggregate_statement(self.context, self.peers[accused], h), sig)
@@ -439,9 +441,10 @@ class _Round:
             valid = False
             if isinstance(copy, Tensor) and copy.dtype == self.flat.dtype and tuple(copy.shape) == (size,):
                 if kind == "missing-part":
-                    valid = digest(copy) == self.committed[accused][accuser] and all_finite(copy)
+                    valid = digest(copy) == self.committed[accused][accuser] and well_formed_part(copy)
                     if valid and accuser == self.me:
                         self.received[self.row[accused]].copy_(copy)
+                        self.received_norms[self.row[accused]] = safe_norm(copy)
                 else:
                     valid = digest(copy) == self.agg_hashes[accused]
                     if valid and accuser == self.me:

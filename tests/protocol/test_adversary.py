@@ -181,3 +181,28 @@ def test_a_disputed_peer_publishing_garbage_is_banned_and_nobody_crashes() -> No
     for garbage in ([1], "x", [(0, "missing-part")], [(-1, "missing-part", torch.zeros(3))], [(0, "missing-part", [1.0])]):
         outcomes = run_round({0: Claims(), 2: Publishes("publication", lambda r, g=garbage: g)})
         assert banned(outcomes, [1, 3, 4]) == {2}
+
+
+@pytest.mark.parametrize("scale", [1e30, 1.9e37, 3.0e38])
+def test_a_committed_gradient_beyond_the_largest_part_bans_its_sender_alone(scale: float) -> None:
+    """A finite gradient too large for the checks' float32 sums (it got every honest aggregator banned: above about
+    1e19 per element) is malformed like a NaN: its signed part bans the sender, and only it."""
+    from lightning_btard.ops.finite import MAX_PART_NORM
+
+    d = 20003
+    grads = torch.randn(N, d, generator=torch.Generator().manual_seed(0)) * 0.05
+    grads[4] = torch.full((d,), scale)
+    assert float(grads[4][: d // N].double().norm()) > MAX_PART_NORM
+    outcomes = run_round({}, grads=grads)
+    assert banned(outcomes, [0, 1, 2, 3]) == {4}
+
+
+def test_a_large_gradient_within_the_bound_is_clipped_not_a_ban() -> None:
+    from lightning_btard.ops.finite import MAX_PART_NORM
+
+    d = 20003
+    grads = torch.randn(N, d, generator=torch.Generator().manual_seed(0)) * 0.05
+    grads[4] = torch.full((d,), 0.9 * MAX_PART_NORM / (d // N + 1) ** 0.5)
+    outcomes = run_round({}, grads=grads)
+    assert banned(outcomes, [0, 1, 2, 3, 4]) == set()
+    assert float(outcomes[0].aggregate.norm()) < 10  # CenteredClip kept it to its radius
