@@ -92,6 +92,10 @@ class Behaviour:
     def republish(self, step: int, kind: str, receiver: int, content: Tensor) -> Optional[Tensor]:
         return content
 
+    def observe(self, state: Any) -> None:
+        """Called once at the start of the round with the round's state: everything this peer knows (the parts it
+        receives, the directions once revealed, the aggregates), for attacks that compute their lies from it."""
+
     def record(self, step: int, phase: str, record: Any) -> Any:
         """What this peer publishes on the board in ``phase`` (``commit``, ``aggregate``, ``numbers``,
         ``publication``), signature included where the phase signs it (an attacker may publish anything)."""
@@ -177,10 +181,12 @@ class _Round:
         self.weights = torch.ones(self.n, dtype=torch.float64) if weights is None else torch.tensor(list(weights), dtype=torch.float64)
         if self.weights.shape != (self.n,) or bool((self.weights < 0).any()) or not float(self.weights.sum()) > 0:
             raise ValueError(f"a round needs one non-negative weight per member, not all zero; got {weights}")
-        # received parts are stored contributors first, so that CenteredClip reads a view of the rows that count
-        self.order = sorted(range(self.n), key=lambda i: (bool(self.weights[i] == 0), i))
+        # received parts (of my part) are stored contributors first, so that CenteredClip reads a view of the rows
+        # that count
+        mine = self.weights_of(self.me)
+        self.order = sorted(range(self.n), key=lambda i: (bool(mine[i] == 0), i))
         self.row = {member: r for r, member in enumerate(self.order)}
-        self.contributing = int((self.weights > 0).sum())
+        self.contributing = int((mine > 0).sum())
         self.sizes = part_sizes(flat.numel(), self.n)
         self.parts = list(torch.split(flat, self.sizes))
         self.flat = flat
@@ -196,6 +202,21 @@ class _Round:
         self.numbers: list[list] = []
         self.directions: list[Tensor] = []
         self.refuted: list[tuple[int, int]] = []
+
+    def weights_of(self, part: int) -> Tensor:
+        """The weights of every member's contribution to part ``part``, in its CenteredClip and its check: the
+        aggregator's own contribution to its own part weighs 0.
+
+        **[ours]** Nobody but the aggregator holds its own contribution to its own part, so nobody can check its
+        numbers: with them in the check, an aggregator publishing a wrong aggregate cancelled the others' terms with
+        its own (a shift of 20,000 tau passed). Without it every term comes from a peer whose part the aggregator holds
+        and whose lies it must prove. (Allowing for the aggregator's clipped contribution instead is no check: a
+        far-off aggregate moves the others' clipped terms by at most about ``(n-1) tau`` per direction.) The price:
+        an honest aggregator's part is robust while Byzantine peers are fewer than half of the *other* peers
+        (``n >= 2f + 2``). Where that left no weight (every other member validates), the member weights stand."""
+        w = self.weights.clone()
+        w[part] = 0.0
+        return w if float(w.sum()) > 0 else self.weights
 
     # ------------------------------------------------------------------ helpers
     def ban(self, member: int, reason: str, evidence: str) -> None:
@@ -258,7 +279,7 @@ class _Round:
 
     def aggregate(self) -> None:
         rows = self.received[: self.contributing]
-        weights = self.weights[self.order[: self.contributing]]
+        weights = self.weights_of(self.me)[self.order[: self.contributing]]
         uniform = bool((weights == weights[0]).all())
         self.result = result = centered_clip_with_stats(
             rows, self.config.tau, weights=None if uniform else weights.to(rows.dtype),
@@ -339,14 +360,16 @@ class _Round:
         part_norms = self.received_norms
         accusations = []
         for i in range(self.n):
+            if i == self.me:
+                continue  # my own numbers are mine: nobody accuses itself
             r = self.row[i]
             recomputed = [s_all[r].tolist(), float(norms[r]), p_all[r].tolist()]
             if not self.numbers_agree(i, self.me, recomputed, float(part_norms[r])):
                 accusations.append(("lying-numbers", i, (self.received[r].clone(), self.part_sigs[i])))
         accusers = self.resolve(accusations)
         check = ProjectionCheck(tau=self.config.tau)
-        weights = self.weights
         for j in range(self.n):
+            weights = self.weights_of(j)
             s = torch.tensor([self.numbers[i][j][0] for i in range(self.n)], dtype=torch.float64)
             norms = torch.tensor([float(self.numbers[i][j][1]) for i in range(self.n)], dtype=torch.float64)
             # CenteredClip's stated residual, and never below what float32 resolves near zero; an aggregate beyond
@@ -475,6 +498,7 @@ def verified_round(
     when given (a buffer like ``flat``, not overlapping it). Every signature binds ``context`` (the caller's run
     nonce and attempt: a statement signed in one attempt is no evidence in another), the step and ``peers``."""
     r = _Round(flat, transport, identity, keys, peers, step, config, behaviour or Behaviour(), weights, out, context)
+    r.behaviour.observe(r)
     times: dict[str, float] = {}
     clock = time.perf_counter()
 

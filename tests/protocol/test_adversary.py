@@ -206,3 +206,42 @@ def test_a_large_gradient_within_the_bound_is_clipped_not_a_ban() -> None:
     outcomes = run_round({}, grads=grads)
     assert banned(outcomes, [0, 1, 2, 3, 4]) == set()
     assert float(outcomes[0].aggregate.norm()) < 10  # CenteredClip kept it to its radius
+
+
+class SteeringAggregator(Behaviour):
+    """Aggregator of its own part: publishes ``G + shift`` for it and, after the reveal, numbers for its own
+    contribution that cancel everybody else's in the CenteredClip check (it holds every sender's part and knows the
+    directions: it computes their numbers exactly)."""
+
+    def __init__(self, shift: float) -> None:
+        self.shift, self.r = shift, None
+
+    def observe(self, state: Any) -> None:
+        self.r = state
+
+    def published_aggregate(self, step: int, aggregate: torch.Tensor) -> torch.Tensor:
+        return aggregate + self.shift
+
+    def accusations(self, step: int, honest: list[tuple]) -> list[tuple]:
+        return [a for a in honest if a[1] != self.r.me]
+
+    def numbers(self, step: int, part: int, s: list, norm: float, p: list) -> tuple:
+        from lightning_btard.ops.projection import clipped_projections
+
+        r = self.r
+        if part != r.me:
+            return s, norm, p
+        others, _, _ = clipped_projections(r.directions[part], r.received, r.aggregates[part], r.config.tau)
+        weights = r.weights.to(others.dtype)  # its own term, whatever it says, no longer counts
+        senders = [i for i in range(r.n) if i != r.me]
+        cancel = -(weights[senders][:, None] * others[[r.row[i] for i in senders]]).sum(0)
+        return (cancel / float(weights[r.me])).tolist(), norm, p
+
+
+@pytest.mark.parametrize("shift", [20_000.0, 100.0, 1e-2])
+def test_an_aggregator_cannot_steer_its_own_part_with_numbers_nobody_checks(shift: float) -> None:
+    """A shift of 20,000 tau was accepted with no ban: the aggregator's own numbers for its own part cancelled the
+    others' in the check. The check now sums the others' terms only, allowing for the most the aggregator's own
+    clipped contribution can be (a shift per element of 10 is ~65 tau in norm here)."""
+    outcomes = run_round({2: SteeringAggregator(shift=shift)})
+    assert banned(outcomes, [0, 1, 3, 4]) == {2}
