@@ -115,6 +115,8 @@ class ProjectionCheck:
         """``[k]``: ``sum_i w_i s_i`` per direction, from ``s`` of shape ``[n, k]``."""
         return (weights.double()[:, None] * s.double()).sum(0)
 
-    def passes(self, weights: Tensor, s: Tensor, norms: Tensor, bound: float) -> bool:
+    def passes(self, weights: Tensor, s: Tensor, norms: Tensor, bound: float, slack: Optional[Tensor] = None) -> bool:
+        """``slack`` (``[k]``): what the checks of the published ``s`` themselves accept, added per direction."""
         tol = self.tolerance(weights, norms, bound)
-        return bool((self.sums(weights, s).abs() <= tol).all()) and math.isfinite(tol)
+        allowed = tol + (slack.double() if slack is not None else 0.0)
+        return bool((self.sums(weights, s).abs() <= allowed).all()) and math.isfinite(tol)

@@ -32,7 +32,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from lightning_btard.ops.centered_clip import centered_clip_with_stats
+from lightning_btard.ops.centered_clip import centered_clip_with_stats, clip_coefficients
 from lightning_btard.ops.finite import well_formed_part
 from lightning_btard.ops.norms import redo_unsure_norms, rounding_floor, safe_norm
 from lightning_btard.ops.partition import part_sizes
@@ -380,7 +380,9 @@ class _Round:
             scale = min(float(redo_unsure_norms(self.aggregates[j], g_norm)), 2 * aggregate_norm_bound(part_norms, weights, self.config.tau))
             target = max(self.config.eps, self.config.rel_eps * scale)  # the solver's stopping residual
             bound = math.inf if not bool(torch.isfinite(g_norm)) else 2 * target + rounding_floor(self.sizes[j])
-            if not check.passes(weights, s, norms, bound) and j not in accusers:
+            # what the aggregator's recheck of each published s accepts (numbers_agree), allowed for here
+            slack = self.config.number_rtol * (weights[:, None] * (s.abs() + (clip_coefficients(norms, self.config.tau) * norms)[:, None])).sum(0)
+            if not check.passes(weights, s, norms, bound, slack) and j not in accusers:
                 self.ban(j, "its aggregate failed the CenteredClip check", "projection-check")
 
     def numbers_match(self, member: int, part_index: int, part: Tensor) -> bool:
@@ -391,9 +393,15 @@ class _Round:
         (relative)."""
         published = self.numbers[member][part_index]
         s, norm, p = recomputed
-        flat_pub = list(published[0]) + [float(published[1])] + list(published[2]) + [float(published[3])]
         floor = rounding_floor(self.sizes[part_index])
-        return _close(flat_pub, s + [norm] + p + [part_norm], self.config.number_rtol, abs(norm) + part_norm, floor)
+        rtol = self.config.number_rtol
+        # s is judged on its own scale, c ||g - G|| (at most tau): the CenteredClip check allows exactly this much per
+        # term (its `slack`), so no lie the recheck accepts can fail an honest aggregator's check. (Relative to ||g||,
+        # a sender of a huge legal part could lie by more than the check allows, and frame every aggregator.)
+        term = min(1.0, self.config.tau / norm) * norm if norm > 0 else 0.0
+        rest_pub = [float(published[1])] + list(published[2]) + [float(published[3])]
+        return (_close(list(published[0]), s, rtol, term, floor)
+                and _close(rest_pub, [norm] + p + [part_norm], rtol, abs(norm) + part_norm, floor))
 
     # ------------------------------------------------------------------ accusations
     def resolve(self, accusations: list[tuple]) -> set[int]:

@@ -245,3 +245,30 @@ def test_an_aggregator_cannot_steer_its_own_part_with_numbers_nobody_checks(shif
     clipped contribution can be (a shift per element of 10 is ~65 tau in norm here)."""
     outcomes = run_round({2: SteeringAggregator(shift=shift)})
     assert banned(outcomes, [0, 1, 3, 4]) == {2}
+
+
+class Framer(Behaviour):
+    """Sends its honest gradient at 10x the honest scale (legal) and lies in its published ``s`` for every part by
+    just under what the aggregators' recheck accepts: the old recheck took ``number_rtol (|s| + ||g-G|| + ||g||)``,
+    which the CenteredClip check did not allow for, and every honest aggregator failed its check."""
+
+    def __init__(self, old_rule: bool) -> None:
+        self.old_rule, self.r = old_rule, None
+
+    def observe(self, state: Any) -> None:
+        self.r = state
+
+    def numbers(self, step: int, part: int, s: list, norm: float, p: list) -> tuple:
+        r = self.r
+        part_norm = float(r.parts[part].double().norm())
+        scale = norm + part_norm if self.old_rule else min(1.0, r.config.tau / norm) * norm
+        lie = 0.95 * r.config.number_rtol * (scale + max(abs(x) for x in s))
+        return [x + lie for x in s], norm, p
+
+
+@pytest.mark.parametrize("old_rule", [True, False])
+def test_a_sender_lying_within_the_recheck_cannot_frame_honest_aggregators(old_rule: bool) -> None:
+    grads = gradients()
+    grads[2] = grads[2] * 10.0
+    outcomes = run_round({2: Framer(old_rule)}, grads=grads)
+    assert banned(outcomes, [0, 1, 3, 4]) <= {2}  # the framer itself may be caught, nobody honest
