@@ -463,7 +463,7 @@ class BTARDStrategy(ParallelStrategy):
             micro_batches=micro_batches, grad_scale=scale, after=count_attackers,
         )
         if aggregate is None:
-            # fp16 overflow somewhere: every peer skips this step together (the scaler sees inf and backs off)
+            # fp16 overflow on a majority: every peer skips this step together (the scalers see inf and back off)
             assign_grads(params, torch.full_like(flat, float("inf")))
             return
         if scale is not None:

@@ -5,7 +5,9 @@ everything between "this peer's flat gradient is ready" and "here is the agreed 
 
 1. **validation of the previous step** (protocol steps 8-9): the validators drawn from the previous round's
    seed publish their verdicts, accusations are judged by recomputation (``recompute``), bans applied;
-2. the **fp16 overflow vote** (with a loss scale): a step any peer overflowed is skipped by every peer;
+2. the **fp16 overflow vote** (with a loss scale): a step a strict majority of peers overflowed is skipped by every
+   peer (their loss scalers back off alike); otherwise the peers that overflowed abstain (weight 0, zeros sent), so
+   that a minority's vote costs only itself;
 3. the **round**: verified (:func:`~.round.verified_round`) or not (:func:`~.butterfly.butterfly_aggregate`),
    **re-run without banned peers** until one completes (step 7);
 4. the **step record** the next step's validators check, and who validates in the next step;
@@ -204,7 +206,7 @@ class PeerEngine:
 
         ``computed`` is the gradient this peer computed (``sent`` before any attack; on a validator's fast path, its
         recomputation of its target's gradient). Returns the aggregate (a buffer reused by the next step), ``None``
-        when the step is skipped by every peer (``overflow_vote``: some peer's gradient was not finite), or ``sent``
+        when the step is skipped by every peer (``overflow_vote``: a majority's gradients were not finite), or ``sent``
         itself once this peer has left. ``after()`` runs inside the step's attempt (a collective of the glue's)."""
         computed = sent if computed is None else computed
         self.metrics = {}
@@ -221,26 +223,41 @@ class PeerEngine:
                  after: Optional[Callable[[], Any]]) -> Optional[Tensor]:
         if self.left:
             return sent
-        if overflow_vote and self._any_peer_overflowed(computed):
-            return None
+        abstaining: set[int] = set()
+        if overflow_vote:
+            voted = self._overflow_votes(computed)
+            if voted is None:
+                return None
+            abstaining = voted
+            if self.me in abstaining:
+                sent = torch.zeros_like(sent)  # weighs 0: anything finite does
         if self.verify:
             aggregate = self._verified(sent, computed, step, recompute, behaviour, fast_path, batch_idx, micro_batches,
-                                       grad_scale)
+                                       grad_scale, abstaining)
         else:
             # where a failed try is retried after regrouping, keep the gradient and aggregate elsewhere
             out = self._work.get("aggregate", (sent.numel(),), sent.dtype, sent.device) if self.group.recoverable else sent
-            aggregate, stats = butterfly_aggregate(sent, self.transport, self.aggregator, out=out)
+            active = self.membership.active
+            weights = torch.tensor([0.0 if p in abstaining else 1.0 for p in active]) if abstaining else None
+            aggregate, stats = butterfly_aggregate(sent, self.transport, self.aggregator, weights=weights, out=out)
             self.metrics = self._unverified_metrics(stats)
+        if self.metrics:
+            self.metrics["abstained"] = float(len(abstaining))
         if after is not None and not self.left:
             after()
         return aggregate
 
-    def _any_peer_overflowed(self, flat: Tensor) -> bool:
-        mine = torch.tensor([0.0 if all_finite(flat) else 1.0], device=flat.device)
-        return bool(self.transport.all_reduce(mine, "max").item() > 0)
+    def _overflow_votes(self, flat: Tensor) -> Optional[set[int]]:
+        """The peers whose gradient overflowed (``True`` on the board; anything else counts as no overflow), or
+        ``None`` when they are a strict majority: then every peer skips the step."""
+        votes = self.transport.all_gather_object(not all_finite(flat))
+        active = self.membership.active
+        voters = {active[i] for i, v in enumerate(votes) if v is True}
+        return None if 2 * len(voters) > len(votes) else voters
 
     def _verified(self, sent: Tensor, computed: Tensor, step: int, recompute: Optional[Recompute], behaviour: Behaviour,
-                  fast_path: bool, batch_idx: int, micro_batches: int, grad_scale: Optional[float]) -> Tensor:
+                  fast_path: bool, batch_idx: int, micro_batches: int, grad_scale: Optional[float],
+                  abstaining: set[int]) -> Tensor:
         """Validation of the previous step, then verified rounds among the active peers until one completes (banned
         peers are dropped between tries)."""
         assert self.identity is not None
@@ -251,7 +268,7 @@ class PeerEngine:
         retries = 0
         while True:
             active = self.membership.active
-            weights = [0.0 if p in validating else 1.0 for p in active]
+            weights = [0.0 if p in validating or p in abstaining else 1.0 for p in active]
             if not any(weights):
                 weights = [1.0] * len(active)
             outcome = verified_round(

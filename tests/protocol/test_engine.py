@@ -43,7 +43,7 @@ class Peer:
         self.recomputed.append((record.step, peer))
         return gradient(record.step, peer)
 
-    def run(self, steps: int, overflow_at: tuple[int, ...] = ()) -> "Peer":
+    def run(self, steps: int, overflow_at: tuple[int, ...] = (), overflowing: tuple[int, ...] = (1,)) -> "Peer":
         me = self.engine.me
         for step in range(steps):
             if self.stop_at is not None and step == self.stop_at:
@@ -55,10 +55,10 @@ class Peer:
                 computed = gradient(task.record.step, task.target)  # the fast path: the step's gradient is the check
             else:
                 computed = gradient(step, me)
-            sent = self.lie(step, computed) if self.lie is not None else computed
-            if step in overflow_at and me == 1:
+            if step in overflow_at and me in overflowing:
                 computed = computed.clone()
                 computed[0] = float("inf")
+            sent = self.lie(step, computed) if self.lie is not None else computed
             out = self.engine.step(sent, step, computed=computed, recompute=self.recompute, behaviour=self.behaviour,
                                    overflow_vote=bool(overflow_at), fast_path=fast)
             if self.engine.left:
@@ -190,10 +190,18 @@ def test_a_protocol_cheat_is_banned_and_the_step_is_retried_in_the_same_call() -
     assert torch.allclose(got, honest_aggregate(2, [0, 2, 3]), atol=1e-4)
 
 
-def test_an_fp16_overflow_anywhere_skips_the_step_everywhere() -> None:
-    peers = run(make_peers(3, validators=0), 4, overflow_at=(2,))
+def test_an_fp16_overflow_on_a_minority_makes_it_abstain_and_on_a_majority_skips_the_step() -> None:
+    """One peer of three overflows at step 2: it abstains (weight 0) and the step goes on with the others' gradients,
+    so a Byzantine peer's "overflow" costs only itself; two of three overflow at step 3: every peer skips it."""
+    peers = make_peers(3, validators=0)
+    run(peers, 4, overflow_at=(2,), overflowing=(1,))
+    got = assert_same(peers, 2)
+    assert torch.allclose(got, honest_aggregate(2, [0, 1, 2], weights=[1.0, 0.0, 1.0]), atol=1e-4)
+    assert peers[0].engine.metrics["abstained"] == 0.0 and not peers[0].engine.membership.bans
+    peers = make_peers(3, validators=0)
+    run(peers, 4, overflow_at=(3,), overflowing=(0, 1))
     for p in peers:
-        assert sorted(p.applied) == [0, 1, 3]
+        assert sorted(p.applied) == [0, 1, 2]
         assert not p.engine.membership.bans
 
 
