@@ -59,6 +59,7 @@ from lightning_btard.protocol.engine import PeerEngine
 from lightning_btard.protocol.events import EventLog
 from lightning_btard.protocol.identity import Identity
 from lightning_btard.protocol.membership import Ban, Membership
+from lightning_btard.protocol.mprng import agree_run_seed
 from lightning_btard.protocol.validation import StepRecord, ValidationCheck
 from lightning_btard.transports.base import Transport
 from lightning_btard.verifiable_batches import data_fingerprint
@@ -298,9 +299,7 @@ class BTARDStrategy(ParallelStrategy):
         if self.verify:
             identity = Identity.generate()
             keys = group.transport.all_gather_object(identity.public)
-            seed = os.environ.get("PL_GLOBAL_SEED")
-            mine = int(seed) if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-            self.run_seed = int(group.transport.broadcast_object(mine, 0))
+            self.run_seed = agree_run_seed(group.transport, os.environ.get("PL_GLOBAL_SEED"))
         self._make_engine(group, identity, keys)
 
     def _make_engine(self, group: Group, identity: Optional[Identity], keys: list[bytes], run_nonce: bytes = b"") -> None:

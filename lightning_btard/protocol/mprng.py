@@ -12,10 +12,14 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
 
 from lightning_btard.protocol.digest import digest
 
-__all__ = ["MPRNGSecret", "check_reveal", "shared_seed"]
+if TYPE_CHECKING:
+    from lightning_btard.transports.base import Transport
+
+__all__ = ["MPRNGSecret", "agree_run_seed", "check_reveal", "shared_seed"]
 
 
 @dataclass(frozen=True)
@@ -46,3 +50,20 @@ def shared_seed(step: int, reveals: Mapping[int, bytes]) -> bytes:
     for peer in sorted(reveals):
         items += [peer, reveals[peer]]
     return digest(*items)
+
+
+def agree_run_seed(transport: "Transport", configured: Optional[str]) -> int:
+    """The run's seed, chosen by no single member: the seed a strict majority of members configured (``seed_everything``
+    on every peer: runs stay reproducible), else a commit-reveal draw over all members (one board round to commit a
+    fresh secret, one to reveal it; reveals that do not match their commitment are left out)."""
+    secret = os.urandom(32)
+    mine = configured if isinstance(configured, str) and configured.isdigit() and len(configured) <= 19 else None
+    board = transport.all_gather_object([mine, digest(secret, "run-seed")])
+    seeds = [e[0] for e in board if type(e) is list and len(e) == 2 and type(e[0]) is str and e[0].isdigit() and len(e[0]) <= 19]
+    top = max(set(seeds), key=seeds.count, default=None)
+    if top is not None and 2 * seeds.count(top) > len(board):
+        return int(top)
+    reveals = transport.all_gather_object(secret)
+    valid = [r for e, r in zip(board, reveals) if type(e) is list and len(e) == 2 and type(r) is bytes and len(r) == 32
+             and digest(r, "run-seed") == e[1]]
+    return int.from_bytes(digest("run-seed", *valid)[:8], "little") >> 1

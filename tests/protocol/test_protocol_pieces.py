@@ -65,3 +65,18 @@ def test_membership_bans_are_final_and_ordered() -> None:
     assert not m.ban(9, step=11, reason="unknown peer", evidence="signed-message")
     assert m.active == [0, 1, 2, 4] and m.banned == {3} and m.generation == 1
     assert m.bans[0].as_dict() == {"peer": 3, "step": 10, "reason": "wrong aggregate", "evidence": "signed-message"}
+
+
+def test_the_run_seed_is_a_majoritys_or_a_draw_nobody_chooses() -> None:
+    from peers import run_peers
+
+    from lightning_btard.protocol.mprng import agree_run_seed
+
+    assert run_peers(3, lambda t: agree_run_seed(t, "7")) == [7, 7, 7]
+    # member 0 (Byzantine) configures another seed: the majority's stands
+    assert run_peers(3, lambda t: agree_run_seed(t, "8" if t.rank == 0 else "7")) == [7, 7, 7]
+    # nobody agrees: a draw, the same on every member, different each run
+    first = run_peers(3, lambda t: agree_run_seed(t, None))
+    second = run_peers(3, lambda t: agree_run_seed(t, str(t.rank)))
+    assert len(set(first)) == 1 and len(set(second)) == 1 and first != second
+    assert all(isinstance(s, int) and 0 <= s < 2**63 for s in first)
