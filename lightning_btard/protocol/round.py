@@ -181,12 +181,10 @@ class _Round:
         self.weights = torch.ones(self.n, dtype=torch.float64) if weights is None else torch.tensor(list(weights), dtype=torch.float64)
         if self.weights.shape != (self.n,) or bool((self.weights < 0).any()) or not float(self.weights.sum()) > 0:
             raise ValueError(f"a round needs one non-negative weight per member, not all zero; got {weights}")
-        # received parts (of my part) are stored contributors first, so that CenteredClip reads a view of the rows
-        # that count
-        mine = self.weights_of(self.me)
-        self.order = sorted(range(self.n), key=lambda i: (bool(mine[i] == 0), i))
+        # received parts are stored contributors first, so that CenteredClip reads a view of the rows that count
+        self.order = sorted(range(self.n), key=lambda i: (bool(self.weights[i] == 0), i))
         self.row = {member: r for r, member in enumerate(self.order)}
-        self.contributing = int((mine > 0).sum())
+        self.contributing = int((self.weights > 0).sum())
         self.sizes = part_sizes(flat.numel(), self.n)
         self.parts = list(torch.split(flat, self.sizes))
         self.flat = flat
@@ -202,21 +200,6 @@ class _Round:
         self.numbers: list[list] = []
         self.directions: list[Tensor] = []
         self.refuted: list[tuple[int, int]] = []
-
-    def weights_of(self, part: int) -> Tensor:
-        """The weights of every member's contribution to part ``part``, in its CenteredClip and its check: the
-        aggregator's own contribution to its own part weighs 0.
-
-        **[ours]** Nobody but the aggregator holds its own contribution to its own part, so nobody can check its
-        numbers: with them in the check, an aggregator publishing a wrong aggregate cancelled the others' terms with
-        its own (a shift of 20,000 tau passed). Without it every term comes from a peer whose part the aggregator holds
-        and whose lies it must prove. (Allowing for the aggregator's clipped contribution instead is no check: a
-        far-off aggregate moves the others' clipped terms by at most about ``(n-1) tau`` per direction.) The price:
-        an honest aggregator's part is robust while Byzantine peers are fewer than half of the *other* peers
-        (``n >= 2f + 2``). Where that left no weight (every other member validates), the member weights stand."""
-        w = self.weights.clone()
-        w[part] = 0.0
-        return w if float(w.sum()) > 0 else self.weights
 
     # ------------------------------------------------------------------ helpers
     def ban(self, member: int, reason: str, evidence: str) -> None:
@@ -279,7 +262,7 @@ class _Round:
 
     def aggregate(self) -> None:
         rows = self.received[: self.contributing]
-        weights = self.weights_of(self.me)[self.order[: self.contributing]]
+        weights = self.weights[self.order[: self.contributing]]
         uniform = bool((weights == weights[0]).all())
         self.result = result = centered_clip_with_stats(
             rows, self.config.tau, weights=None if uniform else weights.to(rows.dtype),
@@ -368,8 +351,8 @@ class _Round:
                 accusations.append(("lying-numbers", i, (self.received[r].clone(), self.part_sigs[i])))
         accusers = self.resolve(accusations)
         check = ProjectionCheck(tau=self.config.tau)
+        weights = self.weights
         for j in range(self.n):
-            weights = self.weights_of(j)
             s = torch.tensor([self.numbers[i][j][0] for i in range(self.n)], dtype=torch.float64)
             norms = torch.tensor([float(self.numbers[i][j][1]) for i in range(self.n)], dtype=torch.float64)
             # CenteredClip's stated residual, and never below what float32 resolves near zero; an aggregate beyond
@@ -408,7 +391,7 @@ class _Round:
         """Publish my accusations; judge everybody's from the evidence. Returns the members whose
         accusations held (an aggregator that caught a liar is not blamed for its failed check)."""
         mine = self.behaviour.accusations(self.step, accusations)
-        board = self.t.all_gather_object(list(mine))
+        board = self.t.all_gather_object(mine)
         upheld: set[int] = set()
         disputes: list[tuple[int, str, int]] = []  # (accuser, kind, accused)
         for accuser, items in enumerate(board):

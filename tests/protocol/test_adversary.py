@@ -232,17 +232,20 @@ class SteeringAggregator(Behaviour):
         if part != r.me:
             return s, norm, p
         others, _, _ = clipped_projections(r.directions[part], r.received, r.aggregates[part], r.config.tau)
-        weights = r.weights.to(others.dtype)  # its own term, whatever it says, no longer counts
+        weights = r.weights.to(others.dtype)
         senders = [i for i in range(r.n) if i != r.me]
         cancel = -(weights[senders][:, None] * others[[r.row[i] for i in senders]]).sum(0)
         return (cancel / float(weights[r.me])).tolist(), norm, p
 
 
-@pytest.mark.parametrize("shift", [20_000.0, 100.0, 1e-2])
-def test_an_aggregator_cannot_steer_its_own_part_with_numbers_nobody_checks(shift: float) -> None:
-    """A shift of 20,000 tau was accepted with no ban: the aggregator's own numbers for its own part cancelled the
-    others' in the check. The check now sums the others' terms only, allowing for the most the aggregator's own
-    clipped contribution can be (a shift per element of 10 is ~65 tau in norm here)."""
+@pytest.mark.xfail(strict=True, reason="open: nobody checks an aggregator's numbers for its own part (README, Not yet)")
+def test_an_aggregator_cannot_steer_its_own_part_with_numbers_nobody_checks() -> None:
+    """A shift of 20,000 tau passes with no ban: the aggregator's own numbers for its own part cancel the others' in
+    the check. Leaving its own contribution out of its part closes this but costs the honest-majority margin (with a
+    validator at weight 0, a 4-peer run's honest parts had two contributors, one of them a x1000 sign-flipper, and the
+    model diverged before the ban); allowing instead for the aggregator's clipped contribution is no check (clipping
+    caps the others' terms at about (n-1) tau per direction). The fix needs a post-reveal verifier of that part."""
+    shift = 20_000.0
     outcomes = run_round({2: SteeringAggregator(shift=shift)})
     assert banned(outcomes, [0, 1, 3, 4]) == {2}
 
@@ -272,3 +275,23 @@ def test_a_sender_lying_within_the_recheck_cannot_frame_honest_aggregators(old_r
     grads[2] = grads[2] * 10.0
     outcomes = run_round({2: Framer(old_rule)}, grads=grads)
     assert banned(outcomes, [0, 1, 3, 4]) <= {2}  # the framer itself may be caught, nobody honest
+
+
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_colluders_mutating_any_board_record_ban_nobody_honest(data: st.DataObject) -> None:
+    """The harness over every record kind, on the in-process transport (hivemind's: the next test)."""
+    from adversary_harness import check_case
+
+    check_case(data, run_peers)
+
+
+@pytest.mark.timeout(300)
+@settings(max_examples=8, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_colluders_mutating_any_board_record_on_hivemind(hivemind_swarm, data: st.DataObject) -> None:
+    from adversary_harness import check_case
+
+    check_case(data, lambda n, fn, timeout=30.0: hivemind_swarm.run(n, fn, timeout=timeout))

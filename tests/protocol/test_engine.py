@@ -102,21 +102,15 @@ def run(peers: list[Peer], steps: int, timeout: float = 120.0, **kwargs: Any) ->
     return peers
 
 
-def honest_aggregate(step: int, peers: list[int], tau: float = 1.0, weights: Optional[list[float]] = None,
-                     verified: bool = True) -> torch.Tensor:
+def honest_aggregate(step: int, peers: list[int], tau: float = 1.0, weights: Optional[list[float]] = None) -> torch.Tensor:
     """The aggregate computed independently: CenteredClip of every part of the honest gradients."""
     from lightning_btard.ops.partition import part_sizes
 
     grads = torch.stack([gradient(step, p) for p in peers])
     sizes = part_sizes(DIM, len(peers))
-    out = []
-    for j, part in enumerate(torch.split(grads, sizes, dim=1)):
-        w = torch.tensor(weights if weights is not None else [1.0] * len(peers), dtype=torch.float64)
-        mine = w.clone()
-        mine[j] = 0.0  # the verified round leaves the aggregator's own contribution out of its part
-        w = mine if verified and float(mine.sum()) > 0 else w
-        out.append(centered_clip(part.double(), tau, w, eps=1e-12, max_iters=1000).float())
-    return torch.cat(out)
+    w = torch.tensor(weights, dtype=torch.float64) if weights is not None else None
+    return torch.cat([centered_clip(part.double(), tau, w, eps=1e-12, max_iters=1000).float()
+                      for part in torch.split(grads, sizes, dim=1)])
 
 
 def assert_same(peers: list[Peer], step: int) -> torch.Tensor:
@@ -137,7 +131,7 @@ def test_unverified_steps_give_the_independent_aggregate_and_one_metric_schema()
     peers = run(make_peers(4, verify=False), 3)
     for step in range(3):
         got = assert_same(peers, step)
-        assert torch.allclose(got, honest_aggregate(step, [0, 1, 2, 3], verified=False), atol=1e-5)
+        assert torch.allclose(got, honest_aggregate(step, [0, 1, 2, 3]), atol=1e-5)
     assert set(METRIC_KEYS) <= set(peers[0].engine.metrics)
 
 

@@ -77,9 +77,7 @@ def assert_banned(outcomes, byzantine: set[int], expected: set[int]):
 
 def test_honest_round_agrees_on_partwise_centered_clip(peers) -> None:
     grads, outcomes = run({}, peers=peers)
-    # part j over every member but its aggregator j (whose own contribution nobody could check)
-    expected = torch.cat([centered_clip(torch.stack([split_parts(x, N)[j] for i, x in enumerate(grads) if i != j]), TAU)
-                          for j in range(N)])
+    expected = torch.cat([centered_clip(torch.stack([split_parts(x, N)[j] for x in grads]), TAU) for j in range(N)])
     for o in outcomes:
         assert o.bans == [] and o.aggregate is not None
         assert torch.equal(o.aggregate, outcomes[0].aggregate)
@@ -197,9 +195,7 @@ def test_a_fitted_models_tiny_gradients_ban_nobody() -> None:
                               config=RoundConfig(tau=TAU), weights=[1.0, 1.0, 0.0])
 
     outcomes = run_peers(n, peer)
-    # part j over the contributors but its aggregator: parts 0 and 1 are the other contributor's, part 2 the mean
-    parts = [split_parts(x.double(), n) for x in grads]
-    expected = torch.cat([parts[1][0], parts[0][1], (parts[0][2] + parts[1][2]) / 2])
+    expected = grads[:2].double().mean(0)  # the validator weighs 0; parts this small are never clipped
     for o in outcomes:
         assert o.bans == [] and o.aggregate is not None
         assert torch.equal(o.aggregate, outcomes[0].aggregate)
