@@ -55,6 +55,7 @@ from lightning_btard.ops.finite import all_finite, well_formed_part
 from lightning_btard.ops.partition import assign_grads, flatten_grads, trainable_params
 from lightning_btard.ops.robust_reduce import majority, robust_reduce
 from lightning_btard.ops.workspace import Workspace
+from lightning_btard.protocol.agreement import strict_majority
 from lightning_btard.protocol.engine import PeerEngine
 from lightning_btard.protocol.events import EventLog
 from lightning_btard.protocol.identity import Identity
@@ -347,11 +348,10 @@ class BTARDStrategy(ParallelStrategy):
         differently (unseeded), the first member's, as DDP does."""
         assert self.model is not None and self.transport is not None
         tensors = list(self.model.parameters()) + list(self.model.buffers())
-        mine = hashlib.blake2b(b"".join(t.detach().cpu().contiguous().numpy().tobytes() for t in tensors), digest_size=16).hexdigest()
-        values = self.transport.all_gather_object(mine)
-        top, count = max(((v, values.count(v)) for v in values if isinstance(v, str)), key=lambda vc: vc[1], default=(None, 0))
-        src = values.index(top) if top is not None and 2 * count > len(values) else 0
-        if src == 0 and (top is None or 2 * count <= len(values)):
+        values = self.transport.all_gather_object(_tensors_digest(tensors))
+        top = strict_majority(values)
+        src = values.index(top) if top is not None else 0
+        if top is None:
             rank_zero_warn("BTARD: the peers initialised their models differently (no majority started alike); every peer "
                            "takes the first member's parameters, as DDP does. seed_everything(<the same seed>) on every "
                            "peer makes the start a majority's choice instead of one member's.")
@@ -494,12 +494,9 @@ class BTARDStrategy(ParallelStrategy):
     def check_parameters_identical(self) -> bool:
         """Compare a digest of the parameters across peers; raise on this peer if it disagrees with the majority."""
         assert self.engine is not None and self.lightning_module is not None
-        digest = hashlib.blake2b(digest_size=16)
-        for p in self.lightning_module.parameters():
-            digest.update(p.detach().cpu().contiguous().numpy().tobytes())
         if self._catching_up:
             return True
-        differing = self.engine.compare_digests(digest.hexdigest())
+        differing = self.engine.compare_digests(_tensors_digest(self.lightning_module.parameters()))
         if differing:
             log.warning("BTARD: parameters differ across peers at step %s: peers %s", self.lightning_module.trainer.global_step, differing)
         return not differing
@@ -687,6 +684,14 @@ class BTARDStrategy(ParallelStrategy):
         strategy_registry.register(
             "btard_spawn", cls, description="BTARD-SGD: ButterflyClip aggregation (spawn launcher)", start_method="spawn"
         )
+
+
+def _tensors_digest(tensors: Any) -> str:
+    """A digest of tensors' values, in order (what peers compare to agree on a state)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for t in tensors:
+        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 BTARDStrategy.register_strategies(StrategyRegistry)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -37,6 +36,7 @@ from lightning_btard.groups.base import Group
 from lightning_btard.ops.finite import all_finite
 from lightning_btard.ops.partition import part_sizes
 from lightning_btard.ops.workspace import Workspace
+from lightning_btard.protocol.agreement import strict_majority
 from lightning_btard.protocol.butterfly import ButterflyStats, butterfly_aggregate
 from lightning_btard.protocol.digest import digest
 from lightning_btard.protocol.events import EventLog
@@ -458,13 +458,12 @@ class PeerEngine:
         :class:`~lightning_btard.errors.UserError` saying what differs and ``advice``; with no strict majority every
         member raises. Returns the first member (index) holding the majority's value."""
         values = self.transport.all_gather_object(mine)
-        valid = [v if isinstance(v, str) and len(v) <= 128 else None for v in values]
-        top, count = Counter(valid).most_common(1)[0]
+        top = strict_majority(values)
         active = self.membership.active
-        differing = [active[i] for i, v in enumerate(valid) if v != top]
-        if top is None or 2 * count <= len(valid):
+        differing = [active[i] for i, v in enumerate(values) if v != top]
+        if top is None:
             raise UserError(f"BTARD: the peers' {what} differ and no majority of them agrees (peers {active}: "
-                            f"{len(set(valid))} different fingerprints). {advice}")
+                            f"{len(differing)} differ from any majority). {advice}")
         if mine != top:
             raise UserError(f"BTARD: this peer's {what} differs from the majority's (peers {differing} differ). {advice}")
         if differing:
@@ -475,7 +474,7 @@ class PeerEngine:
                              members=self.membership.active)
             self.group.rebuild()
             self.on_group_change()
-        return valid.index(top)
+        return values.index(top)
 
     # ------------------------------------------------------------------ parameters in sync
     def compare_digests(self, mine: str) -> Optional[list[int]]:
@@ -484,10 +483,12 @@ class PeerEngine:
         digests = self.tolerant(lambda: self.transport.all_gather_object(mine), lambda: None)
         if digests is None:
             return None
-        valid = [d if isinstance(d, str) else None for d in digests]
-        majority = max(set(valid), key=valid.count)
+        majority = strict_majority(digests)
         active = self.membership.active
-        differing = [active[i] for i, d in enumerate(valid) if d != majority]
+        differing = [active[i] for i, d in enumerate(digests) if d != majority]
+        if majority is None:
+            raise RuntimeError(f"BTARD: the peers' parameters differ and no majority of them agrees (peers {active}): "
+                               "every peer must apply the same aggregate with the same optimizer")
         if mine != majority:
             raise RuntimeError(
                 f"BTARD: this peer's parameters differ from the majority's (peers out of sync: {differing}). "

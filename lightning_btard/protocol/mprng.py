@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
+from lightning_btard.protocol.agreement import strict_majority
 from lightning_btard.protocol.digest import digest
 
 if TYPE_CHECKING:
@@ -59,9 +60,10 @@ def agree_run_seed(transport: "Transport", configured: Optional[str]) -> int:
     secret = os.urandom(32)
     mine = configured if isinstance(configured, str) and configured.isdigit() and len(configured) <= 19 else None
     board = transport.all_gather_object([mine, digest(secret, "run-seed")])
-    seeds = [e[0] for e in board if type(e) is list and len(e) == 2 and type(e[0]) is str and e[0].isdigit() and len(e[0]) <= 19]
-    top = max(set(seeds), key=seeds.count, default=None)
-    if top is not None and 2 * seeds.count(top) > len(board):
+    seeds = [e[0] if type(e) is list and len(e) == 2 and type(e[0]) is str and e[0].isdigit() and len(e[0]) <= 19
+             else None for e in board]
+    top = strict_majority(seeds)
+    if top is not None:
         return int(top)
     reveals = transport.all_gather_object(secret)
     valid = [r for e, r in zip(board, reveals) if type(e) is list and len(e) == 2 and type(r) is bytes and len(r) == 32

@@ -80,3 +80,12 @@ def test_the_run_seed_is_a_majoritys_or_a_draw_nobody_chooses() -> None:
     second = run_peers(3, lambda t: agree_run_seed(t, str(t.rank)))
     assert len(set(first)) == 1 and len(set(second)) == 1 and first != second
     assert all(isinstance(s, int) and 0 <= s < 2**63 for s in first)
+
+
+def test_strict_majority_counts_every_member_and_only_plain_values() -> None:
+    from lightning_btard.protocol.agreement import strict_majority
+
+    assert strict_majority(["a", "a", "b"]) == "a"
+    assert strict_majority(["a", "b"]) is None and strict_majority([]) is None
+    assert strict_majority(["a", "a", None, [1], "b"]) is None  # 2 of 5: malformed values count in the total
+    assert strict_majority([b"x", b"x", 3]) == b"x" and strict_majority([True, True, 1]) is None
