@@ -22,14 +22,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import sys
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, Literal, Optional, Union
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 from lightning_fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning_fabric.utilities.seed import reset_seed
 from pytorch_lightning.plugins.precision import Precision
@@ -47,13 +45,13 @@ from lightning_btard import compat
 from lightning_btard.aggregators import Aggregator, resolve_aggregator
 from lightning_btard.attacks.base import AttackContext
 from lightning_btard.attacks.roster import attacks_of, behaviour_of, count_fired, give_colluders_a_channel
+from lightning_btard.collectives import PeerCollectives
 from lightning_btard.errors import TrainingDiverged, UserError
 from lightning_btard.event_sinks import attach_run_sinks
 from lightning_btard.groups.base import Group
-from lightning_btard.leaving import host_the_store_until_the_others_leave, mark_left
+from lightning_btard.leaving import Leaving
 from lightning_btard.ops.finite import all_finite, well_formed_part
 from lightning_btard.ops.partition import assign_grads, flatten_grads, trainable_params
-from lightning_btard.ops.robust_reduce import majority, robust_reduce
 from lightning_btard.ops.workspace import Workspace
 from lightning_btard.protocol.agreement import strict_majority
 from lightning_btard.protocol.engine import PeerEngine
@@ -77,7 +75,7 @@ _DATA_ADVICE = (
 )
 
 
-class BTARDStrategy(ParallelStrategy):
+class BTARDStrategy(PeerCollectives, Leaving, ParallelStrategy):
     """Multi-process training where gradients are combined by BTARD's ButterflyClip.
 
     Args:
@@ -569,113 +567,6 @@ class BTARDStrategy(ParallelStrategy):
             lines = [f"BTARD: {len(bans)} peer(s) banned during the run" + (":" if bans else ".")]
             lines += [f"  step {b.step:>6}  peer {b.peer:>3}  {b.reason} [{b.evidence}]" for b in bans]
             rank_zero_info("\n".join(lines))
-
-    def _leave(self, ban: Ban) -> None:
-        """A banned peer stops here, with exit code 0 (the popen launcher kills every process on a non-zero exit)."""
-        print(
-            f"BTARD: this peer (rank {self.global_rank}) was banned at step {ban.step}: {ban.reason} "
-            f"[{ban.evidence}]. Leaving the training.",
-            flush=True,
-        )
-        if self._hivemind is None:
-            mark_left(self.global_rank)
-        if self.global_rank == 0 and isinstance(self._launcher, _MultiProcessingLauncher):
-            # the launching process waits for rank 0's result: rank 0 ends fit() here (no more collectives), and
-            # hosts the store in teardown until the others have finished
-            if self.lightning_module is not None and self.lightning_module._trainer is not None:
-                self.lightning_module.trainer.should_stop = True
-            return
-        if self._hivemind is None:
-            host_the_store_until_the_others_leave(self.global_rank, self.world_size, self._timeout)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        self._announce_finished()
-        if self._hivemind is not None:
-            self._hivemind.shutdown()
-        os._exit(0)
-
-    def _announce_finished(self) -> None:
-        if self._hivemind is None or self._hivemind.node is None or self._hivemind.joining and self.membership is None:
-            return
-        module = self.lightning_module
-        self._hivemind.announce_finished(module.trainer.global_step if module is not None and module._trainer else 0)
-
-    @override
-    def teardown(self) -> None:
-        """Leave the swarm after the others have finished their last collective (their records stay readable)."""
-        if self._hivemind is None:
-            mark_left(self.global_rank)
-            if self._left:  # a banned rank 0 that ended fit() early (fork/spawn launchers); the others need the store
-                host_the_store_until_the_others_leave(self.global_rank, self.world_size, self._timeout)
-        engine = self.engine
-        if self._hivemind is not None and engine is not None and engine.broken is None and not engine.left:
-            engine.transport.timeout = min(engine.transport.timeout, 60.0)
-            try:
-                engine.transport.barrier()
-            except Exception as e:  # noqa: BLE001 - a peer gone at the end changes nothing for this one
-                log.warning("BTARD: final barrier failed (%s); leaving anyway", e)
-        self._announce_finished()
-        if self._hivemind is not None:
-            self._hivemind.shutdown()
-        super().teardown()
-
-    # ----------------------------------------------------------------- collectives Lightning uses
-    def _tolerant(self, attempt: Callable[[], Any], fallback: Callable[[], Any]) -> Any:
-        """A collective outside the aggregation (see :meth:`PeerEngine.tolerant`); none while catching up."""
-        if self.engine is None or self._catching_up:
-            return fallback()
-        return self.engine.tolerant(attempt, fallback)
-
-    def _gather(self, tensor: Tensor) -> Tensor:
-        """``[n, *tensor.shape]``: every member's tensor of this shape (the same on every member), in member order."""
-        assert self.transport is not None
-        t, flat = self.transport, tensor.detach().reshape(-1).contiguous()
-        return t.gather_parts(flat, [flat.numel()] * t.world_size).view(t.world_size, *tensor.shape)
-
-    @override
-    def reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Union[str, Any]] = "mean") -> Any:
-        """A logged tensor over peers (``self.log(sync_dist=True)``), robustly (``ops/robust_reduce.py``): mean is the
-        median over peers, sum ``n`` times it, max/min an order statistic inside the honest peers' range. A sum or an
-        extreme would be whatever one Byzantine peer chose."""
-        if not isinstance(tensor, Tensor) or self.transport is None:
-            return tensor
-        op = str(reduce_op).lower().split(".")[-1] if reduce_op is not None else "mean"
-        op = {"avg": "mean", "average": "mean"}.get(op, op)
-        if op not in ("sum", "mean", "max", "min"):
-            raise ValueError(f"BTARDStrategy.reduce does not support reduce_op={reduce_op!r}")
-        dtype = tensor.dtype if tensor.is_floating_point() else torch.float32
-        return self._tolerant(lambda: robust_reduce(self._gather(tensor), op).to(dtype), lambda: tensor)
-
-    @override
-    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
-        """A decision (EarlyStopping, ModelCheckpoint) by the majority of peers: with "all", one Byzantine peer could
-        veto every stop; with "any", force one."""
-        if self.transport is None:
-            return decision
-        mine = torch.tensor([float(bool(decision))], device=self.root_device)
-        return self._tolerant(lambda: majority(self._gather(mine).reshape(-1)), lambda: decision)
-
-    @override
-    def all_gather(self, tensor: Tensor, group: Optional[Any] = None, sync_grads: bool = False) -> Tensor:
-        """Every member's ``tensor`` (same shape everywhere), stacked ``[n, ...]`` over the current members (not the
-        default process group, which holds banned and departed peers). No gradient flows back (``sync_grads``)."""
-        if self.transport is None:
-            return tensor.unsqueeze(0)
-        return self._tolerant(lambda: self._gather(tensor), lambda: tensor.unsqueeze(0))
-
-    def _connected(self) -> bool:
-        return self.transport is not None and (self._hivemind is not None or dist.is_initialized())
-
-    @override
-    def barrier(self, name: Optional[str] = None) -> None:
-        if self._connected():
-            self._tolerant(self.transport.barrier, lambda: None)  # type: ignore[union-attr]
-
-    @override
-    def broadcast(self, obj: Any, src: int = 0) -> Any:
-        if not self._connected():
-            return obj
-        return self._tolerant(lambda: self.transport.broadcast_object(obj, src), lambda: obj)  # type: ignore[union-attr]
 
     @classmethod
     @override
