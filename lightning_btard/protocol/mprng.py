@@ -57,11 +57,12 @@ def agree_run_seed(transport: "Transport", configured: Optional[str]) -> int:
     """The run's seed, chosen by no single member: the seed a strict majority of members configured (``seed_everything``
     on every peer: runs stay reproducible), else a commit-reveal draw over all members (one board round to commit a
     fresh secret, one to reveal it; reveals that do not match their commitment are left out)."""
+    def seed_text(x: object) -> Optional[str]:  # a non-negative int64 in decimal, else no seed
+        return x if type(x) is str and x.isdigit() and len(x) <= 18 else None
+
     secret = os.urandom(32)
-    mine = configured if isinstance(configured, str) and configured.isdigit() and len(configured) <= 19 else None
-    board = transport.all_gather_object([mine, digest(secret, "run-seed")])
-    seeds = [e[0] if type(e) is list and len(e) == 2 and type(e[0]) is str and e[0].isdigit() and len(e[0]) <= 19
-             else None for e in board]
+    board = transport.all_gather_object([seed_text(configured), digest(secret, "run-seed")])
+    seeds = [seed_text(e[0]) if type(e) is list and len(e) == 2 else None for e in board]
     top = strict_majority(seeds)
     if top is not None:
         return int(top)
