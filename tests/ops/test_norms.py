@@ -34,3 +34,13 @@ def test_zero_vectors_and_the_rounding_floor() -> None:
     assert torch.tensor(SUBNORMAL / 2, dtype=torch.float32).item() == 0.0
     with pytest.raises(ValueError):
         safe_norm(torch.arange(4))
+
+
+def test_a_well_formed_part_is_finite_and_within_the_bound() -> None:
+    from lightning_btard.ops.finite import MAX_PART_NORM, well_formed_part
+
+    assert well_formed_part(torch.full((4,), 1e-40)) and well_formed_part(torch.full((4,), 0.4 * MAX_PART_NORM))
+    for bad in (torch.tensor([1.0, float("nan")]), torch.tensor([1.0, float("inf")]), torch.full((4,), 3e38),
+                torch.full((4,), MAX_PART_NORM)):
+        assert not well_formed_part(bad)
+    assert not well_formed_part(torch.zeros(3), norm=float("nan")) and well_formed_part(torch.zeros(3), norm=1.0)
