@@ -338,6 +338,10 @@ class PeerEngine:
         record = StepRecord(
             step=step, peers=list(active), sizes=list(outcome.sizes), seed=outcome.seed,
             projections={p: [list(nums[2]) for nums in outcome.numbers[i]] for i, p in enumerate(active)},
+            numbers={p: outcome.numbers[i] for i, p in enumerate(active)},
+            aggregate=self._work.get("validated_aggregate", tuple(outcome.aggregate.shape), outcome.aggregate.dtype,
+                                     outcome.aggregate.device).copy_(outcome.aggregate) if outcome.aggregate is not None else None,
+            tau=self.round_config.tau,
             contributors=contributors, batch_idx=int(batch_idx), directions=self.round_config.directions,
             micro_batches=int(micro_batches), grad_scale=grad_scale, direction_cache=list(outcome.directions),
         )
@@ -358,7 +362,8 @@ class PeerEngine:
         n = len(active)
         sizes = part_sizes(numel, n)
         me = active.index(self.me)
-        sent_bytes = 4 * ((numel - sizes[me]) + (n - 1) * sizes[me])  # parts out, my aggregate out (as unverified)
+        # parts out, my aggregate out (as unverified), my own part to its checkers
+        sent_bytes = 4 * ((numel - sizes[me]) + (n - 1) * sizes[me] + (len(outcome.checkers) * sizes[me]))
         return {
             "peers": float(n), "banned": float(len(self.membership.bans)), "retries": float(retries),
             "clipped": outcome.stats.get("clipped", 0.0), "cc_iterations": outcome.stats.get("iterations", 0.0),

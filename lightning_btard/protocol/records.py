@@ -32,9 +32,9 @@ HASH_BYTES = 32
 """A digest (:func:`~lightning_btard.protocol.digest.digest`)."""
 SIG_BYTES = 64
 """An Ed25519 signature."""
-DISPUTE_KINDS = ("missing-part", "missing-aggregate")
+DISPUTE_KINDS = ("missing-part", "missing-aggregate", "missing-own-part")
 """Unprovable claims ("you sent me nothing valid"): no evidence, the accused publishes a copy."""
-EVIDENCE_KINDS = ("bad-part", "equivocation", "lying-numbers")
+EVIDENCE_KINDS = ("bad-part", "equivocation", "lying-numbers", "bad-own-part", "lying-own-numbers")
 """Provable accusations, each with its evidence: the accused's own signed words."""
 
 
@@ -95,8 +95,9 @@ def accusation(item: Any, accuser: int, n: int, sizes: Sequence[int]) -> Optiona
     content = evidence[0]
     if kind == "equivocation":
         return (kind, accused, (content, evidence[1])) if is_bytes(content, HASH_BYTES) else None
-    if kind == "lying-numbers":
-        well_formed = isinstance(content, Tensor) and content.dtype == torch.float32 and tuple(content.shape) == (sizes[accuser],)
+    if kind in ("lying-numbers", "lying-own-numbers"):
+        size = sizes[accuser] if kind == "lying-numbers" else sizes[accused]  # the part: the accuser's or the accused's own
+        well_formed = isinstance(content, Tensor) and content.dtype == torch.float32 and tuple(content.shape) == (size,)
         return (kind, accused, (content, evidence[1])) if well_formed else None
     return (kind, accused, (content, evidence[1])) if _evidence_tensor(content, 2 * max(sizes) + 16) else None
 

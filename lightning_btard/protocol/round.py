@@ -74,6 +74,10 @@ class Behaviour:
     def part(self, step: int, receiver: int, part: Tensor) -> Tensor:
         return part
 
+    def own_part(self, step: int, checker: int, part: Tensor) -> Tensor:
+        """What this aggregator sends ``checker`` as its own contribution to its own part."""
+        return part
+
     def published_aggregate(self, step: int, aggregate: Tensor) -> Tensor:
         return aggregate
 
@@ -95,6 +99,10 @@ class Behaviour:
     def observe(self, state: Any) -> None:
         """Called once at the start of the round with the round's state: everything this peer knows (the parts it
         receives, the directions once revealed, the aggregates), for attacks that compute their lies from it."""
+
+    def message(self, step: int, phase: str, receiver: int, message: list[Tensor]) -> list[Tensor]:
+        """The tensors this peer sends ``receiver`` in ``phase`` (``scatter``, ``gather``), signatures included."""
+        return message
 
     def record(self, step: int, phase: str, record: Any) -> Any:
         """What this peer publishes on the board in ``phase`` (``commit``, ``aggregate``, ``numbers``,
@@ -120,6 +128,8 @@ class RoundOutcome:
     """The round's secret directions per part (valid until the next round: reused buffers)."""
     refuted: list[tuple[int, int]] = field(default_factory=list)
     """``(claimant, accused)`` for every unprovable claim the accused refuted with a valid copy."""
+    checkers: list[int] = field(default_factory=list)
+    """The members to which this peer sent its own contribution to its own part."""
 
 
 def _sig_tensor(sig: bytes) -> Tensor:
@@ -142,11 +152,23 @@ def _commit_statement(context: bytes, peer: int, hashes: Sequence[bytes], commit
     return digest("commit", context, peer, *hashes, commitment)
 
 
-def _unpack(message: Optional[list[Any]]) -> tuple[Optional[Tensor], bytes]:
-    """A malformed (content, signature) message, as far as it can be read."""
-    if message is None or len(message) != 2 or not isinstance(message[0], Tensor) or not isinstance(message[1], Tensor):
+def _unpack(message: Optional[list[Any]], length: int = 2, at: int = 0) -> tuple[Optional[Tensor], bytes]:
+    """The (content, signature) pair at ``at`` of a malformed message of ``length`` tensors, as far as it can be
+    read."""
+    if message is None or len(message) != length or not all(isinstance(x, Tensor) for x in message[at: at + 2]):
         return None, b""
-    return message[0], bytes(message[1].to(torch.uint8).flatten().tolist())
+    sig = message[at + 1]
+    return message[at], bytes(sig.to(torch.uint8).flatten().tolist()) if sig.numel() == _SIG else b""
+
+
+def own_part_checkers(weights: Sequence[float]) -> list[list[int]]:
+    """Per member ``j``: the members that check ``j``'s numbers for its own contribution to its own part, which
+    nobody else holds (an aggregator that published them unchecked could cancel everybody else's terms in the
+    CenteredClip check and shift its part without limit). The next ``(n - 1) // 2`` members after ``j``: with at
+    most ``(n - 1) // 2`` Byzantine members in all, ``j`` and they are never all Byzantine. A member of weight 0
+    contributes nothing to its part: nobody checks it."""
+    n = len(weights)
+    return [[(j + k) % n for k in range(1, (n - 1) // 2 + 1)] if weights[j] > 0 else [] for j in range(n)]
 
 
 def _well_formed_numbers(nums: Any, n: int, k: int) -> bool:
@@ -185,6 +207,10 @@ class _Round:
         self.order = sorted(range(self.n), key=lambda i: (bool(self.weights[i] == 0), i))
         self.row = {member: r for r, member in enumerate(self.order)}
         self.contributing = int((self.weights > 0).sum())
+        self.checkers = own_part_checkers(self.weights.tolist())
+        self.own_parts: dict[int, Tensor] = {}
+        """Member ``i``'s own contribution to its own part, for the ``i`` whose numbers for it I check."""
+        self.own_sigs: dict[int, bytes] = {}
         self.sizes = part_sizes(flat.numel(), self.n)
         self.parts = list(torch.split(flat, self.sizes))
         self.flat = flat
@@ -215,6 +241,7 @@ class _Round:
         return RoundOutcome(
             None if self.bans else aggregate, list(self.bans.values()), seed, dict(stats),
             numbers=self.numbers, sizes=self.sizes, directions=self.directions, refuted=list(self.refuted),
+            checkers=list(self.checkers[self.me]),
         )
 
     # ------------------------------------------------------------------ phases
@@ -233,32 +260,73 @@ class _Round:
             if not ok:
                 self.ban(i, "malformed or missing commitment", "missing-record")
 
+    def signed(self, content: Tensor, receiver: int, h: Optional[bytes] = None) -> list[Tensor]:
+        """``[content, my signature of (me -> receiver, its hash)]``: a part as sent."""
+        h = digest(content) if h is None else h
+        return [content, _sig_tensor(self.identity.sign(_part_statement(self.context, self.peers[self.me], self.peers[receiver], h)))]
+
     def scatter(self) -> None:
+        """Part ``j`` to aggregator ``j``; my own part, in the same message, to the members that check it."""
         sends = []
         for j in range(self.n):
             content = self.behaviour.part(self.step, self.peers[j], self.parts[j])
-            h = self.part_hashes[j] if content is self.parts[j] else digest(content)
-            sig = self.identity.sign(_part_statement(self.context, self.peers[self.me], self.peers[j], h))
-            sends.append([content, _sig_tensor(sig)])
+            message = self.signed(content, j, self.part_hashes[j] if content is self.parts[j] else None)
+            if j in self.checkers[self.me]:
+                mine = self.behaviour.own_part(self.step, self.peers[j], self.parts[self.me])
+                message += self.signed(mine, self.me, self.part_hashes[self.me] if mine is self.parts[self.me] else None)
+            sends.append(self.behaviour.message(self.step, "scatter", self.peers[j], message))
         self.received = _WORK.get("received", (self.n, self.sizes[self.me]), self.flat.dtype, self.flat.device)
+        checked = [i for i in range(self.n) if self.me in self.checkers[i]]
+        own_buf = _WORK.get("own", (max(len(checked), 1), max(self.sizes)), self.flat.dtype, self.flat.device)
+        self.own_parts = {i: own_buf[k, : self.sizes[i]] for k, i in enumerate(checked)}
         sigs = torch.zeros(self.n, _SIG, dtype=torch.uint8)
-        malformed = self.t.exchange(sends, [[self.received[self.row[i]], sigs[i]] for i in range(self.n)])
+        own_sigs = torch.zeros(self.n, _SIG, dtype=torch.uint8)
+        recvs = [[self.received[self.row[i]], sigs[i]] + ([self.own_parts[i], own_sigs[i]] if i in self.own_parts else [])
+                 for i in range(self.n)]
+        malformed = self.t.exchange(sends, recvs)
         self.part_sigs = [bytes(s.tolist()) for s in sigs]
+        self.own_sigs = {i: bytes(own_sigs[i].tolist()) for i in checked}
         self.received_norms = safe_norm(self.received, dim=1)  # float64; the verify phase reuses them
         accusations: list[tuple[str, int, Any]] = []
         for i in range(self.n):
-            # wrong shape or dtype: evidence if it is signed
-            got, sig = (self.received[self.row[i]], self.part_sigs[i]) if malformed[i] is None else _unpack(malformed[i])
-            if got is None:
-                accusations.append(("missing-part", i, None))
+            bad = malformed[i]
+            got: Optional[Tensor] = self.received[self.row[i]]
+            sig = self.part_sigs[i]
+            if bad is not None:
+                got, sig = _unpack(bad, len(recvs[i]))
+            accusation = self.judge_part(i, self.me, got, sig, float(self.received_norms[self.row[i]]) if bad is None else None)
+            if accusation is None and bad is not None and got is not None:  # a valid part in a malformed message stands
+                self.part_sigs[i] = sig
+                self.received[self.row[i]].copy_(got)
+                self.received_norms[self.row[i]] = safe_norm(got)
+            accusations += [accusation] if accusation is not None else []
+            if i not in self.own_parts:
                 continue
-            h = digest(got)
-            if not verify_signature(self.keys[i], _part_statement(self.context, self.peers[i], self.peers[self.me], h), sig):
-                accusations.append(("missing-part", i, None))
-            elif malformed[i] is not None or h != self.committed[i][self.me] or not well_formed_part(
-                    got, float(self.received_norms[self.row[i]]) if malformed[i] is None else None):
-                accusations.append(("bad-part", i, (got.clone(), sig)))
+            own: Optional[Tensor] = self.own_parts[i]
+            own_sig = self.own_sigs[i]
+            if bad is not None:
+                own, own_sig = _unpack(bad, len(recvs[i]), 2)
+            own_accusation = self.judge_part(i, i, own, own_sig)
+            if own_accusation is None and bad is not None and own is not None:
+                self.own_parts[i].copy_(own)
+                self.own_sigs[i] = own_sig
+            accusations += [own_accusation] if own_accusation is not None else []
         self.resolve(accusations)
+
+    def judge_part(self, sender: int, index: int, got: Optional[Tensor], sig: bytes, norm: Optional[float] = None) -> Optional[tuple]:
+        """``None`` when ``got`` is ``sender``'s part ``index`` as it committed to it (``index == sender``: its own
+        contribution, sent to a checker), else the accusation: a dispute when nothing signed arrived, else the
+        signed bad part as evidence."""
+        own = index == sender and sender != self.me
+        if got is None:
+            return ("missing-own-part" if own else "missing-part", sender, None)
+        h = digest(got)
+        if not verify_signature(self.keys[sender], _part_statement(self.context, self.peers[sender], self.peers[index], h), sig):
+            return ("missing-own-part" if own else "missing-part", sender, None)
+        if (h != self.committed[sender][index] or tuple(got.shape) != (self.sizes[index],) or got.dtype != self.flat.dtype
+                or not well_formed_part(got, norm)):
+            return ("bad-own-part" if own else "bad-part", sender, (got.clone(), sig))
+        return None
 
     def aggregate(self) -> None:
         rows = self.received[: self.contributing]
@@ -285,7 +353,7 @@ class _Round:
             content = self.behaviour.aggregate(self.step, self.peers[j], self.mine)
             h = self.mine_hash if content is self.mine else digest(content)
             sig = self.identity.sign(_aggregate_statement(self.context, self.peers[self.me], h))
-            sends.append([content, _sig_tensor(sig)])
+            sends.append(self.behaviour.message(self.step, "gather", self.peers[j], [content, _sig_tensor(sig)]))
         sigs = torch.zeros(self.n, _SIG, dtype=torch.uint8)
         malformed = self.t.exchange(sends, [[self.aggregates[i], sigs[i]] for i in range(self.n)])
         accusations: list[tuple[str, int, Any]] = []
@@ -299,6 +367,11 @@ class _Round:
                 accusations.append(("missing-aggregate", i, None))
             elif h != self.agg_hashes[i]:
                 accusations.append(("equivocation", i, (h, sig)))
+            elif malformed[i] is not None:
+                if tuple(got.shape) == (self.sizes[i],) and got.dtype == self.flat.dtype:
+                    self.aggregates[i].copy_(got)  # the published aggregate in a malformed message: it stands
+                else:
+                    accusations.append(("missing-aggregate", i, None))  # its published copy must have the right shape
         self.resolve(accusations)
 
     def reveal(self) -> Optional[bytes]:
@@ -349,6 +422,10 @@ class _Round:
             recomputed = [s_all[r].tolist(), float(norms[r]), p_all[r].tolist()]
             if not self.numbers_agree(i, self.me, recomputed, float(part_norms[r])):
                 accusations.append(("lying-numbers", i, (self.received[r].clone(), self.part_sigs[i])))
+        # as a checker of another aggregator's own part, I recompute its numbers for it too
+        for i, own in self.own_parts.items():
+            if not self.numbers_match(i, i, own):
+                accusations.append(("lying-own-numbers", i, (own.clone(), self.own_sigs.get(i, bytes(_SIG)))))
         accusers = self.resolve(accusations)
         check = ProjectionCheck(tau=self.config.tau)
         weights = self.weights
@@ -406,6 +483,9 @@ class _Round:
                     self.ban(accuser, "malformed or repeated accusation", "signed-message")
                     break
                 kind, accused, evidence = parsed
+                if kind == "missing-own-part" and accuser not in self.checkers[accused]:
+                    self.ban(accuser, f"{kind}: peer {self.peers[accused]} owed it nothing", "signed-message")
+                    break
                 seen.add((kind, accused))
                 if kind in records.DISPUTE_KINDS:
                     disputes.append((accuser, kind, accused))
@@ -419,12 +499,16 @@ class _Round:
         return upheld
 
     def evidence_holds(self, kind: str, accuser: int, accused: int, evidence: Any) -> bool:
-        if kind == "bad-part":
+        if kind in ("bad-part", "bad-own-part"):
+            index = accuser if kind == "bad-part" else accused
             content, sig = evidence
             h = digest(content)
-            signed = verify_signature(self.keys[accused], _part_statement(self.context, self.peers[accused], self.peers[accuser], h), sig)
-            wrong = h != self.committed[accused][accuser] or tuple(content.shape) != (self.sizes[accuser],)
+            signed = verify_signature(self.keys[accused], _part_statement(self.context, self.peers[accused], self.peers[index], h), sig)
+            wrong = h != self.committed[accused][index] or tuple(content.shape) != (self.sizes[index],)
             return signed and (wrong or content.dtype != self.flat.dtype or not well_formed_part(content))
+        if kind == "lying-own-numbers":
+            content, _ = evidence  # its signed commitment names it: no signature needed
+            return digest(content) == self.committed[accused][accused] and not self.numbers_match(accused, accused, content)
         if kind == "equivocation":
             h, sig = evidence
             signed = verify_signature(self.keys[accused], _aggregate_statement(self.context, self.peers[accused], h), sig)
@@ -444,21 +528,24 @@ class _Round:
         owed = [(accuser, kind) for accuser, kind, accused in disputes if accused == self.me]
         publication = []
         for accuser, kind in owed:
-            content = self.parts[accuser] if kind == "missing-part" else self.mine
+            content = (self.parts[accuser] if kind == "missing-part" else self.parts[self.me] if kind == "missing-own-part"
+                       else self.mine)
             publication.append((accuser, kind, self.behaviour.republish(self.step, kind, self.peers[accuser], content)))
         board = self.t.all_gather_object(self.behaviour.record(self.step, "publication", publication))
         copies = [records.publication(entry, author, self.n, 2 * (self.n - 1)) for author, entry in enumerate(board)]
         for accuser, kind, accused in disputes:
             published = copies[accused]
             copy = published.get((accuser, kind)) if published is not None else None
-            size = self.sizes[accuser] if kind == "missing-part" else self.sizes[accused]
+            index = accuser if kind == "missing-part" else accused  # the part owed
             valid = False
-            if isinstance(copy, Tensor) and copy.dtype == self.flat.dtype and tuple(copy.shape) == (size,):
-                if kind == "missing-part":
-                    valid = digest(copy) == self.committed[accused][accuser] and well_formed_part(copy)
-                    if valid and accuser == self.me:
+            if isinstance(copy, Tensor) and copy.dtype == self.flat.dtype and tuple(copy.shape) == (self.sizes[index],):
+                if kind in ("missing-part", "missing-own-part"):
+                    valid = digest(copy) == self.committed[accused][index] and well_formed_part(copy)
+                    if valid and accuser == self.me and kind == "missing-part":
                         self.received[self.row[accused]].copy_(copy)
                         self.received_norms[self.row[accused]] = safe_norm(copy)
+                    elif valid and accuser == self.me:
+                        self.own_parts[accused].copy_(copy)
                 else:
                     valid = digest(copy) == self.agg_hashes[accused]
                     if valid and accuser == self.me:

@@ -28,8 +28,8 @@ import torch
 from torch import Tensor
 
 from lightning_btard.ops.finite import all_finite
-from lightning_btard.ops.norms import rounding_floor
-from lightning_btard.ops.projection import accurate_dots, random_directions
+from lightning_btard.ops.norms import rounding_floor, safe_norm
+from lightning_btard.ops.projection import accurate_dots, clipped_projections, random_directions
 from lightning_btard.ops.workspace import Workspace
 from lightning_btard.protocol import records
 from lightning_btard.protocol.digest import digest
@@ -68,6 +68,12 @@ class StepRecord:
     """The fp16 loss scale of the step, if any (a recomputation scales its loss the same way)."""
     assignments: list[Assignment] = field(default_factory=list)
     """The validators of the *next* step, drawn from this step's seed."""
+    numbers: dict[int, list[list]] = field(default_factory=dict)
+    """Per peer, per part: everything it published, ``[s, ||g - G||, p, ||g||]`` (empty: only ``p`` is checked)."""
+    aggregate: Optional[Tensor] = None
+    """The step's aggregate ``G`` (all parts), against which ``s`` and ``||g - G||`` are recomputed."""
+    tau: float = 1.0
+    """The round's CenteredClip radius (``s = min(1, tau / ||g - G||) <z, g - G>``)."""
     direction_cache: list[Tensor] = field(default_factory=list)
     """The round's directions per part if still in memory (the next round overwrites them; validation runs before)."""
 
@@ -97,29 +103,59 @@ def assign_validators(seed: bytes, peers: Sequence[int], count: int, targets: Se
 
 @dataclass(frozen=True)
 class ValidationCheck:
-    """``|p_published - p_recomputed| <= sigmas * rtol * ||g^j||`` (plus float32's resolution near zero) for every
-    direction of every part."""
+    """Every number a peer published about each of its parts, against the recomputed part ``g^j`` (error ``e``,
+    ``||e|| <= rtol ||g^j||`` across machines), each direction's with ``sigmas`` standard deviations of ``<z, e>``
+    and float32's resolution near zero (``floor``):
+
+    - ``|p - <z, g>| <= sigmas rtol ||g|| + floor``;
+    - ``||g||`` and ``||g - G||`` within ``sigmas rtol ||g|| + floor`` (each moves by at most ``||e||``);
+    - ``s = c <z, g - G>`` (``c = min(1, tau / ||g - G||)``) within ``sigmas rtol ||g|| (c + |s| / ||g - G||) + floor``
+      (``<z, g - G>`` moves by ``<z, e>``, and ``c`` by at most ``c ||e|| / ||g - G||``).
+
+    ``s`` and the norms are checked when the record keeps them and the step's aggregate: so an aggregator's numbers
+    for its own part, and a sender's for a part whose aggregator colludes with it, are checked whenever their
+    author is validated."""
 
     rtol: float = 1e-3
     sigmas: float = 7.0
 
     def agrees(self, record: StepRecord, peer: int, recomputed: Tensor) -> bool:
         published = record.projections.get(peer)
+        full = record.numbers.get(peer) if record.aggregate is not None else None
         if published is None or len(published) != len(record.sizes) or recomputed.numel() != sum(record.sizes):
             return False
+        if full is not None and len(full) != len(record.sizes):
+            return False
+        aggregates = torch.split(record.aggregate, record.sizes) if record.aggregate is not None else None
         for j, part in enumerate(torch.split(recomputed, record.sizes)):
             z = record.direction(j, part.device)
-            mine = accurate_dots(z, part.float())
             try:
                 theirs = torch.tensor([float(v) for v in published[j]], dtype=torch.float64)
             except (TypeError, ValueError):
                 return False
-            if theirs.shape != mine.shape or not bool(torch.isfinite(theirs).all()):
+            if theirs.shape != (z.shape[0],) or not bool(torch.isfinite(theirs).all()):
                 return False
-            tol = self.sigmas * self.rtol * float(part.double().norm()) + rounding_floor(part.numel())
-            if not math.isfinite(tol) or bool(((theirs - mine.cpu()).abs() > tol).any()):
+            norm = float(safe_norm(part))
+            floor = rounding_floor(part.numel())
+            tol = self.sigmas * self.rtol * norm + floor
+            if not math.isfinite(tol):
+                return False
+            if full is None or aggregates is None:
+                if bool(((theirs - accurate_dots(z, part.float()).cpu()).abs() > tol).any()):
+                    return False
+                continue
+            s, dist, p = clipped_projections(z, part, aggregates[j].to(part.device), record.tau)
+            if bool(((theirs - p.cpu()).abs() > tol).any()) or not self._numbers_agree(full[j], s.cpu(), dist, norm, tol, floor, record.tau):
                 return False
         return True
+
+    def _numbers_agree(self, published: list, s: Tensor, dist: float, norm: float, tol: float, floor: float, tau: float) -> bool:
+        pub_s, pub_dist, _, pub_norm = published  # well formed: the round checked every member's numbers
+        if abs(pub_norm - norm) > tol or abs(pub_dist - dist) > tol:
+            return False
+        c = min(1.0, tau / dist) if dist > 0 else 1.0
+        s_tol = self.sigmas * self.rtol * norm * (c + s.abs() / max(dist, 1e-300)) + floor
+        return not bool(((torch.tensor(pub_s, dtype=torch.float64) - s).abs() > s_tol).any())
 
 
 class RecomputationDisagrees(RuntimeError):

@@ -208,46 +208,95 @@ def test_a_large_gradient_within_the_bound_is_clipped_not_a_ban() -> None:
     assert float(outcomes[0].aggregate.norm()) < 10  # CenteredClip kept it to its radius
 
 
-class SteeringAggregator(Behaviour):
-    """Aggregator of its own part: publishes ``G + shift`` for it and, after the reveal, numbers for its own
-    contribution that cancel everybody else's in the CenteredClip check (it holds every sender's part and knows the
-    directions: it computes their numbers exactly)."""
+def test_an_aggregator_cannot_steer_its_own_part_with_numbers_nobody_checks() -> None:
+    """A shift of 20,000 tau passed with no ban at 245906c: the aggregator's own numbers for its own part cancelled
+    the others' in the check. Now its checkers (``own_part_checkers``) hold that contribution and recompute them."""
+    from adversary_harness import Steerer
 
-    def __init__(self, shift: float) -> None:
-        self.shift, self.r = shift, None
+    outcomes = run_round({2: Steerer(shift=20_000.0)})
+    assert banned(outcomes, [0, 1, 3, 4]) == {2}
 
-    def observe(self, state: Any) -> None:
-        self.r = state
 
-    def published_aggregate(self, step: int, aggregate: torch.Tensor) -> torch.Tensor:
-        return aggregate + self.shift
+class OwnPartLiar(Behaviour):
+    """An aggregator that sends its checkers another own part than it committed to (``bad``), or nothing signed
+    (withholds; ``publish`` says whether it then publishes a valid copy when disputed)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def own_part(self, step: int, checker: int, part: torch.Tensor) -> torch.Tensor:
+        return part + 1.0 if self.mode == "bad" else part
 
     def accusations(self, step: int, honest: list[tuple]) -> list[tuple]:
-        return [a for a in honest if a[1] != self.r.me]
+        return honest
 
-    def numbers(self, step: int, part: int, s: list, norm: float, p: list) -> tuple:
-        from lightning_btard.ops.projection import clipped_projections
-
-        r = self.r
-        if part != r.me:
-            return s, norm, p
-        others, _, _ = clipped_projections(r.directions[part], r.received, r.aggregates[part], r.config.tau)
-        weights = r.weights.to(others.dtype)
-        senders = [i for i in range(r.n) if i != r.me]
-        cancel = -(weights[senders][:, None] * others[[r.row[i] for i in senders]]).sum(0)
-        return (cancel / float(weights[r.me])).tolist(), norm, p
+    def republish(self, step: int, kind: str, receiver: int, content: torch.Tensor) -> Any:
+        return None if self.mode == "withhold" and kind == "missing-own-part" else content
 
 
-@pytest.mark.xfail(strict=True, reason="open: nobody checks an aggregator's numbers for its own part (README, Not yet)")
-def test_an_aggregator_cannot_steer_its_own_part_with_numbers_nobody_checks() -> None:
-    """A shift of 20,000 tau passes with no ban: the aggregator's own numbers for its own part cancel the others' in
-    the check. Leaving its own contribution out of its part closes this but costs the honest-majority margin (with a
-    validator at weight 0, a 4-peer run's honest parts had two contributors, one of them a x1000 sign-flipper, and the
-    model diverged before the ban); allowing instead for the aggregator's clipped contribution is no check (clipping
-    caps the others' terms at about (n-1) tau per direction). The fix needs a post-reveal verifier of that part."""
-    shift = 20_000.0
-    outcomes = run_round({2: SteeringAggregator(shift=shift)})
+class Mangler:
+    """The attacker's transport: rewrites the messages it sends (``fn(destination, message) -> message``)."""
+
+    def __init__(self, inner: Transport, fn: Any) -> None:
+        self.inner, self.fn, self.calls = inner, fn, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def exchange(self, sends: Any, recvs: Any) -> Any:
+        self.calls += 1
+        if self.calls == 1:  # the scatter
+            sends = [self.fn(j, list(m)) if j != self.inner.rank else m for j, m in enumerate(sends)]
+        return self.inner.exchange(sends, recvs)
+
+
+def test_the_checkers_of_an_aggregators_own_part_are_the_next_members() -> None:
+    from lightning_btard.protocol.round import own_part_checkers
+
+    assert own_part_checkers([1.0] * 5) == [[1, 2], [2, 3], [3, 4], [4, 0], [0, 1]]
+    assert own_part_checkers([1.0, 0.0, 1.0, 1.0]) == [[1], [], [3], [0]]
+    assert own_part_checkers([1.0, 1.0]) == [[], []]  # two peers: no Byzantine member is tolerated
+
+
+def test_an_aggregator_sending_its_checkers_another_own_part_is_banned() -> None:
+    outcomes = run_round({2: OwnPartLiar("bad")})
     assert banned(outcomes, [0, 1, 3, 4]) == {2}
+    assert any("bad-own-part" in b.reason for b in outcomes[0].bans)
+
+
+@pytest.mark.parametrize("publish", [True, False])
+def test_an_aggregator_withholding_its_own_part_must_publish_it(publish: bool) -> None:
+    """Its own part arrives unsigned at its checkers: they dispute; a valid copy on the board settles it (the round
+    stands and the numbers are checked against the copy), none bans the aggregator."""
+    def unsigned(j: int, message: list) -> list:
+        return message[:2] + [message[2], torch.zeros(64, dtype=torch.uint8)] if len(message) == 4 else message
+
+    outcomes = run_round({2: OwnPartLiar("publish" if publish else "withhold")},
+                         wrap=lambda me, t: Mangler(t, unsigned) if me == 2 else t)
+    assert banned(outcomes, [0, 1, 3, 4]) == (set() if publish else {2})
+    if publish:
+        assert sorted(outcomes[0].refuted) == [(3, 2), (4, 2)]
+        assert all(torch.equal(o.aggregate, outcomes[0].aggregate) for o in outcomes)
+
+
+def test_a_dispute_over_an_own_part_by_a_non_checker_bans_the_claimant() -> None:
+    outcomes = run_round({4: Accuser([("missing-own-part", 1, None)])})  # peer 1's checkers are 2 and 3
+    assert banned(outcomes, [0, 1, 2, 3]) == {4}
+
+
+@pytest.mark.parametrize("mangle", ["int64 signature", "trailing tensor"])
+def test_a_valid_part_in_a_malformed_message_frames_nobody(mangle: str) -> None:
+    """The signature as int64 (its values intact) or an extra tensor: the message is malformed, the part in it is the
+    committed one. It stands (or is disputed and republished); accusing it as a bad part would ban its honest
+    receiver for a false accusation."""
+    def fn(j: int, message: list) -> list:
+        if mangle == "int64 signature":
+            return [message[0], message[1].to(torch.int64)] + message[2:]
+        return message + [torch.zeros(3)]
+
+    outcomes = run_round({}, wrap=lambda me, t: Mangler(t, fn) if me == 2 else t)
+    assert banned(outcomes, [0, 1, 2, 3, 4]) == set()
+    assert all(torch.equal(o.aggregate, outcomes[0].aggregate) for o in outcomes)
 
 
 class Framer(Behaviour):

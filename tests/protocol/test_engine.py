@@ -221,3 +221,65 @@ def test_a_validator_that_accuses_falsely_is_banned() -> None:
     for p in honest:
         assert [b.peer for b in p.engine.membership.bans] == [0]
         assert p.engine.membership.bans[0].reason.startswith("false accusation")
+
+
+class SteeringPair:
+    """Two colluders: aggregator ``A`` publishes ``G + shift`` for its part, with honest numbers for its own
+    contribution (its checkers would catch any other); sender ``S`` publishes numbers for that part that cancel every
+    other term of the CenteredClip check (computed from the parts ``A`` holds, which it shares), and ``A`` does not
+    accuse it. Nobody honest holds ``S``'s part of ``A``'s part: only ``S``'s validator can catch the lie."""
+
+    def __init__(self, aggregator: int, sender: int, shift: float) -> None:
+        self.a, self.s, self.shift = aggregator, sender, shift
+        self.rounds: dict[int, Any] = {}
+        pair = self
+
+        class Aggregator(Behaviour):
+            def observe(self, state: Any) -> None:
+                pair.rounds[pair.a] = state
+
+            def published_aggregate(self, step: int, aggregate: torch.Tensor) -> torch.Tensor:
+                # only while its partner's numbers count (a member of weight > 0), else it would fail its check
+                r = pair.rounds[pair.a]
+                partner = r.peers.index(pair.s) if pair.s in r.peers else None
+                return aggregate + pair.shift if partner is not None and float(r.weights[partner]) > 0 else aggregate
+
+            def accusations(self, step: int, honest: list[tuple]) -> list[tuple]:
+                r = pair.rounds[pair.a]
+                return [x for x in honest if r.peers[x[1]] != pair.s]
+
+        class Sender(Behaviour):
+            def observe(self, state: Any) -> None:
+                pair.rounds[pair.s] = state
+
+            def numbers(self, step: int, part: int, s: list, norm: float, p: list) -> tuple:
+                from lightning_btard.ops.projection import clipped_projections
+
+                mine, agg = pair.rounds[pair.s], pair.rounds[pair.a]
+                if pair.a not in mine.peers or mine.peers[part] != pair.a:
+                    return s, norm, p
+                terms, _, _ = clipped_projections(mine.directions[part], agg.received, mine.aggregates[part], mine.config.tau)
+                w = mine.weights.to(terms.dtype)
+                others = [i for i in range(mine.n) if i != mine.me]
+                cancel = -(w[others][:, None] * terms[[agg.row[i] for i in others]]).sum(0)
+                return (cancel / float(w[mine.me])).tolist() if float(w[mine.me]) > 0 else s, norm, p
+
+        self.aggregator, self.sender = Aggregator(), Sender()
+
+
+def test_a_sender_and_aggregator_colluding_to_steer_a_part_are_caught_when_the_sender_is_validated() -> None:
+    """The residual the round cannot close without sending every part to more peers: the pair's lie passes the
+    round's check (the aggregator steers only in rounds where its partner's numbers count), and the sender's
+    validator, which now checks ``s`` and both norms against the step's aggregate (not only ``p``), bans it. (With
+    ``p`` alone, the sender was never banned.)"""
+    pair = SteeringPair(aggregator=3, sender=4, shift=50.0)
+    peers = run(make_peers(5, validators=2, behaviour={3: pair.aggregator, 4: pair.sender}), 40)
+    honest = [p for p in peers if p.engine.me not in (3, 4)]
+    bans = {b.peer: b for b in honest[0].engine.membership.bans}
+    for p in honest:
+        assert {b.peer: (b.step, b.evidence) for b in p.engine.membership.bans} == {k: (b.step, b.evidence) for k, b in bans.items()}
+    assert set(bans) <= {3, 4} and 4 in bans
+    assert bans[4].evidence == "recomputation"
+    last = max(b.step for b in bans.values())
+    for step in range(last + 1, 40):
+        assert_same(honest, step)

@@ -81,6 +81,46 @@ def test_the_comparison_tolerates_recompute_noise_and_catches_deviations() -> No
     assert not check.agrees(bad, 0, g)
 
 
+def full_record_of(gradients: dict[int, torch.Tensor], aggregate: torch.Tensor, tau: float, k: int = 2) -> StepRecord:
+    """A record that keeps every published number and the aggregate: ``[s, ||g - G||, p, ||g||]`` per part, computed
+    here in float64 from the definitions."""
+    record = record_of(gradients, k=k)
+    record.aggregate, record.tau = aggregate, tau
+    for p, g in gradients.items():
+        nums = []
+        for j, (part, agg) in enumerate(zip(torch.split(g.double(), record.sizes), torch.split(aggregate.double(), record.sizes))):
+            z = random_directions(SEED, j, part.numel(), k).double()
+            dist = float((part - agg).norm())
+            c = min(1.0, tau / dist)
+            nums.append([(c * (z @ (part - agg))).tolist(), dist, (z @ part).tolist(), float(part.norm())])
+        record.numbers[p] = nums
+    return record
+
+
+@pytest.mark.parametrize("lie", ["s", "distance", "norm"])
+def test_a_validator_checks_every_published_number_not_only_p(lie: str) -> None:
+    """A peer whose ``p`` is honest but whose ``s``, ``||g - G||`` or ``||g||`` for one part is not (the numbers an
+    aggregator colluding with it, or its own part's checkers if it is an aggregator, would let pass) fails when
+    validated; the honest numbers pass under recomputation noise up to ``rtol``."""
+    gen = torch.Generator().manual_seed(1)
+    grads = {i: torch.randn(3 * 4000, generator=gen) * 0.01 for i in range(3)}
+    aggregate = torch.stack(list(grads.values())).mean(0)
+    record = full_record_of(grads, aggregate, tau=0.3)
+    check = ValidationCheck(rtol=1e-3)
+    for _ in range(50):
+        noise = torch.randn(grads[1].shape, generator=gen)
+        assert check.agrees(record, 1, grads[1] + noise * (1e-3 * grads[1].norm() / noise.norm()))
+    entry = record.numbers[1][2]
+    if lie == "s":
+        entry[0] = [v + 0.05 * 0.3 for v in entry[0]]  # 5% of tau, per direction
+    elif lie == "distance":
+        entry[1] *= 1.05
+    else:
+        entry[3] *= 1.05
+    assert not check.agrees(record, 1, grads[1])
+    assert check.agrees(record, 0, grads[0])
+
+
 def test_the_comparison_uses_the_published_directions_not_fresh_ones() -> None:
     g = torch.randn(1200)
     record = record_of({0: g, 1: g})
