@@ -9,7 +9,10 @@ checkpoints — is Lightning's, as in its DDP strategy.
 This class is glue: the step's aggregation (validators, verified rounds, retries, bans, regroups, the fp16
 vote) is the framework-free :class:`~lightning_btard.protocol.engine.PeerEngine`; who is in the run is a
 :class:`~lightning_btard.groups.base.Group` per backend; hivemind's joining and admission are
-:class:`~lightning_btard.hivemind_peer.HivemindPeer`; every private Lightning API is in :mod:`.compat`.
+:class:`~lightning_btard.hivemind_peer.HivemindPeer`; every private Lightning API is in :mod:`.compat`. The class is
+the aggregation and Lightning's set-up; one concept each is mixed in from beside it: devices, processes and ranks
+(``processes.py``), Lightning's collectives over the peers (``collectives.py``), joining a running group
+(``joining.py``) and leaving the run (``leaving.py``).
 
 Buffers (e.g. BatchNorm running statistics) are *not* aggregated: every peer keeps its own, as
 computed from its own batches, and rank 0's are the ones checkpointed. A Byzantine peer could
@@ -32,7 +35,6 @@ from lightning_fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning_fabric.utilities.seed import reset_seed
 from pytorch_lightning.plugins.precision import Precision
 from pytorch_lightning.strategies import StrategyRegistry
-from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from pytorch_lightning.strategies.parallel import ParallelStrategy
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -49,10 +51,12 @@ from lightning_btard.collectives import PeerCollectives
 from lightning_btard.errors import TrainingDiverged, UserError
 from lightning_btard.event_sinks import attach_run_sinks
 from lightning_btard.groups.base import Group
+from lightning_btard.joining import Joining
 from lightning_btard.leaving import Leaving
 from lightning_btard.ops.finite import all_finite, well_formed_part
 from lightning_btard.ops.partition import assign_grads, flatten_grads, trainable_params
 from lightning_btard.ops.workspace import Workspace
+from lightning_btard.processes import Processes
 from lightning_btard.protocol.agreement import strict_majority
 from lightning_btard.protocol.engine import PeerEngine
 from lightning_btard.protocol.events import EventLog
@@ -75,7 +79,7 @@ _DATA_ADVICE = (
 )
 
 
-class BTARDStrategy(PeerCollectives, Leaving, ParallelStrategy):
+class BTARDStrategy(Processes, Joining, PeerCollectives, Leaving, ParallelStrategy):
     """Multi-process training where gradients are combined by BTARD's ButterflyClip.
 
     Args:
@@ -223,61 +227,6 @@ class BTARDStrategy(PeerCollectives, Leaving, ParallelStrategy):
     @property
     def _left(self) -> bool:
         return self.engine is not None and self.engine.left
-
-    # ----------------------------------------------------------------- devices and processes
-    @property
-    @override
-    def root_device(self) -> torch.device:
-        assert self.parallel_devices is not None
-        return self.parallel_devices[self.local_rank]
-
-    @property
-    def num_nodes(self) -> int:
-        return self._num_nodes
-
-    @num_nodes.setter
-    def num_nodes(self, num_nodes: int) -> None:
-        self._num_nodes = num_nodes
-
-    @property
-    def num_processes(self) -> int:
-        return len(self.parallel_devices) if self.parallel_devices is not None else 0
-
-    @property
-    @override
-    def is_distributed(self) -> bool:
-        """Tells Lightning to install its distributed sampler and to sync ``self.log(sync_dist=True)``."""
-        return True
-
-    @property
-    @override
-    def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        return {"num_replicas": self.world_size, "rank": self.global_rank}
-
-    @property
-    def process_group_backend(self) -> str:
-        return self._process_group_backend or ("nccl" if self.root_device.type == "cuda" else "gloo")
-
-    @override
-    def _configure_launcher(self) -> None:
-        assert self.cluster_environment is not None
-        if self.backend == "hivemind":
-            if self.num_processes != 1:
-                raise UserError(
-                    f"backend='hivemind' runs one device per process (got devices={self.num_processes}): start one "
-                    "`btard fit` per device, or use `python -m lightning_btard.swarm` to start several on this machine"
-                )
-            self._launcher = None
-        elif self._start_method == "popen":
-            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
-        else:
-            self._launcher = _MultiProcessingLauncher(self, start_method=self._start_method)
-
-    def set_world_ranks(self) -> None:
-        if self.cluster_environment is not None:
-            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
-            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
-        compat.set_rank_zero(self.global_rank)
 
     @override
     def setup_environment(self) -> None:
@@ -517,45 +466,6 @@ class BTARDStrategy(PeerCollectives, Leaving, ParallelStrategy):
             rank_zero_info(f"BTARD: resumed with the checkpoint's ban list: {[b['peer'] for b in checkpoint['btard']['bans']]}")
             self.engine.load_state_dict(checkpoint["btard"])
         return checkpoint
-
-    # ----------------------------------------------------------------- peers joining a running group (hivemind)
-    @property
-    @override
-    def restore_checkpoint_after_setup(self) -> bool:
-        """A joining peer learns the group's state in ``setup`` (after its data and model are ready): Lightning restores
-        it after that, as from a checkpoint file."""
-        return self._hivemind is not None and self._hivemind.joining
-
-    @property
-    def _catching_up(self) -> bool:
-        return self._hivemind is not None and self._hivemind.catching_up
-
-    def _join_running_group(self, trainer: "pl.Trainer") -> None:
-        assert self._hivemind is not None
-        identity = Identity.generate()
-        group, keys, self.run_seed, run_nonce = self._hivemind.join(self, trainer, identity.public, self._timeout.total_seconds())
-        self._make_engine(group, identity if self.verify else None, keys, run_nonce)
-
-    def state_digest(self, checkpoint: dict[str, Any]) -> bytes:
-        """The digest of what every member in sync holds identically (``hivemind_state.shared_state_digest``)."""
-        from lightning_btard.groups.hivemind_state import shared_state_digest
-
-        names = [n for n, _ in self.lightning_module.named_parameters()]  # type: ignore[union-attr]
-        return shared_state_digest(checkpoint, names, type(self.precision_plugin).__qualname__)
-
-    @override
-    def on_train_start(self) -> None:
-        if self._hivemind is not None:
-            self._hivemind.joined_state = None  # restored by now: free it
-
-    @override
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        """At a step boundary every ``join_every`` steps, the members admit the peers that asked to join."""
-        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        if self._hivemind is None or trainer is None or not self._hivemind.due(trainer, batch_idx):
-            return
-        step = trainer.global_step
-        self._tolerant(lambda: self._hivemind.admit(self, trainer, step), lambda: None)  # type: ignore[union-attr]
 
     # ----------------------------------------------------------------- leaving
     @override

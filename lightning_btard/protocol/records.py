@@ -8,6 +8,7 @@ exception on an honest peer. Each function returns the record's parts when it is
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -24,7 +25,7 @@ __all__ = [
     "is_bytes",
     "is_index",
     "publication",
-    "signed_hash",
+    "aggregate_record",
     "validation_claims",
 ]
 
@@ -66,11 +67,18 @@ def commitment(entry: Any, step: int, peer: int, n: int) -> Optional[tuple[list[
     return list(hashes), commit, sig
 
 
-def signed_hash(entry: Any) -> Optional[tuple[bytes, bytes]]:
-    """``(hash, signature)``."""
-    if not _pair(entry) or not is_bytes(entry[0], HASH_BYTES) or not is_bytes(entry[1], SIG_BYTES):
+def aggregate_record(entry: Any) -> Optional[tuple[bytes, tuple[int, float], bytes]]:
+    """``([hash, iterations, residual], signature)``: the aggregate's hash (signed) and its solver's iterations (an
+    exact non-negative int) and residual (a finite non-negative float); returns hash, (iterations, residual),
+    signature."""
+    if not _pair(entry) or type(entry[0]) not in (tuple, list) or len(entry[0]) != 3 or not is_bytes(entry[1], SIG_BYTES):
         return None
-    return entry[0], entry[1]
+    h, iterations, residual = entry[0]
+    if not is_bytes(h, HASH_BYTES) or type(iterations) is not int or not 0 <= iterations < 2**31:
+        return None
+    if type(residual) is not float or not math.isfinite(residual) or residual < 0:
+        return None
+    return h, (iterations, residual), entry[1]
 
 
 def _evidence_tensor(x: Any, max_numel: int) -> bool:

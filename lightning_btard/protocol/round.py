@@ -338,12 +338,17 @@ class _Round:
         )
         self.mine = self.behaviour.published_aggregate(self.step, result.value)
         self.mine_hash = h = digest(self.mine)
-        board = self.signed_board("aggregate", h, _aggregate_statement(self.context, self.peers[self.me], h))
+        # the hash, signed, and the solver's iterations and residual (metrics only: the check does not trust them)
+        residual = float(result.residual) if math.isfinite(result.residual) else 1e300  # never a malformed record of mine
+        record = [h, int(result.iterations), residual]
+        board = self.signed_board("aggregate", record, _aggregate_statement(self.context, self.peers[self.me], h))
+        self.solver_stats: list[tuple[int, float]] = []
         for i, entry in enumerate(board):
-            parsed = records.signed_hash(entry)
+            parsed = records.aggregate_record(entry)
             h_i = parsed[0] if parsed is not None else b""
-            ok = parsed is not None and verify_signature(self.keys[i], _aggregate_statement(self.context, self.peers[i], h_i), parsed[1])
+            ok = parsed is not None and verify_signature(self.keys[i], _aggregate_statement(self.context, self.peers[i], h_i), parsed[2])
             self.agg_hashes.append(h_i)
+            self.solver_stats.append(parsed[1] if parsed is not None else (0, 0.0))
             if not ok:
                 self.ban(i, "malformed or missing aggregate hash", "missing-record")
 
@@ -444,6 +449,16 @@ class _Round:
             slack = self.config.number_rtol * (weights[:, None] * (s.abs() + (clip_coefficients(norms, self.config.tau) * norms)[:, None])).sum(0)
             if not check.passes(weights, s, norms, bound, slack) and j not in accusers:
                 self.ban(j, "its aggregate failed the CenteredClip check", "projection-check")
+
+    def totals(self) -> dict[str, float]:
+        """The unverified path's metrics over all parts: parts farther than tau from their aggregate (from the checked
+        published distances), the solvers' iterations and residuals at their maximum (as their aggregators report)."""
+        if self.bans:  # the round is re-run: its numbers are not all there
+            return {"clipped": 0.0, "iterations": 0.0, "residual": 0.0}
+        contributing = [i for i in range(self.n) if self.weights[i] > 0]
+        clipped = sum(float(self.numbers[i][j][1]) > self.config.tau for i in contributing for j in range(self.n))
+        return {"clipped": float(clipped), "iterations": float(max(it for it, _ in self.solver_stats)),
+                "residual": max(res for _, res in self.solver_stats)}
 
     def numbers_match(self, member: int, part_index: int, part: Tensor) -> bool:
         return self.numbers_agree(member, part_index, self.my_numbers(part_index, part), float(safe_norm(part)))
@@ -597,6 +612,5 @@ def verified_round(
         return r.outcome(times)
     r.verify(seed)
     timed("verify")
-    stats = {"clipped": float(r.result.clipped), "iterations": float(r.result.iterations),
-             "residual": float(r.result.residual), **times}
+    stats = {**r.totals(), **times}
     return r.outcome(stats, r.out, seed)

@@ -6,7 +6,6 @@ Small CNN, 4 peers (one attacker), the synthetic stand-in for CIFAR-10 written i
 from __future__ import annotations
 
 import csv
-import re
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import yaml
 from procs import ROOT, run_command
 
 from datamodules import write_synthetic_cifar10
+from lightning_btard.protocol.events import read_events
 
 STEPS, ATTACK_START, TAU = 150, 30, 0.3
 
@@ -70,5 +70,14 @@ def test_sign_flipping_ruins_mean_but_not_btard(tmp_path, data_dir) -> None:
     assert final["btard"] >= max(0.6, final["clean"] - 0.2), final
     # verification is on by default with CenteredClip: a validator catches the sign-flipper, nobody else is banned
     assert "BTARD: 1 peer(s) banned during the run" in outputs["btard"]
-    assert re.search(r"step +\d+ +peer +2 +its gradient of step \d+ is not the one its batch gives", outputs["btard"])
+    # and every peer's event file says the same: peer 2 banned by recomputation, once
+    for rank in range(4):
+        bans = read_events(str(tmp_path / "btard" / "btard_events" / f"rank{rank}.jsonl"), "ban")
+        if rank == 2:  # the banned peer records that it left, and why
+            left = read_events(str(tmp_path / "btard" / "btard_events" / "rank2.jsonl"), "left")
+            assert [(e["peers"], e["evidence"]) for e in left] == [([2], "recomputation")], left
+            continue
+        assert [(e["peers"], e["evidence"]) for e in bans] == [([2], "recomputation")], bans
+        assert "is not the one its batch gives" in bans[0]["reason"]
+    assert read_events(str(tmp_path / "clean" / "btard_events" / "rank0.jsonl"), "ban") == []
     assert "BTARD: 0 peer(s) banned during the run." in outputs["clean"]

@@ -135,6 +135,30 @@ def test_unverified_steps_give_the_independent_aggregate_and_one_metric_schema()
     assert set(METRIC_KEYS) <= set(peers[0].engine.metrics)
 
 
+def test_both_paths_log_the_same_metrics_with_the_same_meaning() -> None:
+    """Clipped rows summed over every part, the solvers' iterations and residual at their maximum over parts: on the
+    verified path from the checked published distances and the aggregators' board records, on every peer alike."""
+    tau = 0.2  # each fake part is ~0.4 from the mean of its rows: most rows clipped
+    plain = run(make_peers(4, verify=False, tau=tau), 1)
+    verified = run(make_peers(4, validators=0, tau=tau), 1)
+    expected = plain[0].engine.metrics
+    assert expected["clipped"] > 0
+    for p in plain + verified:
+        got = p.engine.metrics
+        assert got["clipped"] == expected["clipped"]
+        assert got["cc_iterations"] == expected["cc_iterations"]
+        assert got["cc_residual"] == pytest.approx(expected["cc_residual"], rel=1e-3, abs=1e-6)
+    # and independently: rows farther than tau from their part's aggregate, over all parts
+    from lightning_btard.ops.partition import part_sizes
+
+    grads = torch.stack([gradient(0, p) for p in range(4)]).double()
+    aggregate = verified[0].applied[0].double()
+    sizes = part_sizes(DIM, 4)
+    far = sum(int(((rows - agg).norm(dim=1) > tau).sum())
+              for rows, agg in zip(torch.split(grads, sizes, dim=1), torch.split(aggregate, sizes)))
+    assert expected["clipped"] == far
+
+
 def test_verified_steps_rotate_validators_that_weigh_zero_and_recompute_on_their_fast_path() -> None:
     peers = run(make_peers(4, validators=1), 8)
     assert all(not p.engine.membership.bans for p in peers)
@@ -212,14 +236,20 @@ def test_a_silent_peer_departs_the_survivors_regroup_and_stay_identical() -> Non
 
 
 def test_a_validator_that_accuses_falsely_is_banned() -> None:
+    claims: list[tuple[int, int, bool]] = []
+
     class FalseAccuser(Behaviour):
         def validation_claims(self, step: int, target: int, agrees: bool) -> list[int]:
+            claims.append((step, target, agrees))
             return [target]
 
-    peers = run(make_peers(4, validators=3, behaviour={0: FalseAccuser()}), 12)
+    peers = run(make_peers(4, validators=3, behaviour={0: FalseAccuser()}), 16)
     honest = [p for p in peers if p.engine.me != 0]
+    assert claims, "peer 0 was never a validator with a target (3 of 4 validate each step: p ~ (7/16)^15)"
+    first = claims[0][0]
+    assert claims[0][2], claims  # its own recomputation agreed: the claim is false
     for p in honest:
-        assert [b.peer for b in p.engine.membership.bans] == [0]
+        assert [(b.peer, b.step) for b in p.engine.membership.bans] == [(0, first)], (claims, p.engine.membership.bans)
         assert p.engine.membership.bans[0].reason.startswith("false accusation")
 
 
