@@ -63,6 +63,13 @@ class HivemindPeer:
         self._running_announced = 0.0
 
     # ----------------------------------------------------------------- meeting the others
+    def limit_messages(self, numel: int) -> None:
+        """Refuse tensor messages larger than two float32 copies of a ``numel``-parameter model (and 1 MiB): no
+        collective sends more (a part and an own part, a broadcast parameter), and any member could otherwise make this
+        peer buffer up to 2 GiB per message."""
+        if self.node is not None:
+            self.node.mailbox.max_message_bytes = 8 * int(numel) + 2**20
+
     def start(self, cluster_environment: Any, timeout: float) -> Optional[HivemindGroup]:
         """Start the node, print its addresses, wait for the group; take the rank it gives us (``None``: this peer
         joins a running run, in :meth:`join`)."""

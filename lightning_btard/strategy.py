@@ -282,6 +282,8 @@ class BTARDStrategy(Processes, Joining, PeerCollectives, Leaving, ParallelStrate
                 self._steps = VerifiedSteps(self.run_seed, self.global_rank, self.root_device)
                 self._steps.setup(trainer, self.lightning_module, self.validators, self.world_size)  # type: ignore[arg-type]
         self.setup_precision_plugin()
+        if self._hivemind is not None:
+            self._hivemind.limit_messages(sum(p.numel() for p in self.model.parameters()))
         if trainer.state.fn == TrainerFn.FITTING:
             compat.optimizers_to_device(self.optimizers, self.root_device)
             self._check_manual_optimization()

@@ -42,6 +42,11 @@ class Swarm:
             for t in transports:
                 t.close()
 
+    @staticmethod
+    def run_transports(transports: list[Transport], fn: Callable[[Transport], Any], timeout: float = 30.0) -> list[Any]:
+        """``fn(transport)`` on transports the caller made (and closes), in threads."""
+        return run_in_threads(transports, fn, timeout)
+
     def shutdown(self) -> None:
         for node in self.nodes:
             node.shutdown()

@@ -51,6 +51,10 @@ class HivemindTransport(Transport):
         self._rank = self.members.index(node.peer_id)
         self.timeout, self.poll_interval = timeout, poll_interval
         self.seq = 0
+        node.run(self._open(), timeout=10)
+
+    async def _open(self) -> None:
+        self.node.mailbox.open(self.session, self.members)
 
     @property
     def rank(self) -> int:
@@ -62,6 +66,7 @@ class HivemindTransport(Transport):
 
     def _next(self) -> int:
         self.seq += 1
+        self.node.mailbox.advance(self.session, self.seq)  # members' messages of the next few collectives are welcome
         return self.seq
 
     def close(self) -> None:
@@ -91,14 +96,17 @@ class HivemindTransport(Transport):
             while True:
                 try:
                     left = deadline - time.monotonic()
-                    await stub.rpc_push(MessageServicer.requests(self.session, seq, list(sends[j])), timeout=max(left, 0.01))
+                    reply = await stub.rpc_push(MessageServicer.requests(self.session, seq, list(sends[j])), timeout=max(left, 0.01))
+                    if reply.metadata:  # refused (the receiver has not opened the session yet) or unreadable: again
+                        raise TransportError(reply.metadata.decode(errors="replace"))
                     return
                 except Exception as e:  # noqa: BLE001 - reported with the collective's failure
                     errors[j] = e
                     if time.monotonic() + delay >= deadline:
                         raise
                     await asyncio.sleep(delay)
-                    delay = min(2 * delay, 1.0)
+                    # a refusal clears as soon as the receiver reaches this collective: ask again soon
+                    delay = min(2 * delay, 0.1 if isinstance(e, TransportError) else 1.0)
 
         async def receive(i: int) -> Message:
             return await mailbox.receive(self.session, seq, self.members[i])

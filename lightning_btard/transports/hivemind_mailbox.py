@@ -5,6 +5,14 @@ group of peers in one round), ``seq`` the collective within it. The sender is th
 caller (``context.remote_id``), never a field of the message. Tensors are streamed in 64 KiB chunks
 (hivemind caps unary messages at 4 MiB); a message that cannot be read, or is larger than the cap, is
 delivered as :class:`Malformed` so that the protocol can treat it as the sender's fault.
+
+What the mailbox holds is bounded, whoever pushes: a push is refused (before its tensors are read; an honest sender
+retries until its deadline) unless its session was opened here by a transport and its sender is a member of it, and
+unless its collective is at most :attr:`Mailbox.AHEAD` ahead of this peer's own (an honest member is at most one
+ahead: it cannot finish a collective without this peer's part in it). A message is dropped once received; a message
+for a collective this peer has passed, and not waiting for, is dropped. So a member holds at most ``AHEAD`` messages of
+at most ``max_message_bytes`` each per session here, and an outsider nothing. Sessions end when their transport
+closes them, or after ``ttl`` seconds without a message or a receive, never while a receive waits.
 """
 
 from __future__ import annotations
@@ -55,38 +63,91 @@ def _deserialize(chunks: list[runtime_pb2.Tensor], count: int) -> Message:
     return tensors
 
 
+@dataclass
+class _Session:
+    members: frozenset
+    at: int = 0
+    """The collective this peer is at in the session (its transport's last ``seq``)."""
+    waiting: int = 0
+    """Receives waiting for a message."""
+    active: float = 0.0
+    """When a message or a receive last touched the session (``time.monotonic``)."""
+
+
 class Mailbox:
-    """Messages by ``(session, seq, sender)``, awaited by the collectives; stale sessions are dropped."""
+    """Messages by ``(session, seq, sender)``, awaited by the collectives. Used from the node's event loop (``at`` is
+    advanced from the transport's thread: a plain monotonic integer)."""
 
-    def __init__(self, ttl: float = 600.0) -> None:
-        self.ttl = ttl
+    AHEAD = 4
+    """How many collectives a member's message may run ahead of this peer's (an honest member: at most one)."""
+
+    def __init__(self, ttl: float = 600.0, max_message_bytes: int = 2**31) -> None:
+        self.ttl, self.max_message_bytes = ttl, max_message_bytes
         self._slots: dict[tuple[bytes, int, PeerID], asyncio.Future] = {}
-        self._born: dict[bytes, float] = {}
+        self._sessions: dict[bytes, _Session] = {}
 
-    def _slot(self, session: bytes, seq: int, sender: PeerID) -> asyncio.Future:
-        key = (session, seq, sender)
-        if key not in self._slots:
-            self._slots[key] = asyncio.get_running_loop().create_future()
-            self._born.setdefault(session, time.monotonic())
-        return self._slots[key]
+    def open(self, session: bytes, members: Sequence[PeerID]) -> None:
+        """Accept messages of ``session`` from ``members`` (a transport calls this when it is made)."""
+        if session not in self._sessions:
+            self._sessions[session] = _Session(frozenset(members), active=time.monotonic())
+
+    def advance(self, session: bytes, seq: int) -> None:
+        """This peer's transport is at collective ``seq`` of ``session``."""
+        s = self._sessions.get(session)
+        if s is not None and seq > s.at:
+            s.at = seq
+
+    def refusal(self, session: bytes, seq: int, sender: PeerID) -> Optional[str]:
+        """Why a push for ``(session, seq)`` from ``sender`` is refused before it is read (``None``: accepted)."""
+        s = self._sessions.get(session)
+        if s is None:
+            return "no such session open here (yet)"
+        if sender not in s.members:
+            return "not a member of the session"
+        if not 0 < seq <= s.at + self.AHEAD:
+            return f"collective {seq} is not within {self.AHEAD} of this peer's {s.at}"
+        return None
 
     def deliver(self, session: bytes, seq: int, sender: PeerID, message: Message) -> None:
-        slot = self._slot(session, seq, sender)
+        self._expire()
+        s = self._sessions.get(session)
+        key = (session, seq, sender)
+        if s is None or (key not in self._slots and seq < s.at):
+            return  # the session closed, or a collective this peer has passed (received, or given up on)
+        s.active = time.monotonic()
+        slot = self._slots.setdefault(key, asyncio.get_running_loop().create_future())
         if not slot.done():  # a second message for the same slot is ignored: the first one counts
             slot.set_result(message)
-        self._expire()
 
     async def receive(self, session: bytes, seq: int, sender: PeerID) -> Message:
-        return await self._slot(session, seq, sender)
+        s = self._sessions.get(session)
+        if s is None:
+            raise RuntimeError(f"receive on session {session.hex()[:12]}, which is not open")
+        self.advance(session, seq)
+        key = (session, seq, sender)
+        slot = self._slots.setdefault(key, asyncio.get_running_loop().create_future())
+        s.waiting += 1
+        try:
+            return await slot
+        finally:
+            s.waiting -= 1
+            s.active = time.monotonic()
+            self._slots.pop(key, None)  # received (or given up on): nothing of it stays here
 
     def close(self, session: bytes) -> None:
         for key in [k for k in self._slots if k[0] == session]:
-            del self._slots[key]
-        self._born.pop(session, None)
+            slot = self._slots.pop(key)
+            if not slot.done():
+                slot.cancel()
+        self._sessions.pop(session, None)
+
+    def held(self) -> int:
+        """Messages held (delivered, not yet received): for tests and the soak's memory figures."""
+        return sum(1 for slot in self._slots.values() if slot.done())
 
     def _expire(self) -> None:
         now = time.monotonic()
-        for session in [s for s, born in self._born.items() if now - born > self.ttl]:
+        for session in [k for k, s in self._sessions.items() if s.waiting == 0 and now - s.active > self.ttl]:
             self.close(session)
 
 
@@ -96,8 +157,8 @@ class MessageServicer(ServicerBase):
     _rpc_handlers = None  # ServicerBase caches handlers per class: subclasses start with their own
     _stub_type = None
 
-    def __init__(self, mailbox: Mailbox, max_bytes: int) -> None:
-        self.mailbox, self.max_bytes = mailbox, max_bytes
+    def __init__(self, mailbox: Mailbox) -> None:
+        self.mailbox = mailbox
 
     async def rpc_push(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
@@ -112,10 +173,13 @@ class MessageServicer(ServicerBase):
                     header = (bytes(session), int(seq), int(count))
                 except (ValueError, TypeError):
                     return runtime_pb2.ExpertResponse(metadata=b"bad header")  # unaddressable: nothing to deliver
+                refused = self.mailbox.refusal(header[0], header[1], context.remote_id)
+                if refused is not None:  # before a byte of it is read
+                    return runtime_pb2.ExpertResponse(metadata=f"refused: {refused}".encode())
             for chunk in request.tensors:
                 size += len(chunk.buffer)
-                if size > self.max_bytes:
-                    problem = f"more than {self.max_bytes} bytes"
+                if size > self.mailbox.max_message_bytes:
+                    problem = f"more than {self.mailbox.max_message_bytes} bytes"
                 elif problem is None:
                     chunks.append(chunk)
         if header is None:

@@ -139,8 +139,8 @@ class HivemindNode:
         self._thread.start()
         self.p2p: P2P = self.run(self.dht.replicate_p2p(), timeout=startup_timeout)
         self.namespace = namespace
-        self.mailbox = Mailbox()
-        self.run(MessageServicer(self.mailbox, max_message_bytes).add_p2p_handlers(self.p2p, namespace=namespace), timeout=30)
+        self.mailbox = Mailbox(max_message_bytes=max_message_bytes)
+        self.run(MessageServicer(self.mailbox).add_p2p_handlers(self.p2p, namespace=namespace), timeout=30)
         self._closed = False
 
     @property

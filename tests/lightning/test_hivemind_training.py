@@ -14,6 +14,7 @@ import pytest
 from procs import ROOT, SCRIPTS, assert_identical, base_env, load_run, run_command
 
 from datamodules import write_synthetic_cifar10
+from lightning_btard.protocol.events import read_events
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +88,9 @@ def test_a_late_peer_joins_with_the_groups_state_and_the_banned_attacker_is_refu
         "--trainer.val_check_interval=35", "--trainer.enable_progress_bar=false", "--trainer.logger=false",
         "--trainer.enable_checkpointing=false", "--trainer.strategy.timeout=30", f"--trainer.strategy.join_every={join_every}",
         "--trainer.callbacks+=record_run.RecordRun", f"--trainer.callbacks.out_dir={tmp_path / 'rec'}",
+        # the members wait at step 10 for both join requests (the late peer's, the banned peer's): no race between
+        # the joiners' start-up and the members' 70 steps
+        "--trainer.callbacks+=wait_for_joiners.WaitForJoiners", "--trainer.callbacks.step=10", "--trainer.callbacks.count=2",
     ]
     env = base_env({"PYTHONPATH": os.pathsep.join([str(ROOT), str(SCRIPTS)])})
     out = run_command(cmd, timeout=450, env=env, cwd=tmp_path, check=False).stdout
@@ -98,7 +102,10 @@ def test_a_late_peer_joins_with_the_groups_state_and_the_banned_attacker_is_refu
     assert joined, out
     start = int(joined.group(1))
     assert start % join_every == 0 and 0 < start < steps
-    assert re.search(rf"BTARD: step {start}: admitted peer\(s\) \[3\]", out), out
+    for rank in (0, 1):  # every member recorded the admission in its event file
+        admissions = [e for path in sorted((tmp_path / "run" / f"peer{rank}").glob("**/btard_events/*.jsonl"))
+                      for e in read_events(str(path), "admission")]
+        assert [(e["step"], e["peers"]) for e in admissions] == [(start, [3])], admissions
     params, metrics = load_run(tmp_path / "rec", [0, 1, 3])
     assert_identical(params)
     for m in metrics:

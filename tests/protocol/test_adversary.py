@@ -344,3 +344,15 @@ def test_colluders_mutating_any_board_record_on_hivemind(hivemind_swarm, data: s
     from adversary_harness import check_case
 
     check_case(data, lambda n, fn, timeout=30.0: hivemind_swarm.run(n, fn, timeout=timeout))
+
+
+def test_a_huge_signature_tensor_is_refused_before_it_is_converted() -> None:
+    """A signature is 64 bytes: a 50M-element "signature" used to be turned into a Python list (~9x its size in
+    memory) before its length was looked at."""
+    from unittest import mock
+
+    from lightning_btard.protocol.round import _unpack
+
+    with mock.patch.object(torch.Tensor, "tolist", side_effect=AssertionError("converted")):
+        content, sig = _unpack([torch.zeros(3), torch.zeros(50_000_000, dtype=torch.uint8)])
+    assert content is not None and sig == b""

@@ -84,6 +84,7 @@ def test_malformed_tensor_messages_arrive_as_malformed(hivemind_swarm) -> None:
 
     a, b = hivemind_swarm.nodes[:2]
     session = os.urandom(16)
+    tb = HivemindTransport(b, [a.peer_id, b.peer_id], session, timeout=5.0)  # b accepts a's pushes to it
 
     async def push(requests):
         stub = MessageServicer.get_stub(a.p2p, b.peer_id, namespace=a.namespace)
@@ -107,6 +108,7 @@ def test_malformed_tensor_messages_arrive_as_malformed(hivemind_swarm) -> None:
         return await b.mailbox.receive(session, 2, a.peer_id)
 
     assert isinstance(a.run(push2(), timeout=30), Malformed)
+    tb.close()
 
     # through the transport: a wrong-shaped part is reported by exchange as the message received
     def peer(t):
@@ -133,3 +135,69 @@ def test_board_records_decode_plain_data_only() -> None:
     assert decode_record(pickle.dumps(Evil())) is None  # a pickle is not a record: nothing is executed
     with pytest.raises(TypeError):
         encode_record(object())
+
+
+def _push(node, to, session: bytes, seq: int, tensors) -> bool:
+    """A raw push from ``node`` to peer ``to``: whether it was accepted (a refused push is cut off at its header: the
+    sender sees its reply, or its stream broken)."""
+
+    async def go():
+        stub = MessageServicer.get_stub(node.p2p, to, namespace=node.namespace)
+        try:
+            return (await stub.rpc_push(MessageServicer.requests(session, seq, tensors), timeout=10)).metadata == b""
+        except Exception:  # noqa: BLE001 - the stream closed by the receiver
+            return False
+
+    return node.run(go(), timeout=30)
+
+
+def test_the_mailbox_refuses_outsiders_and_members_running_far_ahead_and_holds_nothing_received(hivemind_swarm) -> None:
+    """Pushes are read only for a session this peer opened, from its members, at most ``AHEAD`` collectives ahead;
+    a received message is not kept. (Before: any libp2p peer could push up to 2 GiB to any session, and every
+    received message stayed in memory until its session closed.)"""
+    from lightning_btard.transports.hivemind_mailbox import Mailbox
+
+    a, b, outsider = hivemind_swarm.nodes[:3]
+    session = os.urandom(16)
+    assert b.mailbox.refusal(session, 1, a.peer_id) == "no such session open here (yet)"
+    assert not _push(a, b.peer_id, session, 1, [torch.ones(3)])
+    held = b.mailbox.held()
+    tb = HivemindTransport(b, [a.peer_id, b.peer_id], session, timeout=5.0)
+    ta = HivemindTransport(a, [a.peer_id, b.peer_id], session, timeout=5.0)
+    assert b.mailbox.refusal(session, 1, outsider.peer_id) == "not a member of the session"
+    assert not _push(outsider, b.peer_id, session, 1, [torch.ones(3)])
+    assert "is not within" in b.mailbox.refusal(session, Mailbox.AHEAD + 1, a.peer_id)
+    assert not _push(a, b.peer_id, session, Mailbox.AHEAD + 1, [torch.ones(3)])
+    assert b.mailbox.refusal(session, Mailbox.AHEAD, a.peer_id) is None
+    assert b.mailbox.held() == held  # nothing of the refused pushes was kept
+    for _ in range(3 * Mailbox.AHEAD):  # many collectives: none leaves a message behind
+        out = hivemind_swarm.run_transports([ta, tb], lambda t: t.gather_parts(torch.full((2,), float(t.rank)), [2, 2]))
+        assert all(torch.equal(o, torch.tensor([0.0, 0, 1, 1])) for o in out)
+    assert b.mailbox.held() == held
+    ta.close()
+    tb.close()
+    assert b.mailbox.refusal(session, tb.seq + 1, a.peer_id) == "no such session open here (yet)"
+
+
+def test_a_message_over_the_cap_is_malformed_and_an_idle_session_waits_for_its_receive(hivemind_swarm) -> None:
+    a, b = hivemind_swarm.nodes[:2]
+    session = os.urandom(16)
+    tb = HivemindTransport(b, [a.peer_id, b.peer_id], session, timeout=5.0)
+    old_cap, old_ttl = b.mailbox.max_message_bytes, b.mailbox.ttl
+    b.mailbox.max_message_bytes, b.mailbox.ttl = 100, 0.0  # every session is idle at once
+    try:
+        import asyncio
+
+        async def wait_then_deliver():
+            waiting = asyncio.ensure_future(b.mailbox.receive(session, 1, a.peer_id))
+            await asyncio.sleep(0.2)
+            b.mailbox._expire()  # idle past ttl, but a receive waits: it stays open
+            return waiting
+
+        waiting = b.run(wait_then_deliver(), timeout=10)
+        assert _push(a, b.peer_id, session, 1, [torch.ones(1000)])  # accepted, and found too large
+        got = b.run(asyncio.wait_for(asyncio.shield(waiting), 5), timeout=10)
+        assert isinstance(got, Malformed) and "more than 100 bytes" in got.reason
+    finally:
+        b.mailbox.max_message_bytes, b.mailbox.ttl = old_cap, old_ttl
+        tb.close()
