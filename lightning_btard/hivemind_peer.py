@@ -22,9 +22,17 @@ if TYPE_CHECKING:
 
     from lightning_btard.strategy import BTARDStrategy
 
-__all__ = ["HivemindPeer", "between_batches"]
+__all__ = ["HivemindPeer", "between_batches", "state_size_cap"]
 
 log = logging.getLogger(__name__)
+
+
+def state_size_cap(module: Any) -> int:
+    """The largest training state a joiner downloads: 6 times its own model's parameters and buffers (the parameters,
+    an optimizer's state of up to 4 tensors per parameter, some slack) plus 64 MiB of loops, schedulers and callbacks.
+    A member offering more is skipped for the next (it could otherwise make the joiner allocate up to 16 GiB)."""
+    model_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values()) if module is not None else 0
+    return 6 * model_bytes + 2**26
 
 
 def between_batches(checkpoint: dict[str, Any]) -> dict[str, Any]:
@@ -148,7 +156,8 @@ class HivemindPeer:
             return checkpoint.get("global_step") == step and strategy.state_digest(checkpoint) == record["digest"]
 
         others = [m for m in group.transport.members if m != node.peer_id]
-        self.joined_state, source = download_agreed_state(node, others, step, agreed, timeout)
+        self.joined_state, source = download_agreed_state(node, others, step, agreed, timeout,
+                                                          max_bytes=state_size_cap(strategy.lightning_module))
         compat.set_loaded_checkpoint(trainer, self.joined_state)  # Lightning restores it after setup
         self.catching_up = True
         self.mark_running(step)  # a member now: later peers find the run through it too

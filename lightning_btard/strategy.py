@@ -22,7 +22,6 @@ peer (checked every ``check_params_every`` steps).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -58,6 +57,7 @@ from lightning_btard.ops.partition import assign_grads, flatten_grads, trainable
 from lightning_btard.ops.workspace import Workspace
 from lightning_btard.processes import Processes
 from lightning_btard.protocol.agreement import strict_majority
+from lightning_btard.protocol.digest import tensors_digest
 from lightning_btard.protocol.engine import PeerEngine
 from lightning_btard.protocol.events import EventLog
 from lightning_btard.protocol.identity import Identity
@@ -297,7 +297,7 @@ class BTARDStrategy(Processes, Joining, PeerCollectives, Leaving, ParallelStrate
         differently (unseeded), the first member's, as DDP does."""
         assert self.model is not None and self.transport is not None
         tensors = list(self.model.parameters()) + list(self.model.buffers())
-        values = self.transport.all_gather_object(_tensors_digest(tensors))
+        values = self.transport.all_gather_object(tensors_digest(tensors))
         top = strict_majority(values)
         src = values.index(top) if top is not None else 0
         if top is None:
@@ -445,7 +445,7 @@ class BTARDStrategy(Processes, Joining, PeerCollectives, Leaving, ParallelStrate
         assert self.engine is not None and self.lightning_module is not None
         if self._catching_up:
             return True
-        differing = self.engine.compare_digests(_tensors_digest(self.lightning_module.parameters()))
+        differing = self.engine.compare_digests(tensors_digest(self.lightning_module.parameters()))
         if differing:
             log.warning("BTARD: parameters differ across peers at step %s: peers %s", self.lightning_module.trainer.global_step, differing)
         return not differing
@@ -487,14 +487,6 @@ class BTARDStrategy(Processes, Joining, PeerCollectives, Leaving, ParallelStrate
         strategy_registry.register(
             "btard_spawn", cls, description="BTARD-SGD: ButterflyClip aggregation (spawn launcher)", start_method="spawn"
         )
-
-
-def _tensors_digest(tensors: Any) -> str:
-    """A digest of tensors' values, in order (what peers compare to agree on a state)."""
-    digest = hashlib.blake2b(digest_size=16)
-    for t in tensors:
-        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 BTARDStrategy.register_strategies(StrategyRegistry)

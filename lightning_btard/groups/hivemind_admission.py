@@ -209,20 +209,24 @@ def wait_for_admission(node: HivemindNode, run_id: str, nonce: bytes, timeout: f
 
 
 def download_agreed_state(
-    node: HivemindNode, sources: Sequence[PeerID], step: int, accept: Callable[[dict[str, Any]], bool], timeout: float
+    node: HivemindNode, sources: Sequence[PeerID], step: int, accept: Callable[[dict[str, Any]], bool], timeout: float,
+    max_bytes: int = 2**34,
 ) -> tuple[dict[str, Any], PeerID]:
     """A checkpoint of ``step`` that ``accept`` (the digest check) takes, from the first of ``sources`` (in a random
-    order, to spread the load) that offers one; raises :class:`TransportError` when none does."""
+    order, to spread the load) that offers one of at most ``max_bytes``; any failure (unreachable, no offer, too
+    large, not a checkpoint, one ``accept`` cannot even read) moves on to the next; raises :class:`TransportError`
+    when none does."""
     order = list(sources)
     random.shuffle(order)
     problems = []
     for peer in order:
         try:
-            checkpoint = decode_record(download_state(node, peer, step, timeout), strict=True)
-        except Exception as e:  # noqa: BLE001 - unreachable, no offer, malformed: the next member
-            problems.append(f"{peer}: {e}")
+            checkpoint = decode_record(download_state(node, peer, step, timeout, max_bytes=max_bytes), strict=True)
+            agreed = isinstance(checkpoint, dict) and accept(checkpoint)
+        except Exception as e:  # noqa: BLE001 - whatever a member sends: the next member
+            problems.append(f"{peer}: {e!r}")
             continue
-        if isinstance(checkpoint, dict) and accept(checkpoint):
+        if agreed:
             return checkpoint, peer
         problems.append(f"{peer}: its state does not have the digest the members agreed on")
     raise TransportError(f"no member sent the agreed state of step {step}:\n  " + "\n  ".join(problems))

@@ -9,8 +9,10 @@ failed ones stop calling. Each survivor then
 2. **waits** until every member has announced or ``window`` seconds have passed (a survivor may reach
    this point up to one collective deadline after another, so the window is that deadline);
 3. **confirms**: the members that announced form the next group, and publish on it the group and the
-   states each saw. Members that saw anything different fail the confirmation and all announce again,
-   under the same key with the next attempt number, so they meet again.
+   states each saw. The view a strict majority of them published is the group's: its members that published
+   another view are left out (a Byzantine member that confirms differently each time is outvoted, it no longer
+   stops everybody), and a member outside that view, or the minority, learns it is out (:class:`Alone`). With no
+   majority view, all announce again, under the same key with the next attempt number, so they meet again.
 
 Nothing here judges anybody: a member that stops answering leaves the run (it is not banned); a
 Byzantine member that answers selectively is caught by the protocol's own checks in the next round.
@@ -22,6 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from lightning_btard.protocol.agreement import strict_majority
 from lightning_btard.transports.base import TransportError
 from lightning_btard.transports.codec import decode_record, encode_record
 from lightning_btard.transports.hivemind import HivemindTransport
@@ -80,7 +83,8 @@ def regroup(
     ``accept(state)`` says whether another member's announced state can be in my group (a malformed one, or one at
     another step, cannot: that member is left out). Every attempt announces under the failed group's key with the
     attempt's number, so members whose first confirmation failed meet again. Raises :class:`Alone` when nobody else
-    is accepted within ``window`` seconds, :class:`TransportError` when ``attempts`` confirmations failed."""
+    is accepted within ``window`` seconds, this peer is outside the majority's view, or no view had a strict majority in
+    ``attempts`` confirmations."""
     for attempt in range(attempts):
         seen, refused = _announce_and_collect(old, regroup_key(old.session, attempt), state, window, accept)
         members = sorted(seen)
@@ -90,10 +94,24 @@ def regroup(
         nxt = HivemindTransport(old.node, [old.members[i] for i in members], session, old.timeout, old.poll_interval)
         view = [[str(old.members[i]), seen[i]] for i in members]  # who, and what each announced
         try:
-            mine = encode_record(view)  # compared as bytes: a peer's value is never compared with ==
-            if all(encode_record(v) == mine for v in nxt.all_gather_object(view)):
-                return Regrouped(nxt, members, {i: seen[i] for i in members}, sorted(refused))
+            views = [encode_record(v) for v in nxt.all_gather_object(view)]  # compared as bytes, never with ==
         except TransportError:
-            pass  # somebody saw another group, or other states: try again, all under the next attempt's key
-        nxt.close()
-    raise TransportError(f"the surviving peers did not agree on a group in {attempts} attempts")
+            nxt.close()  # somebody in my view did not confirm: try again, all under the next attempt's key
+            continue
+        agreed = strict_majority(views)
+        if agreed is None:
+            nxt.close()
+            continue
+        if agreed != encode_record(view):
+            nxt.close()
+            raise Alone(f"a majority of the peers that answered after a failed collective saw another group than this "
+                        f"peer did: it is out of the run (attempt {attempt})")
+        confirmed = [i for i, v in zip(members, views) if v == agreed]
+        if confirmed == members:
+            return Regrouped(nxt, members, {i: seen[i] for i in members}, sorted(refused))
+        nxt.close()  # members that confirmed another view are left out: the group of those that agree
+        final = HivemindTransport(old.node, [old.members[i] for i in confirmed],
+                                  session_of(old.session, "regroup", attempt, "confirmed", *confirmed), old.timeout, old.poll_interval)
+        return Regrouped(final, confirmed, {i: seen[i] for i in confirmed}, sorted(refused | (set(members) - set(confirmed))))
+    raise Alone(f"the peers that answered after a failed collective did not agree on a group in {attempts} attempts "
+                "(no view of a strict majority)")

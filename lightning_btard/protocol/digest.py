@@ -8,12 +8,13 @@ aggregate. Tensors are hashed from their memory, without a copy.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from typing import Union
 
 import torch
 from blake3 import blake3
 
-__all__ = ["digest"]
+__all__ = ["digest", "tensors_digest"]
 
 Hashable = Union[bytes, str, int, float, torch.Tensor]
 
@@ -46,3 +47,11 @@ def digest(*items: Hashable) -> bytes:
         h.update(head)
         h.update(payload)  # type: ignore[arg-type]
     return h.digest()
+
+
+def tensors_digest(tensors: Iterable[torch.Tensor]) -> str:
+    """A digest of tensors' values, in order (what peers compare to agree on a state: parameters, buffers)."""
+    h = blake3()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype (bf16 too)
+    return h.hexdigest()

@@ -179,6 +179,34 @@ def test_the_joiner_takes_only_the_state_with_the_agreed_digest(hivemind_swarm) 
             offers.withdraw()
 
 
+def test_a_joiner_moves_on_from_a_state_too_large_or_unreadable(hivemind_swarm) -> None:
+    """Member 0 offers a state larger than the joiner's cap, member 1 a record the digest check cannot read (it
+    raised in the joiner before: the joiner died), member 2 the honest one: the joiner takes member 2's."""
+    nodes, states = hivemind_swarm.nodes, hivemind_swarm.states
+    honest = _checkpoint()
+    data = encode_record(to_plain(honest))
+    states[0].offer(5, encode_record(to_plain(_checkpoint())) + b"\0" * 4096)  # announced size over the cap
+    states[1].offer(5, encode_record({"state_dict": [1, 2, 3]}))  # a dict the digest check chokes on
+    states[2].offer(5, data)
+    agreed = _digest(honest)
+    try:
+        for _ in range(3):  # the sources are tried in a random order
+            got, source = download_agreed_state(nodes[3], [n.peer_id for n in nodes[:3]], 5,
+                                                lambda c: _digest(c) == agreed, timeout=20, max_bytes=len(data) + 100)
+            assert source == nodes[2].peer_id
+            assert torch.equal(got["state_dict"]["w"], honest["state_dict"]["w"])
+    finally:
+        for offers in states[:3]:
+            offers.withdraw()
+
+
+def test_the_state_size_cap_follows_the_joiners_model() -> None:
+    from lightning_btard.hivemind_peer import state_size_cap
+
+    model = torch.nn.Linear(1000, 1000)  # 4 MB of parameters
+    assert state_size_cap(model) == 6 * 4 * (1000 * 1000 + 1000) + 2**26
+
+
 def test_a_checkpoint_travels_as_plain_data() -> None:
     checkpoint = _checkpoint()
     decoded = decode_record(encode_record(to_plain(checkpoint)), strict=True)

@@ -88,3 +88,34 @@ def test_announcements_of_the_wrong_types_are_left_out_not_a_crash(hivemind_swar
 
     out = run_in_threads(group, member, 60)
     assert out[0] == out[1] == ([0, 1], [2, 3], {0: (5, False), 1: (5, True)})
+
+
+def test_a_member_confirming_another_view_each_time_is_outvoted_not_a_crash(hivemind_swarm) -> None:
+    """Member 3 announces like the others, then confirms a different group in every attempt: at 245906c every honest
+    peer failed its 5 confirmations and raised. Now the majority's view stands, without member 3."""
+    from lightning_btard.groups.hivemind_regroup import _announce_and_collect
+    from lightning_btard.transports.hivemind_keys import regroup_key, session_of
+
+    group = transports(hivemind_swarm, 4, timeout=2.0)
+
+    def member(t):
+        if t.rank == 3:  # the equivocator
+            for attempt in range(2):
+                seen, _ = _announce_and_collect(t, regroup_key(t.session, attempt), (5, False), 3.0, lambda s: True)
+                members = sorted(seen)
+                nxt = HivemindTransport(t.node, [t.members[i] for i in members], session_of(t.session, "regroup", attempt, *members),
+                                        t.timeout, t.poll_interval)
+                try:
+                    nxt.all_gather_object([["a group", attempt]])
+                except TransportError:
+                    pass
+                nxt.close()
+            return None
+        r = regroup(t, (5, False), window=3.0)
+        return r.members, r.refused, r.transport.members, r.transport.all_gather_object(t.rank)
+
+    out = run_in_threads(group, member, 60)
+    for rank in range(3):
+        members, refused, transport_members, board = out[rank]
+        assert members == [0, 1, 2] and refused == [3]
+        assert transport_members == group[0].members[:3] and board == [0, 1, 2]
