@@ -110,7 +110,8 @@ class HivemindPeer:
         compat.set_rank_zero(transport.rank)
         print(f"BTARD hivemind: {transport.world_size} peers joined; this peer is rank {transport.rank}", flush=True)
         membership = Membership(peers=list(range(transport.world_size)))
-        return HivemindGroup(self.node, self.run_id, transport.members, membership, transport.rank, timeout, transport)
+        return HivemindGroup(self.node, self.run_id, transport.members, membership, transport.rank, timeout, transport,
+                             salt=transport.salt)
 
     def mark_running(self, step: int) -> None:
         """Mark the run as running in the DHT (peers starting later ask to join); refreshed now and then."""
@@ -146,7 +147,10 @@ class HivemindPeer:
         membership.departed = {int(p): int(t) for p, t in record["departed"]}
         self._admitted_nonces = list(record["admitted"])
         me, step = int(record["id"]), int(record["step"])
-        group = HivemindGroup(node, run_id, members, membership, me, timeout)  # the group's transport, as its members derive it
+        salt = record.get("salt")
+        if type(salt) is not bytes:
+            raise UserError(f"run {run_id!r}'s admission record has no run salt: its members run another version")
+        group = HivemindGroup(node, run_id, members, membership, me, timeout, salt=salt)  # as its members derive it
         assert strategy.cluster_environment is not None
         strategy.cluster_environment.set_world_size(len(members))
         strategy.cluster_environment.set_global_rank(me)
@@ -220,7 +224,7 @@ class HivemindPeer:
         peers = group_obj.members + [r.peer for r in admitted]
         keys = engine.keys + [r.key for r in admitted] if strategy.verify else []
         record = {
-            "step": step, "group": [m.to_base58() for m in group], "peers": [m.to_base58() for m in peers],
+            "step": step, "group": [m.to_base58() for m in group], "peers": [m.to_base58() for m in peers], "salt": group_obj.salt,
             "keys": keys, "seed": strategy.run_seed, "generation": generation, "run_nonce": engine.run_nonce,
             "bans": [[b.peer, b.step, b.reason, b.evidence] for b in membership.bans],
             "departed": [[p, t] for p, t in membership.departed.items()], "digest": digest,

@@ -26,15 +26,17 @@ class HivemindGroup(Group):
     recoverable = True
 
     def __init__(self, node: HivemindNode, run_id: str, members: Sequence[PeerID], membership: Membership, peer: int,
-                 timeout: float, transport: HivemindTransport | None = None) -> None:
+                 timeout: float, transport: HivemindTransport | None = None, salt: bytes = b"") -> None:
         self.node, self.run_id, self.members, self.timeout = node, run_id, list(members), float(timeout)
+        self.salt = bytes(salt)
+        """The run's salt (``rendezvous``): in every session name, so a restarted run never meets the last one's."""
         if transport is None:
             transport = self._transport(membership)
         super().__init__(membership, transport, peer)
 
     def _transport(self, membership: Membership) -> HivemindTransport:
         members = [self.members[p] for p in membership.active]
-        session = session_of(self.run_id, *members, "group", membership.generation)
+        session = session_of(self.run_id, self.salt, *members, "group", membership.generation)
         return HivemindTransport(self.node, members, session, timeout=self.timeout)
 
     def rebuild(self) -> None:

@@ -51,6 +51,8 @@ class HivemindTransport(Transport):
         self._rank = self.members.index(node.peer_id)
         self.timeout, self.poll_interval = timeout, poll_interval
         self.seq = 0
+        self.salt = b""
+        """The run salt of the group that formed at this transport's rendezvous (``groups/hivemind_rendezvous.py``)."""
         node.run(self._open(), timeout=10)
 
     async def _open(self) -> None:

@@ -179,7 +179,22 @@ def test_rendezvous_orders_the_group_by_peer_id_and_reports_missing_peers(hivemi
     for i, transport in enumerate(groups):
         assert transport is not None and transport.members == expected
         assert transport.rank == expected.index(nodes[i].peer_id)
+        assert len(transport.salt) == 16 and transport.salt == groups[0].salt
         transport.close()
+
+    # the same peers start the same run_id again (a restart, within the records' life): a fresh salt, so a fresh
+    # session for everything; before, the restarted run derived the old run's sessions and read its board records
+    first = [t.salt for t in groups]
+    first_session = groups[0].session
+    threads = [threading.Thread(target=join, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    assert all(t is not None and t.salt == groups[0].salt and t.salt != first[0] for t in groups)
+    assert len({t.session for t in groups}) == 1 and groups[0].session != first_session
+    for t in groups:
+        t.close()
 
     with pytest.raises(UserError, match="only 1 of 2 peers joined"):
         rendezvous(hivemind_swarm.nodes[3], f"alone-{os.urandom(4).hex()}", 2, timeout=2, poll_interval=0.1)
