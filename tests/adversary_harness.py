@@ -128,15 +128,20 @@ class Steerer(Behaviour):
         return [a for a in honest if a[1] != self.r.me]
 
     def numbers(self, step: int, part: int, s: list, norm: float, p: list) -> tuple:
-        from lightning_btard.ops.projection import clipped_projections
-
         r = self.r
-        if part != r.me:
-            return s, norm, p
-        others, _, _ = clipped_projections(r.directions[part], r.received, r.aggregates[part], r.config.tau)
-        w = r.weights.to(others.dtype)
-        senders = [i for i in range(r.n) if i != r.me]
-        return (-(w[senders][:, None] * others[[r.row[i] for i in senders]]).sum(0) / float(w[r.me])).tolist(), norm, p
+        return (cancelling(r, r, part), norm, p) if part == r.me else (s, norm, p)
+
+
+def cancelling(liar: Any, holder: Any, part: int) -> list[float]:
+    """The ``s`` that member ``liar.me`` publishes for ``part`` to cancel every other member's term of the CenteredClip
+    check, computed from the parts ``holder`` (its aggregator: the liar itself, or a colluder) received and the revealed
+    directions."""
+    from lightning_btard.ops.projection import clipped_projections
+
+    terms, _, _ = clipped_projections(liar.directions[part], holder.received, liar.aggregates[part], liar.config.tau)
+    w = liar.weights.to(terms.dtype)
+    others = [i for i in range(liar.n) if i != liar.me]
+    return (-(w[others][:, None] * terms[[holder.row[i] for i in others]]).sum(0) / float(w[liar.me])).tolist()
 
 
 def clip_bound(honest: torch.Tensor, byzantine: int, tau: float) -> float:

@@ -289,29 +289,30 @@ class _Round:
         self.received_norms = safe_norm(self.received, dim=1)  # float64; the verify phase reuses them
         accusations: list[tuple[str, int, Any]] = []
         for i in range(self.n):
-            bad = malformed[i]
-            got: Optional[Tensor] = self.received[self.row[i]]
-            sig = self.part_sigs[i]
-            if bad is not None:
-                got, sig = _unpack(bad, len(recvs[i]))
-            accusation = self.judge_part(i, self.me, got, sig, float(self.received_norms[self.row[i]]) if bad is None else None)
-            if accusation is None and bad is not None and got is not None:  # a valid part in a malformed message stands
-                self.part_sigs[i] = sig
-                self.received[self.row[i]].copy_(got)
-                self.received_norms[self.row[i]] = safe_norm(got)
+            row = self.received[self.row[i]]
+            accusation, self.part_sigs[i] = self.take(i, self.me, malformed[i], len(recvs[i]), 0, row, self.part_sigs[i],
+                                                      float(self.received_norms[self.row[i]]))
+            if accusation is None and malformed[i] is not None:
+                self.received_norms[self.row[i]] = safe_norm(row)  # the part taken from the malformed message
             accusations += [accusation] if accusation is not None else []
-            if i not in self.own_parts:
-                continue
-            own: Optional[Tensor] = self.own_parts[i]
-            own_sig = self.own_sigs[i]
-            if bad is not None:
-                own, own_sig = _unpack(bad, len(recvs[i]), 2)
-            own_accusation = self.judge_part(i, i, own, own_sig)
-            if own_accusation is None and bad is not None and own is not None:
-                self.own_parts[i].copy_(own)
-                self.own_sigs[i] = own_sig
-            accusations += [own_accusation] if own_accusation is not None else []
+            if i in self.own_parts:
+                accusation, self.own_sigs[i] = self.take(i, i, malformed[i], len(recvs[i]), 2, self.own_parts[i], self.own_sigs[i])
+                accusations += [accusation] if accusation is not None else []
         self.resolve(accusations)
+
+    def take(self, sender: int, index: int, malformed: Optional[list[Any]], length: int, at: int, slot: Tensor, sig: bytes,
+             norm: Optional[float] = None) -> tuple[Optional[tuple], bytes]:
+        """Judge ``sender``'s part ``index`` as received into ``slot`` with ``sig`` (or, from a ``malformed`` message of
+        ``length`` tensors, the pair at ``at``): the accusation (``None``: it is the committed part, copied into
+        ``slot`` if it came in a malformed message, where it stands) and the signature that came with it."""
+        got: Optional[Tensor] = slot
+        if malformed is not None:
+            got, sig = _unpack(malformed, length, at)
+            norm = None
+        accusation = self.judge_part(sender, index, got, sig, norm)
+        if accusation is None and got is not None and got is not slot:
+            slot.copy_(got)
+        return accusation, sig
 
     def judge_part(self, sender: int, index: int, got: Optional[Tensor], sig: bytes, norm: Optional[float] = None) -> Optional[tuple]:
         """``None`` when ``got`` is ``sender``'s part ``index`` as it committed to it (``index == sender``: its own

@@ -283,16 +283,12 @@ class SteeringPair:
                 pair.rounds[pair.s] = state
 
             def numbers(self, step: int, part: int, s: list, norm: float, p: list) -> tuple:
-                from lightning_btard.ops.projection import clipped_projections
+                from adversary_harness import cancelling
 
                 mine, agg = pair.rounds[pair.s], pair.rounds[pair.a]
-                if pair.a not in mine.peers or mine.peers[part] != pair.a:
+                if pair.a not in mine.peers or mine.peers[part] != pair.a or not float(mine.weights[mine.me]) > 0:
                     return s, norm, p
-                terms, _, _ = clipped_projections(mine.directions[part], agg.received, mine.aggregates[part], mine.config.tau)
-                w = mine.weights.to(terms.dtype)
-                others = [i for i in range(mine.n) if i != mine.me]
-                cancel = -(w[others][:, None] * terms[[agg.row[i] for i in others]]).sum(0)
-                return (cancel / float(w[mine.me])).tolist() if float(w[mine.me]) > 0 else s, norm, p
+                return cancelling(mine, agg, part), norm, p
 
         self.aggregator, self.sender = Aggregator(), Sender()
 
