@@ -522,20 +522,16 @@ class _Round:
             signed = verify_signature(self.keys[accused], _part_statement(self.context, self.peers[accused], self.peers[index], h), sig)
             wrong = h != self.committed[accused][index] or tuple(content.shape) != (self.sizes[index],)
             return signed and (wrong or content.dtype != self.flat.dtype or not well_formed_part(content))
-        if kind == "lying-own-numbers":
-            content, _ = evidence  # its signed commitment names it: no signature needed
-            return digest(content) == self.committed[accused][accused] and not self.numbers_match(accused, accused, content)
+        if kind in ("lying-numbers", "lying-own-numbers"):
+            # the part is the accused's if its signed commitment names it: no part signature needed (a part that came as
+            # a published copy after a refuted dispute has none, and its aggregator must still be able to prove a lie)
+            index = accuser if kind == "lying-numbers" else accused
+            content, _ = evidence
+            return digest(content) == self.committed[accused][index] and not self.numbers_match(accused, index, content)
         if kind == "equivocation":
             h, sig = evidence
             signed = verify_signature(self.keys[accused], _aggregate_statement(self.context, self.peers[accused], h), sig)
             return signed and h != self.agg_hashes[accused]
-        if kind == "lying-numbers":
-            content, sig = evidence
-            h = digest(content)
-            genuine = h == self.committed[accused][accuser] and verify_signature(
-                self.keys[accused], _part_statement(self.context, self.peers[accused], self.peers[accuser], h), sig
-            )
-            return genuine and not self.numbers_match(accused, accuser, content)
         raise ValueError(f"unknown accusation {kind!r}")
 
     def settle_disputes(self, disputes: list[tuple[int, str, int]]) -> None:

@@ -356,3 +356,23 @@ def test_a_huge_signature_tensor_is_refused_before_it_is_converted() -> None:
     with mock.patch.object(torch.Tensor, "tolist", side_effect=AssertionError("converted")):
         content, sig = _unpack([torch.zeros(3), torch.zeros(50_000_000, dtype=torch.uint8)])
     assert content is not None and sig == b""
+
+
+class DisputedLiar(Behaviour):
+    """Sends aggregator 0 its part unsigned (disputed: it publishes a valid copy, so the claim is refuted), then lies
+    in its published numbers for that part: aggregator 0's only evidence is the published copy, which its signed
+    commitment names."""
+
+    def numbers(self, step: int, part: int, s: list, norm: float, p: list) -> tuple:
+        return ([x + 1.0 for x in s], norm, p) if part == 0 else (s, norm, p)
+
+    def accusations(self, step: int, honest: list[tuple]) -> list[tuple]:
+        return honest
+
+
+def test_a_liar_whose_part_came_by_a_refuted_dispute_is_still_caught_and_frames_nobody() -> None:
+    def unsigned(j: int, message: list) -> list:
+        return [message[0], torch.zeros(64, dtype=torch.uint8)] + message[2:] if j == 0 else message
+
+    outcomes = run_round({4: DisputedLiar()}, wrap=lambda me, t: Mangler(t, unsigned) if me == 4 else t)
+    assert banned(outcomes, [0, 1, 2, 3]) == {4}
