@@ -9,7 +9,9 @@ them to Lightning's checkpoints and to the strategy's group.
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Optional
 
 from lightning_btard import compat
@@ -22,9 +24,25 @@ if TYPE_CHECKING:
 
     from lightning_btard.strategy import BTARDStrategy
 
-__all__ = ["HivemindPeer", "between_batches", "state_size_cap"]
+__all__ = ["HivemindPeer", "between_batches", "initial_peers_from_env", "state_size_cap", "trusted_peer_id"]
 
 log = logging.getLogger(__name__)
+
+
+def initial_peers_from_env() -> list[str]:
+    """The multiaddresses in the ``INITIAL_PEERS`` environment variable (separated by commas or spaces)."""
+    return [m for m in os.environ.get("INITIAL_PEERS", "").replace(",", " ").split() if m]
+
+
+def trusted_peer_id(peer: str) -> str:
+    """A base58 peer id from a peer id or a multiaddress ending in ``/p2p/<peer id>``; :class:`UserError` otherwise."""
+    from hivemind.p2p import PeerID
+
+    text = str(peer).rsplit("/p2p/", 1)[-1]
+    try:
+        return PeerID.from_base58(text).to_base58()
+    except Exception as e:  # noqa: BLE001 - whatever the user wrote
+        raise UserError(f"trusted_peers: {peer!r} is neither a peer id nor a multiaddress ending in /p2p/<peer id>") from e
 
 
 def state_size_cap(module: Any) -> int:
@@ -54,8 +72,10 @@ class HivemindPeer:
 
     def __init__(self, initial_peers: list[str], num_peers: int, run_id: str, host_maddrs: list[str],
                  announce_maddrs: Optional[list[str]], identity_path: Optional[str], rendezvous_timeout: float,
-                 join_every: int) -> None:
+                 join_every: int, trusted_peers: Sequence[str] = ()) -> None:
         self.initial_peers, self.num_peers, self.run_id = initial_peers, num_peers, run_id
+        self.trusted_peers = [trusted_peer_id(p) for p in trusted_peers]
+        """Base58 peer ids whose signature anchors what this peer believes when it joins (``hivemind_chain.py``)."""
         self.host_maddrs, self.announce_maddrs, self.identity_path = host_maddrs, announce_maddrs, identity_path
         self.rendezvous_timeout, self.join_every = rendezvous_timeout, join_every
         self.node: Any = None
@@ -69,6 +89,8 @@ class HivemindPeer:
         self._joins_checked_at = -1
         self._admitted_nonces: list[bytes] = []
         self._running_announced = 0.0
+        self.genesis = b""
+        """The digest of the run's first group (``hivemind_chain.py``), named in this peer's running marks."""
 
     # ----------------------------------------------------------------- meeting the others
     def limit_messages(self, numel: int) -> None:
@@ -104,6 +126,7 @@ class HivemindPeer:
               f"Other peers join with:\n{join}", flush=True)
         transport = rendezvous(self.node, self.run_id, self.num_peers, self.rendezvous_timeout)
         transport.timeout = timeout
+        self.genesis = transport.chain.links[0].digest
         self.mark_running(0)  # peers that start from now on ask to join instead
         cluster_environment.set_world_size(transport.world_size)
         cluster_environment.set_global_rank(transport.rank)
@@ -111,13 +134,13 @@ class HivemindPeer:
         print(f"BTARD hivemind: {transport.world_size} peers joined; this peer is rank {transport.rank}", flush=True)
         membership = Membership(peers=list(range(transport.world_size)))
         return HivemindGroup(self.node, self.run_id, transport.members, membership, transport.rank, timeout, transport,
-                             salt=transport.salt)
+                             salt=transport.salt, chain=transport.chain)
 
     def mark_running(self, step: int) -> None:
         """Mark the run as running in the DHT (peers starting later ask to join); refreshed now and then."""
         from lightning_btard.groups.hivemind_admission import announce_running
 
-        announce_running(self.node, self.run_id, step)
+        announce_running(self.node, self.run_id, step, self.genesis)
         self._running_announced = time.monotonic()
 
     # ----------------------------------------------------------------- joining a running group
@@ -137,7 +160,7 @@ class HivemindPeer:
         print(f"BTARD hivemind: asked run {run_id!r} to admit this peer (its members admit joiners every "
               f"join_every={self.join_every} steps of theirs)", flush=True)
         try:
-            record = wait_for_admission(node, run_id, nonce, self.rendezvous_timeout)
+            record, chain = wait_for_admission(node, run_id, nonce, self.rendezvous_timeout, trusted=self.trusted_peers)
         except Refused as refusal:
             strategy.events.emit("refusal", 0, (), refusal.reason)
             raise
@@ -150,7 +173,9 @@ class HivemindPeer:
         salt = record.get("salt")
         if type(salt) is not bytes:
             raise UserError(f"run {run_id!r}'s admission record has no run salt: its members run another version")
-        group = HivemindGroup(node, run_id, members, membership, me, timeout, salt=salt)  # as its members derive it
+        group = HivemindGroup(node, run_id, members, membership, me, timeout, salt=salt, chain=chain)  # as members derive it
+        chain.extend(group.transport.members, group.transport.session)  # the admission, as the members' chains have it
+        self.genesis = chain.links[0].digest
         assert strategy.cluster_environment is not None
         strategy.cluster_environment.set_world_size(len(members))
         strategy.cluster_environment.set_global_rank(me)
@@ -202,9 +227,14 @@ class HivemindPeer:
         group = list(group_obj.transport.members)
         bans = {group_obj.members[b.peer]: b for b in membership.bans}
         admitted, refused = agree_on_joiners(group_obj.transport, run_id, group, bans, self._admitted_nonces)
+        chain = group_obj.chain
+        if chain is not None and not chain.collect(node):
+            log.warning("BTARD: the group's chain of changes lacks the signatures of a majority of some group (too many "
+                        "members left at once): joiners cannot verify this group, and are not admitted")
         for peer in refused:
             ban = bans[peer]
-            publish_refusal(node, run_id, peer, group, f"banned at step {ban.step} as peer {ban.peer} ({ban.evidence})", timeout)
+            publish_refusal(node, run_id, peer, group, f"banned at step {ban.step} as peer {ban.peer} ({ban.evidence})", timeout,
+                            chain)
             engine.events.emit("refusal", step, [ban.peer], f"({peer}), which asked to join again", ban.evidence)
         if not admitted:
             return
@@ -214,7 +244,7 @@ class HivemindPeer:
         except (TypeError, ValueError, RuntimeError) as e:  # the same on every member: all refuse alike
             log.warning("BTARD: the training state cannot be sent to joining peers, who are refused: %s", e)
             for request in admitted:
-                publish_refusal(node, run_id, request.peer, group, f"the run's state cannot be sent: {e}", timeout)
+                publish_refusal(node, run_id, request.peer, group, f"the run's state cannot be sent: {e}", timeout, chain)
             return
         digest = strategy.state_digest(checkpoint)
         self.states.offer(step, data)
@@ -229,6 +259,7 @@ class HivemindPeer:
             "bans": [[b.peer, b.step, b.reason, b.evidence] for b in membership.bans],
             "departed": [[p, t] for p, t in membership.departed.items()], "digest": digest,
             "admitted": self._admitted_nonces + [r.nonce for r in admitted],
+            "chain": chain.to_record() if chain is not None else None,
         }
         for request, peer in zip(admitted, ids):
             publish_admission(node, run_id, request, {**record, "id": peer}, timeout)

@@ -103,6 +103,12 @@ class BTARDStrategy(Processes, Joining, PeerCollectives, Leaving, ParallelStrate
             ``"hivemind"`` (peers that start on their own, one ``btard fit`` per device, anywhere; they find each
             other through hivemind's DHT: see ``transports/hivemind*.py``).
         initial_peers: (hivemind) multiaddresses of running peers; none for the first peer, which prints its own.
+            When empty, the ``INITIAL_PEERS`` environment variable (multiaddresses separated by commas or spaces).
+        trusted_peers: (hivemind) peer ids (or multiaddresses ending in ``/p2p/<id>``) of members this peer trusts.
+            A peer that joins a running run believes only a group at the head of a chain of group changes, each
+            signed by a majority of the group before (``groups/hivemind_chain.py``); the chain must carry a
+            signature of one of these. Without them, it must start from the one first group the run's members
+            name, and a run id claimed by two groups stops the joiner with an error.
         num_peers: (hivemind) how many peers train together; training starts when that many have joined ``run_id``.
         run_id: (hivemind) the run's name in the DHT: peers with the same ``run_id`` form one group.
         host_maddrs: (hivemind) where this peer listens (``/ip4/0.0.0.0/tcp/<port>`` to accept other machines).
@@ -134,6 +140,7 @@ class BTARDStrategy(Processes, Joining, PeerCollectives, Leaving, ParallelStrate
         directions: int = 2,
         backend: Literal["torch", "hivemind"] = "torch",
         initial_peers: Sequence[str] = (),
+        trusted_peers: Sequence[str] = (),
         num_peers: Optional[int] = None,
         run_id: str = "btard",
         host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
@@ -173,10 +180,11 @@ class BTARDStrategy(Processes, Joining, PeerCollectives, Leaving, ParallelStrate
         self.join_every = int(join_every)
         self._hivemind: Optional[Any] = None
         if backend == "hivemind":
-            from lightning_btard.hivemind_peer import HivemindPeer
+            from lightning_btard.hivemind_peer import HivemindPeer, initial_peers_from_env
 
             self._hivemind = HivemindPeer(
-                initial_peers=list(initial_peers), num_peers=int(num_peers or 0), run_id=str(run_id),
+                initial_peers=list(initial_peers) or initial_peers_from_env(), num_peers=int(num_peers or 0), run_id=str(run_id),
+                trusted_peers=list(trusted_peers),
                 host_maddrs=list(host_maddrs), announce_maddrs=list(announce_maddrs) if announce_maddrs else None,
                 identity_path=identity_path, rendezvous_timeout=float(rendezvous_timeout), join_every=self.join_every,
             )

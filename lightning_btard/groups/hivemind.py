@@ -5,11 +5,12 @@ regroup among those still answering (``groups/hivemind_regroup.py``)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Optional
 
 from hivemind.p2p import PeerID
 
 from lightning_btard.groups.base import Group, NoMajority, Recovery
+from lightning_btard.groups.hivemind_chain import GroupChain
 from lightning_btard.groups.hivemind_regroup import Alone, regroup
 from lightning_btard.protocol.membership import Membership
 from lightning_btard.transports.base import TransportError
@@ -26,10 +27,13 @@ class HivemindGroup(Group):
     recoverable = True
 
     def __init__(self, node: HivemindNode, run_id: str, members: Sequence[PeerID], membership: Membership, peer: int,
-                 timeout: float, transport: HivemindTransport | None = None, salt: bytes = b"") -> None:
+                 timeout: float, transport: HivemindTransport | None = None, salt: bytes = b"",
+                 chain: Optional[GroupChain] = None) -> None:
         self.node, self.run_id, self.members, self.timeout = node, run_id, list(members), float(timeout)
         self.salt = bytes(salt)
         """The run's salt (``rendezvous``): in every session name, so a restarted run never meets the last one's."""
+        self.chain = chain
+        """The run's chain of groups (``hivemind_chain.py``): extended and signed at every change, what joiners verify."""
         if transport is None:
             transport = self._transport(membership)
         super().__init__(membership, transport, peer)
@@ -44,6 +48,14 @@ class HivemindGroup(Group):
         self.transport = self._transport(self.membership)
         if isinstance(old, HivemindTransport):
             old.close()
+        self._changed()
+
+    def _changed(self) -> None:
+        """The group changed: its statement joins the chain, signed by this member (it was in the group before)."""
+        if self.chain is not None:
+            assert isinstance(self.transport, HivemindTransport)
+            self.chain.extend(self.transport.members, self.transport.session)
+            self.chain.publish(self.node)
 
     def admit(self, peers: Sequence[PeerID]) -> list[int]:
         """Peers joining the running group: their ids (the next free ones), and the group rebuilt with them."""
@@ -71,6 +83,7 @@ class HivemindGroup(Group):
             self.membership.depart(peer, step)
         old.close()
         self.transport = result.transport
+        self._changed()
         return Recovery(gone, {active[i]: s for i, s in result.states.items()})
 
     def close(self) -> None:

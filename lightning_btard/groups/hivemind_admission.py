@@ -13,11 +13,13 @@ steps, at a step boundary, the members
 3. **offer their state** (``hivemind_state.py``) and continue in the new group, whose first collective waits
    for the joiner up to the collective deadline.
 
-The joiner (:func:`wait_for_admission`) believes a record only when a majority of the group it names wrote it
-identically, and its state only when the state's digest is that record's (:func:`download_agreed_state`). A
-Byzantine minority can therefore neither admit a peer nor keep one out, nor hand a joiner a wrong model.
-What it cannot stop is a group of Sybil identities that forms its own run: joiners trust the group that a
-majority of its own members names, as members trust the rendezvous.
+The joiner (:func:`wait_for_admission`) believes a record only when a strict majority of a group wrote it
+identically, and that group is the head of a chain of group changes that verifies from the joiner's own anchor
+(``hivemind_chain.py``: the statements a member it trusts signed, or the one first group the run's members name),
+and its state only when the state's digest is that record's (:func:`download_agreed_state`). A Byzantine minority
+can therefore neither admit a peer nor keep one out, nor hand a joiner a wrong model, and no identity outside the
+run can name a group of its own to a joiner: what fresh identities can do is claim the run id with a first group of
+their own, which stops joiners that trust nobody in particular with an error (never a wrong group).
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from hivemind.p2p import PeerID
 
 from lightning_btard.errors import UserError
+from lightning_btard.groups.hivemind_chain import GroupChain, anchor_of, verify_chain
 from lightning_btard.groups.hivemind_state import download_state
 from lightning_btard.transports.base import TransportError
 from lightning_btard.transports.codec import decode_record, encode_record
@@ -74,9 +77,10 @@ def _store(node: HivemindNode, key: str, value: Any, deadline: float, ttl: float
         raise TransportError(f"could not store {key} in the DHT")
 
 
-def announce_running(node: HivemindNode, run_id: str, step: int, timeout: float = 30.0) -> None:
-    """Mark the run as running (a member's own subkey; refreshed by the members, it expires an hour after the last)."""
-    _store(node, running_key(run_id), {"step": int(step)}, time.monotonic() + timeout)
+def announce_running(node: HivemindNode, run_id: str, step: int, genesis: bytes = b"", timeout: float = 30.0) -> None:
+    """Mark the run as running (a member's own subkey; refreshed by the members, it expires an hour after the last),
+    naming the digest of the run's first group (``genesis``): the anchor of joiners that trust no peer in particular."""
+    _store(node, running_key(run_id), {"step": int(step), "genesis": bytes(genesis)}, time.monotonic() + timeout)
 
 
 def announce_finished(node: HivemindNode, run_id: str, step: int, timeout: float = 10.0) -> None:
@@ -154,44 +158,64 @@ def publish_admission(node: HivemindNode, run_id: str, request: JoinRequest, rec
     _store(node, admit_key(run_id, request.peer), {**record, "nonce": request.nonce}, time.monotonic() + timeout)
 
 
-def publish_refusal(node: HivemindNode, run_id: str, peer: PeerID, group: Sequence[PeerID], reason: str, timeout: float) -> None:
-    """This member's refusal of ``peer`` (banned), for the group ``group``."""
-    record = {"refused": reason, "group": [m.to_base58() for m in group]}
+def publish_refusal(node: HivemindNode, run_id: str, peer: PeerID, group: Sequence[PeerID], reason: str, timeout: float,
+                    chain: Optional[GroupChain] = None) -> None:
+    """This member's refusal of ``peer`` (banned), for the group ``group`` (the head of ``chain``)."""
+    record: dict[str, Any] = {"refused": reason, "group": [m.to_base58() for m in group]}
+    if chain is not None:
+        record["chain"] = chain.to_record()
     _store(node, admit_key(run_id, peer), record, time.monotonic() + timeout)
 
 
-def _agreed(records: dict[PeerID, bytes]) -> list[dict[str, Any]]:
-    """The records a majority of the group each names wrote identically."""
-    writers: dict[bytes, set[str]] = defaultdict(set)
+def _agreed(records: dict[PeerID, bytes], run_id: str, trusted: Iterable[str], anchor: Optional[bytes]) -> list[tuple[dict[str, Any], GroupChain]]:
+    """The records a strict majority of a group wrote identically (their chains aside), where that group is the head
+    of a chain that verifies from the joiner's anchor (``hivemind_chain.verify_chain``); each with that chain."""
+    writers: dict[bytes, dict[str, Any]] = defaultdict(dict)
     for writer, raw in records.items():
-        writers[raw].add(writer.to_base58())
-    out = []
-    for raw, who in writers.items():
         record = decode_record(raw)
-        if not isinstance(record, dict) or not isinstance(record.get("group"), list) or not record["group"]:
+        if not isinstance(record, dict):
             continue
-        group = {m for m in record["group"] if isinstance(m, str)}
-        if 2 * len(who & group) > len(record["group"]):
-            out.append(record)
+        chain = record.pop("chain", None)
+        writers[encode_record(record)][writer.to_base58()] = chain
+    out = []
+    for raw, chains in writers.items():
+        record = decode_record(raw)
+        group = record.get("group")
+        if not isinstance(group, list) or not group or not all(type(m) is str for m in group):
+            continue
+        for chain_record in chains.values():
+            try:
+                chain = verify_chain(chain_record, run_id, trusted, anchor)
+            except ValueError:
+                continue
+            if chain.head.members == group and 2 * len(set(chains) & set(group)) > len(group):
+                out.append((record, chain))
+                break
     return out
 
 
-def wait_for_admission(node: HivemindNode, run_id: str, nonce: bytes, timeout: float, poll_interval: float = 0.5) -> dict[str, Any]:
-    """The admission record of this attempt (``nonce``) agreed by a majority of the group; :class:`Refused` if a
-    majority refused this peer, :class:`UserError` if nothing was agreed within ``timeout`` seconds."""
+def wait_for_admission(node: HivemindNode, run_id: str, nonce: bytes, timeout: float, poll_interval: float = 0.5,
+                       trusted: Sequence[str] = ()) -> tuple[dict[str, Any], GroupChain]:
+    """The admission record of this attempt (``nonce``) agreed by a strict majority of a group this joiner can trust
+    (at the head of a chain from its anchor: a statement one of ``trusted`` signed, or the one genesis the running
+    marks name), and that chain; :class:`Refused` if such a group refused this peer, :class:`UserError` if nothing was
+    agreed within ``timeout`` seconds or the run id is claimed by two groups (``hivemind_chain.anchor_of``)."""
     key = admit_key(run_id, node.peer_id)
     deadline = time.monotonic() + timeout
     polls = 0
-    found: list[dict[str, Any]] = []
+    found: list[tuple[dict[str, Any], GroupChain]] = []
+    anchor: Optional[bytes] = None
 
     def agreed(entries: dict[PeerID, bytes]) -> bool:
-        nonlocal polls
-        for record in _agreed(entries):
+        nonlocal polls, anchor
+        if not trusted:
+            anchor = anchor_of(node.get_owned(running_key(run_id)), run_id)
+        for record, chain in (_agreed(entries, run_id, trusted, anchor) if trusted or anchor else ()):
             if "refused" in record:
                 raise Refused(f"the members of run {run_id!r} refused this peer ({node.peer_id}): {record['refused']}",
                               str(record["refused"]))
             if record.get("nonce") == nonce:
-                found.append(record)
+                found.append((record, chain))
                 return True
         polls += 1
         if polls % 10 == 0 and not run_is_running(node, run_id):
@@ -203,7 +227,8 @@ def wait_for_admission(node: HivemindNode, run_id: str, nonce: bytes, timeout: f
         raise UserError(
             f"run {run_id!r} is marked as running, but its members did not admit this peer within {timeout:.0f}s. "
             "Members admit joiners every `join_every` steps; if the run has ended, start a new one with another "
-            "run_id (or raise rendezvous_timeout)."
+            "run_id (or raise rendezvous_timeout). A joiner believes only a group whose chain of changes verifies "
+            + ("from one of its trusted_peers." if trusted else "from the run's first group.")
         )
     return found[0]
 

@@ -16,6 +16,7 @@ from typing import Optional
 from hivemind.p2p import PeerID
 
 from lightning_btard.errors import UserError
+from lightning_btard.groups.hivemind_chain import GroupChain
 from lightning_btard.transports.base import TransportError
 from lightning_btard.transports.codec import decode_record, encode_record
 from lightning_btard.transports.hivemind import HivemindTransport
@@ -71,12 +72,20 @@ def rendezvous(node: HivemindNode, run_id: str, num_peers: int, timeout: float, 
         time.sleep(poll_interval)  # a stale announcement (an earlier run's, not yet overwritten): read again
     transport = HivemindTransport(node, members, session_of(run_id, salt, *members, "rendezvous"), timeout=timeout)
     transport.salt = salt
+    # the genesis of the run's chain of groups (``hivemind_chain.py``), signed by every member: what joiners anchor on
+    chain = GroupChain.genesis(run_id, salt, members, transport.session)
+    signature = chain.sign(node, 0)
     try:
-        views = transport.all_gather_object([m.to_base58() for m in members])
+        views = transport.all_gather_object([[m.to_base58() for m in members], node.owner, signature])
     except TransportError as e:
         raise UserError(f"the peers of run {run_id!r} did not agree on the group: {e}") from e
-    if any(encode_record(view) != encode_record(views[transport.rank]) for view in views):
-        raise UserError(f"the peers of run {run_id!r} saw different groups: {views}")
+    mine = encode_record(views[transport.rank][0])
+    for peer, view in zip(members, views):
+        if not (isinstance(view, list) and len(view) == 3 and encode_record(view[0]) == mine):
+            raise UserError(f"the peers of run {run_id!r} saw different groups: {peer} saw {view!r:.300}")
+        if not chain.add(0, peer.to_base58(), view[1], view[2]):
+            raise UserError(f"peer {peer} of run {run_id!r} did not sign the run's first group with its identity key")
+    transport.chain = chain
     return transport
 
 

@@ -53,6 +53,8 @@ class HivemindTransport(Transport):
         self.seq = 0
         self.salt = b""
         """The run salt of the group that formed at this transport's rendezvous (``groups/hivemind_rendezvous.py``)."""
+        self.chain: Any = None
+        """The run's chain of groups, its genesis signed at this transport's rendezvous (``groups/hivemind_chain.py``)."""
         node.run(self._open(), timeout=10)
 
     async def _open(self) -> None:

@@ -184,15 +184,20 @@ class HivemindNode:
 
     def get_owned(self, key: str) -> dict[PeerID, bytes]:
         """Every owner-signed entry under ``key``, by the writer's peer id (entries of other forms ignored)."""
+        return {writer: value for writer, (_, value) in self.get_signed(key).items()}
+
+    def get_signed(self, key: str) -> dict[PeerID, tuple[bytes, bytes]]:
+        """:meth:`get_owned`, each entry with its writer's owner marker (``[owner:<ssh-rsa key>]``): the RSA key that
+        checks the writer's signatures outside the DHT (``groups/hivemind_chain.py``)."""
         found = self.dht.get(key, latest=True)
-        out: dict[PeerID, bytes] = {}
+        out: dict[PeerID, tuple[bytes, bytes]] = {}
         if found is None or not isinstance(found.value, dict):
             return out
         for subkey, entry in found.value.items():
             writer = peer_id_of_owner(subkey)
             value = getattr(entry, "value", None)
             if writer is not None and isinstance(value, bytes):
-                out[writer] = value
+                out[writer] = (subkey, value)
         return out
 
     def poll_owned(self, key: str, done: Callable[[dict[PeerID, bytes]], bool], deadline: float,

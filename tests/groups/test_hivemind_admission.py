@@ -25,6 +25,7 @@ from lightning_btard.groups.hivemind_admission import (
     publish_refusal,
     wait_for_admission,
 )
+from lightning_btard.groups.hivemind_chain import GroupChain
 from lightning_btard.groups.hivemind_state import shared_state_digest, to_plain
 from lightning_btard.transports.codec import decode_record, encode_record
 
@@ -59,17 +60,26 @@ def test_members_admit_what_a_majority_saw_and_refuse_banned_peers(hivemind_swar
     assert all(admitted == [] for admitted, _ in again)
 
 
-def _record(group, digest: bytes, peer_id: int = 3) -> dict:
+def _record(group, digest: bytes, chain: GroupChain, peer_id: int = 3) -> dict:
     return {"step": 10, "group": [g.to_base58() for g in group], "peers": [], "keys": [], "seed": 1, "generation": 1,
-            "bans": [], "departed": [], "digest": digest, "id": peer_id}
+            "bans": [], "departed": [], "digest": digest, "id": peer_id, "chain": chain.to_record()}
 
 
-def _asking(nodes, asker, key: bytes) -> tuple[str, list, bytes]:
-    """A run of nodes 0-2, marked as running, and ``asker``'s request to join it: run id, group, nonce."""
+def _genesis(run_id: str, signers) -> GroupChain:
+    """The first group of a run of ``signers`` (nodes), signed by each, as the rendezvous makes it."""
+    chain = GroupChain.genesis(run_id, b"s" * 16, [n.peer_id for n in signers], b"r" * 16)
+    for node in signers:
+        chain.sign(node, 0)
+    return chain
+
+
+def _asking(nodes, asker, key: bytes) -> tuple[str, list, bytes, GroupChain]:
+    """A run of nodes 0-2, marked as running, and ``asker``'s request to join it: run id, group, nonce, chain."""
     run_id, group = _run_id(), [n.peer_id for n in nodes[:3]]
+    chain = _genesis(run_id, nodes[:3])
     for node in nodes[:3]:
-        announce_running(node, run_id, 0)
-    return run_id, group, ask_to_join(asker, run_id, key)
+        announce_running(node, run_id, 0, chain.links[0].digest)
+    return run_id, group, ask_to_join(asker, run_id, key), chain
 
 
 @pytest.mark.parametrize("view", [[[[1], b"k" * 32, b"n" * 16]], [[torch.zeros(2), b"k", b"n"]], [1], "x", [[None] * 3]])
@@ -93,16 +103,17 @@ def test_an_ill_typed_join_view_is_ignored_not_a_crash(hivemind_swarm, view) -> 
 def test_a_joiner_believes_only_what_a_majority_of_the_group_wrote(hivemind_swarm) -> None:
     nodes = hivemind_swarm.nodes
     joiner = nodes[3]
-    run_id, group, nonce = _asking(nodes, joiner, b"k" * 32)
+    run_id, group, nonce, chain = _asking(nodes, joiner, b"k" * 32)
     request = JoinRequest(joiner.peer_id, b"k" * 32, nonce)
     # a Byzantine member alone: not enough
-    publish_admission(nodes[0], run_id, request, _record(group, b"forged"), timeout=10)
+    publish_admission(nodes[0], run_id, request, _record(group, b"forged", chain), timeout=10)
     with pytest.raises(UserError, match="did not admit this peer"):
         wait_for_admission(joiner, run_id, nonce, timeout=2, poll_interval=0.2)
     # two honest members of three write the same record: that one counts, the forged one does not
     for node in nodes[1:3]:
-        publish_admission(node, run_id, request, _record(group, b"honest"), timeout=10)
-    assert wait_for_admission(joiner, run_id, nonce, timeout=20, poll_interval=0.2)["digest"] == b"honest"
+        publish_admission(node, run_id, request, _record(group, b"honest", chain), timeout=10)
+    record, verified = wait_for_admission(joiner, run_id, nonce, timeout=20, poll_interval=0.2)
+    assert record["digest"] == b"honest" and verified.head.members == [g.to_base58() for g in group]
     # a later attempt of the same peer does not take the earlier attempt's admission
     again = ask_to_join(joiner, run_id, b"k" * 32)
     with pytest.raises(UserError, match="did not admit this peer"):
@@ -112,11 +123,11 @@ def test_a_joiner_believes_only_what_a_majority_of_the_group_wrote(hivemind_swar
 def test_a_banned_peer_is_told_why_when_a_majority_refuses_it(hivemind_swarm) -> None:
     nodes = hivemind_swarm.nodes
     banned = nodes[4]
-    run_id, group, nonce = _asking(nodes, banned, b"b" * 32)
-    publish_refusal(nodes[0], run_id, banned.peer_id, group, "banned at step 7 as peer 2 (recomputation)", timeout=10)
+    run_id, group, nonce, chain = _asking(nodes, banned, b"b" * 32)
+    publish_refusal(nodes[0], run_id, banned.peer_id, group, "banned at step 7 as peer 2 (recomputation)", timeout=10, chain=chain)
     with pytest.raises(UserError, match="did not admit this peer"):  # one member of three refusing is not the group
         wait_for_admission(banned, run_id, nonce, timeout=2, poll_interval=0.2)
-    publish_refusal(nodes[1], run_id, banned.peer_id, group, "banned at step 7 as peer 2 (recomputation)", timeout=10)
+    publish_refusal(nodes[1], run_id, banned.peer_id, group, "banned at step 7 as peer 2 (recomputation)", timeout=10, chain=chain)
     with pytest.raises(Refused, match=r"refused this peer .*banned at step 7 as peer 2 \(recomputation\)"):
         wait_for_admission(banned, run_id, nonce, timeout=20, poll_interval=0.2)
 
@@ -220,7 +231,7 @@ def test_a_joiner_is_told_when_the_run_has_ended(hivemind_swarm) -> None:
     run_id, nodes = _run_id(), hivemind_swarm.nodes
     assert not run_is_running(nodes[3], run_id)
     for node in nodes[:2]:
-        announce_running(node, run_id, 0)
+        announce_running(node, run_id, 0, _genesis(run_id, nodes[:2]).links[0].digest)
     assert run_is_running(nodes[3], run_id)
     announce_finished(nodes[0], run_id, 40)
     assert run_is_running(nodes[3], run_id)  # one member still trains
@@ -228,3 +239,43 @@ def test_a_joiner_is_told_when_the_run_has_ended(hivemind_swarm) -> None:
     assert not run_is_running(nodes[3], run_id)
     with pytest.raises(UserError, match="ended before its members admitted this peer"):
         wait_for_admission(nodes[3], run_id, ask_to_join(nodes[3], run_id, b"k" * 32), timeout=30, poll_interval=0.1)
+
+
+def test_an_outsider_cannot_name_a_group_of_its_own_to_a_joiner(hivemind_swarm) -> None:
+    """Review: a joiner accepted an admission record when a majority of "the group it names" wrote it, and the writer
+    chose that group: node 4, no member, wrote a record naming only itself and got the joiner to take its keys, seed
+    and state. Now the group must be the head of a chain from the run's first group: node 4's own genesis is not it."""
+    nodes = hivemind_swarm.nodes
+    joiner, outsider = nodes[3], nodes[4]
+    run_id, group, nonce, chain = _asking(nodes, joiner, b"k" * 32)
+    request = JoinRequest(joiner.peer_id, b"k" * 32, nonce)
+    own = _genesis(run_id, [outsider])  # a first group of its own, signed by all of its (one) members
+    publish_admission(outsider, run_id, request, _record([outsider.peer_id], b"mine", own), timeout=10)
+    with pytest.raises(UserError, match="did not admit this peer"):
+        wait_for_admission(joiner, run_id, nonce, timeout=3, poll_interval=0.2)
+    # the outsider copies the genuine chain but names itself as the group: the chain's head is not its group
+    publish_admission(outsider, run_id, request, {**_record([outsider.peer_id], b"mine", chain)}, timeout=10)
+    with pytest.raises(UserError, match="did not admit this peer"):
+        wait_for_admission(joiner, run_id, nonce, timeout=3, poll_interval=0.2)
+    for node in nodes[1:3]:  # the members, as before
+        publish_admission(node, run_id, request, _record(group, b"honest", chain), timeout=10)
+    assert wait_for_admission(joiner, run_id, nonce, timeout=20, poll_interval=0.2)[0]["digest"] == b"honest"
+
+
+def test_a_squatted_run_id_stops_a_joiner_unless_it_trusts_a_member(hivemind_swarm) -> None:
+    """Fresh identities can make a first group of their own for a run id (not Sybil-resistant). A joiner that trusts
+    nobody sees two first groups named and stops with an error that says what to do; one that trusts member 1 takes
+    the chain member 1 signed, and never the squatter's."""
+    nodes = hivemind_swarm.nodes
+    joiner, squatter = nodes[3], nodes[4]
+    run_id, group, nonce, chain = _asking(nodes, joiner, b"k" * 32)
+    request = JoinRequest(joiner.peer_id, b"k" * 32, nonce)
+    own = _genesis(run_id, [squatter])
+    announce_running(squatter, run_id, 0, own.links[0].digest)
+    publish_admission(squatter, run_id, request, _record([squatter.peer_id], b"squatted", own), timeout=10)
+    with pytest.raises(UserError, match="claimed by 2 groups.*trusted_peers"):
+        wait_for_admission(joiner, run_id, nonce, timeout=10, poll_interval=0.2)
+    for node in nodes[:3]:
+        publish_admission(node, run_id, request, _record(group, b"honest", chain), timeout=10)
+    trusted = [nodes[1].peer_id.to_base58()]
+    assert wait_for_admission(joiner, run_id, nonce, timeout=20, poll_interval=0.2, trusted=trusted)[0]["digest"] == b"honest"
