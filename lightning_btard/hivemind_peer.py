@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from lightning_btard import compat
 from lightning_btard.errors import UserError
 from lightning_btard.groups.hivemind import HivemindGroup
+from lightning_btard.groups.hivemind_policy import AdmissionPolicy
 from lightning_btard.protocol.membership import Ban, Membership
 
 if TYPE_CHECKING:
@@ -72,10 +73,12 @@ class HivemindPeer:
 
     def __init__(self, initial_peers: list[str], num_peers: int, run_id: str, host_maddrs: list[str],
                  announce_maddrs: Optional[list[str]], identity_path: Optional[str], rendezvous_timeout: float,
-                 join_every: int, trusted_peers: Sequence[str] = ()) -> None:
+                 join_every: int, trusted_peers: Sequence[str] = (), policy: Optional[AdmissionPolicy] = None) -> None:
         self.initial_peers, self.num_peers, self.run_id = initial_peers, num_peers, run_id
         self.trusted_peers = [trusted_peer_id(p) for p in trusted_peers]
         """Base58 peer ids whose signature anchors what this peer believes when it joins (``hivemind_chain.py``)."""
+        self.policy = policy if policy is not None else AdmissionPolicy()
+        """Who may join, and how fast (``groups/hivemind_policy.py``)."""
         self.host_maddrs, self.announce_maddrs, self.identity_path = host_maddrs, announce_maddrs, identity_path
         self.rendezvous_timeout, self.join_every = rendezvous_timeout, join_every
         self.node: Any = None
@@ -112,7 +115,7 @@ class HivemindPeer:
                                  announce_maddrs=self.announce_maddrs, identity_path=self.identity_path)
         self.states = serve_states(self.node)
         join = f"  --trainer.strategy.initial_peers=[{','.join(self.node.visible_maddrs)}]"
-        if run_is_running(self.node, self.run_id):
+        if run_is_running(self.node, self.run_id, self.policy.allowed):
             self.joining = True
             # a rank no member has, until the admission gives this peer its own (not 0: rank-zero-only output stays
             # the first member's)
@@ -124,7 +127,7 @@ class HivemindPeer:
             return None
         print(f"BTARD hivemind peer {self.node.peer_id} (run {self.run_id!r}, waiting for {self.num_peers} peers). "
               f"Other peers join with:\n{join}", flush=True)
-        transport = rendezvous(self.node, self.run_id, self.num_peers, self.rendezvous_timeout)
+        transport = rendezvous(self.node, self.run_id, self.num_peers, self.rendezvous_timeout, allowed=self.policy.allowed)
         transport.timeout = timeout
         self.genesis = transport.chain.links[0].digest
         self.mark_running(0)  # peers that start from now on ask to join instead
@@ -160,7 +163,8 @@ class HivemindPeer:
         print(f"BTARD hivemind: asked run {run_id!r} to admit this peer (its members admit joiners every "
               f"join_every={self.join_every} steps of theirs)", flush=True)
         try:
-            record, chain = wait_for_admission(node, run_id, nonce, self.rendezvous_timeout, trusted=self.trusted_peers)
+            record, chain = wait_for_admission(node, run_id, nonce, self.rendezvous_timeout, trusted=self.trusted_peers,
+                                               allowed=self.policy.allowed)
         except Refused as refusal:
             strategy.events.emit("refusal", 0, (), refusal.reason)
             raise
@@ -169,6 +173,7 @@ class HivemindPeer:
         membership.bans = [Ban(int(p), int(t), str(reason), str(evidence)) for p, t, reason, evidence in record["bans"]]
         membership.departed = {int(p): int(t) for p, t in record["departed"]}
         self._admitted_nonces = list(record["admitted"])
+        self.policy.joins = [int(s) for s in record.get("joins", [])]
         me, step = int(record["id"]), int(record["step"])
         salt = record.get("salt")
         if type(salt) is not bytes:
@@ -226,16 +231,21 @@ class HivemindPeer:
         self.states.withdraw()  # the previous admission's offer: its joiners have it by now, or have gone
         group = list(group_obj.transport.members)
         bans = {group_obj.members[b.peer]: b for b in membership.bans}
-        admitted, refused = agree_on_joiners(group_obj.transport, run_id, group, bans, self._admitted_nonces)
+        banned_keys = [engine.keys[b.peer] for b in membership.bans if b.peer < len(engine.keys)]
+        admitted, refused = agree_on_joiners(group_obj.transport, run_id, group, bans, self._admitted_nonces, self.policy,
+                                             group_obj.salt, step, banned_keys)
         chain = group_obj.chain
         if chain is not None and not chain.collect(node):
             log.warning("BTARD: the group's chain of changes lacks the signatures of a majority of some group (too many "
                         "members left at once): joiners cannot verify this group, and are not admitted")
         for peer in refused:
-            ban = bans[peer]
-            publish_refusal(node, run_id, peer, group, f"banned at step {ban.step} as peer {ban.peer} ({ban.evidence})", timeout,
-                            chain)
-            engine.events.emit("refusal", step, [ban.peer], f"({peer}), which asked to join again", ban.evidence)
+            ban = bans.get(peer)
+            if ban is not None:
+                reason, who, evidence = f"banned at step {ban.step} as peer {ban.peer} ({ban.evidence})", [ban.peer], ban.evidence
+            else:
+                reason, who, evidence = "tied to a banned peer (its owner in the allow-list, or its signing key)", [], "tied"
+            publish_refusal(node, run_id, peer, group, reason, timeout, chain)
+            engine.events.emit("refusal", step, who, f"({peer}), which asked to join", evidence)
         if not admitted:
             return
         checkpoint = between_batches(compat.dump_checkpoint(trainer))
@@ -259,6 +269,7 @@ class HivemindPeer:
             "bans": [[b.peer, b.step, b.reason, b.evidence] for b in membership.bans],
             "departed": [[p, t] for p, t in membership.departed.items()], "digest": digest,
             "admitted": self._admitted_nonces + [r.nonce for r in admitted],
+            "joins": self.policy.joins + [step] * len(admitted),
             "chain": chain.to_record() if chain is not None else None,
         }
         for request, peer in zip(admitted, ids):
@@ -266,6 +277,7 @@ class HivemindPeer:
         engine.keys = keys
         group_obj.admit([r.peer for r in admitted])  # ids and generation as in the records
         self._admitted_nonces += [r.nonce for r in admitted]
+        self.policy.record(step, len(admitted))
         engine.record = None  # the previous step's validation spanned the old group: it is not resolved in the new one
         engine.on_group_change()
         engine.events.emit("admission", step, ids, f"({', '.join(str(r.peer) for r in admitted)})",

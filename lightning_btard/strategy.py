@@ -109,6 +109,12 @@ class BTARDStrategy(Processes, Joining, PeerCollectives, Leaving, ParallelStrate
             signed by a majority of the group before (``groups/hivemind_chain.py``); the chain must carry a
             signature of one of these. Without them, it must start from the one first group the run's members
             name, and a run id claimed by two groups stops the joiner with an error.
+        allowed_peers: (hivemind) a permissioned run's allow-list: a file of peer ids (one per line, optionally
+            followed by an owner: peers of one owner are tied, a ban refuses them all) or a list of them. Only these
+            peers count at the rendezvous, in join requests and in what joiners read. Unset: an open run.
+        max_joins_per_step, max_joins_per_window, join_window: (hivemind) an open run admits at most this many
+            peers per admission (default 1) and per ``join_window`` steps (default 4 per 1000); later requests wait.
+            An open run is not Sybil-resistant: see ``groups/hivemind_policy.py``.
         num_peers: (hivemind) how many peers train together; training starts when that many have joined ``run_id``.
         run_id: (hivemind) the run's name in the DHT: peers with the same ``run_id`` form one group.
         host_maddrs: (hivemind) where this peer listens (``/ip4/0.0.0.0/tcp/<port>`` to accept other machines).
@@ -141,6 +147,10 @@ class BTARDStrategy(Processes, Joining, PeerCollectives, Leaving, ParallelStrate
         backend: Literal["torch", "hivemind"] = "torch",
         initial_peers: Sequence[str] = (),
         trusted_peers: Sequence[str] = (),
+        allowed_peers: Union[str, Sequence[str], None] = None,
+        max_joins_per_step: int = 1,
+        max_joins_per_window: int = 4,
+        join_window: int = 1000,
         num_peers: Optional[int] = None,
         run_id: str = "btard",
         host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
@@ -180,11 +190,14 @@ class BTARDStrategy(Processes, Joining, PeerCollectives, Leaving, ParallelStrate
         self.join_every = int(join_every)
         self._hivemind: Optional[Any] = None
         if backend == "hivemind":
+            from lightning_btard.groups.hivemind_policy import AdmissionPolicy, read_allow_list
             from lightning_btard.hivemind_peer import HivemindPeer, initial_peers_from_env
 
             self._hivemind = HivemindPeer(
                 initial_peers=list(initial_peers) or initial_peers_from_env(), num_peers=int(num_peers or 0), run_id=str(run_id),
                 trusted_peers=list(trusted_peers),
+                policy=AdmissionPolicy(read_allow_list(allowed_peers), int(max_joins_per_step), int(max_joins_per_window),
+                                       int(join_window)),
                 host_maddrs=list(host_maddrs), announce_maddrs=list(announce_maddrs) if announce_maddrs else None,
                 identity_path=identity_path, rendezvous_timeout=float(rendezvous_timeout), join_every=self.join_every,
             )

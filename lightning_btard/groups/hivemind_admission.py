@@ -28,7 +28,7 @@ import os
 import random
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -36,6 +36,7 @@ from hivemind.p2p import PeerID
 
 from lightning_btard.errors import UserError
 from lightning_btard.groups.hivemind_chain import GroupChain, anchor_of, verify_chain
+from lightning_btard.groups.hivemind_policy import MAX_LISTED, AdmissionPolicy
 from lightning_btard.groups.hivemind_state import download_state
 from lightning_btard.transports.base import TransportError
 from lightning_btard.transports.codec import decode_record, encode_record
@@ -88,11 +89,13 @@ def announce_finished(node: HivemindNode, run_id: str, step: int, timeout: float
     _store(node, running_key(run_id), {"step": int(step), "finished": True}, time.monotonic() + timeout)
 
 
-def run_is_running(node: HivemindNode, run_id: str) -> bool:
+def run_is_running(node: HivemindNode, run_id: str, allowed: Optional[Container[str]] = None) -> bool:
     """Whether members of ``run_id`` have marked it as running and not all of them as finished (a peer that starts
-    now joins instead of meeting the others)."""
+    now joins instead of meeting the others); with an allow-list, only allowed peers' marks count."""
     for writer, raw in node.get_owned(running_key(run_id)).items():
         record = decode_record(raw)
+        if allowed is not None and writer.to_base58() not in allowed:
+            continue
         if writer != node.peer_id and not (isinstance(record, dict) and record.get("finished")):
             return True
     return False
@@ -118,19 +121,27 @@ def _join_requests(node: HivemindNode, run_id: str) -> list[JoinRequest]:
 
 def agree_on_joiners(
     transport: HivemindTransport, run_id: str, members: Iterable[PeerID], banned: Iterable[PeerID],
-    admitted_before: Iterable[bytes] = (),
+    admitted_before: Iterable[bytes] = (), policy: Optional[AdmissionPolicy] = None, salt: bytes = b"", step: int = 0,
+    banned_keys: Iterable[bytes] = (),
 ) -> tuple[list[JoinRequest], list[PeerID]]:
-    """One board collective over the group: the join requests a majority of members saw (sorted by peer id), and the
-    banned peers asking to join that this member saw (each member refuses those on its own). Requests whose nonce
-    was admitted before are old ones (a member that joined and left since): never admitted twice."""
-    members, banned, old = set(members), set(banned), set(admitted_before)
+    """One board collective over the group: the join requests a majority of members saw that ``policy`` admits now
+    (sorted by peer id), and the refused peers asking to join that this member saw: banned ones, the peers the policy
+    ties to them, and requests with the signing key of a banned member (each member refuses those on its own).
+    Requests whose nonce was admitted before are old ones (a member that joined and left since): never admitted
+    twice. Each member lists at most ``hivemind_policy.MAX_LISTED`` requests (allowed ones, in an order nobody
+    chooses), so a flood of requests costs a bounded read and a bounded collective."""
+    policy = policy if policy is not None else AdmissionPolicy()
+    members, old, bad_keys = set(members), set(admitted_before), set(banned_keys)
+    refused_ids = policy.tied(p.to_base58() for p in banned)
     requests = [r for r in _join_requests(transport.node, run_id) if r.peer not in members and r.nonce not in old]
-    refused = sorted({r.peer for r in requests if r.peer in banned}, key=lambda p: p.to_bytes())
-    mine = sorted((r.view() for r in requests if r.peer not in banned), key=lambda v: v[0])
+    refused_requests = [r for r in requests if r.peer.to_base58() in refused_ids or r.key in bad_keys]
+    refused = sorted({r.peer for r in policy.listed(refused_requests, salt, step)}, key=lambda p: p.to_bytes())
+    candidates = [r for r in requests if r.peer not in refused and r.peer.to_base58() not in refused_ids]
+    mine = sorted((r.view() for r in policy.listed(candidates, salt, step)), key=lambda v: v[0])
     views = transport.all_gather_object(mine)
     counts: dict[tuple, int] = defaultdict(int)
     for view in views:
-        if not isinstance(view, list):
+        if not isinstance(view, list) or len(view) > MAX_LISTED:
             continue
         # exact types: anything else (a list, a tensor) cannot come from an honest member, and must not crash us
         for item in {tuple(v) for v in view if type(v) is list and len(v) == 3
@@ -138,19 +149,20 @@ def agree_on_joiners(
             counts[item] += 1
     admitted = []
     for (peer, key, nonce), count in counts.items():
-        if 2 * count <= transport.world_size:
+        if 2 * count <= transport.world_size or peer in refused_ids or not policy.allows(peer) or key in bad_keys:
             continue
         try:
             pid = PeerID.from_base58(peer)
         except Exception:  # noqa: BLE001 - a malformed entry a majority listed cannot come from honest members
             continue
-        if pid not in banned and pid not in members and isinstance(key, bytes) and isinstance(nonce, bytes) and nonce not in old:
+        if pid not in members and nonce not in old:
             admitted.append(JoinRequest(pid, key, nonce))
     # one request per peer id (the same peer asking twice with two nonces: the one a majority saw first in order)
     unique: dict[PeerID, JoinRequest] = {}
     for request in sorted(admitted, key=lambda r: (r.peer.to_bytes(), r.nonce)):
         unique.setdefault(request.peer, request)
-    return sorted(unique.values(), key=lambda r: r.peer.to_bytes()), refused
+    chosen = policy.choose(list(unique.values()), salt, step)
+    return sorted(chosen, key=lambda r: r.peer.to_bytes()), refused
 
 
 def publish_admission(node: HivemindNode, run_id: str, request: JoinRequest, record: dict[str, Any], timeout: float) -> None:
@@ -195,11 +207,16 @@ def _agreed(records: dict[PeerID, bytes], run_id: str, trusted: Iterable[str], a
 
 
 def wait_for_admission(node: HivemindNode, run_id: str, nonce: bytes, timeout: float, poll_interval: float = 0.5,
-                       trusted: Sequence[str] = ()) -> tuple[dict[str, Any], GroupChain]:
+                       trusted: Sequence[str] = (), allowed: Optional[Container[str]] = None) -> tuple[dict[str, Any], GroupChain]:
     """The admission record of this attempt (``nonce``) agreed by a strict majority of a group this joiner can trust
     (at the head of a chain from its anchor: a statement one of ``trusted`` signed, or the one genesis the running
     marks name), and that chain; :class:`Refused` if such a group refused this peer, :class:`UserError` if nothing was
-    agreed within ``timeout`` seconds or the run id is claimed by two groups (``hivemind_chain.anchor_of``)."""
+    agreed within ``timeout`` seconds or the run id is claimed by two groups (``hivemind_chain.anchor_of``). With an
+    allow-list (``allowed``: base58 peer ids), marks and records of anyone else are not read."""
+
+    def only_allowed(entries: dict[PeerID, bytes]) -> dict[PeerID, bytes]:
+        return entries if allowed is None else {w: v for w, v in entries.items() if w.to_base58() in allowed}
+
     key = admit_key(run_id, node.peer_id)
     deadline = time.monotonic() + timeout
     polls = 0
@@ -209,8 +226,8 @@ def wait_for_admission(node: HivemindNode, run_id: str, nonce: bytes, timeout: f
     def agreed(entries: dict[PeerID, bytes]) -> bool:
         nonlocal polls, anchor
         if not trusted:
-            anchor = anchor_of(node.get_owned(running_key(run_id)), run_id)
-        for record, chain in (_agreed(entries, run_id, trusted, anchor) if trusted or anchor else ()):
+            anchor = anchor_of(only_allowed(node.get_owned(running_key(run_id))), run_id)
+        for record, chain in (_agreed(only_allowed(entries), run_id, trusted, anchor) if trusted or anchor else ()):
             if "refused" in record:
                 raise Refused(f"the members of run {run_id!r} refused this peer ({node.peer_id}): {record['refused']}",
                               str(record["refused"]))
@@ -218,7 +235,7 @@ def wait_for_admission(node: HivemindNode, run_id: str, nonce: bytes, timeout: f
                 found.append((record, chain))
                 return True
         polls += 1
-        if polls % 10 == 0 and not run_is_running(node, run_id):
+        if polls % 10 == 0 and not run_is_running(node, run_id, allowed):
             raise UserError(f"run {run_id!r} ended before its members admitted this peer: start a new run (another run_id)")
         return False
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from typing import Optional
 
 from hivemind.p2p import PeerID
@@ -31,7 +31,8 @@ def rank_order(peer_ids: Sequence[PeerID]) -> list[PeerID]:
     return sorted(peer_ids, key=lambda p: p.to_bytes())
 
 
-def rendezvous(node: HivemindNode, run_id: str, num_peers: int, timeout: float, poll_interval: float = 0.2) -> HivemindTransport:
+def rendezvous(node: HivemindNode, run_id: str, num_peers: int, timeout: float, poll_interval: float = 0.2,
+               allowed: Optional[Container[str]] = None) -> HivemindTransport:
     """Wait for ``num_peers`` peers (this one included) to announce ``run_id``; the transport over them, in rank order.
 
     Each peer announces a fresh nonce with itself; the group's *run salt* (``transport.salt``) is a digest of every
@@ -39,16 +40,26 @@ def rendezvous(node: HivemindNode, run_id: str, num_peers: int, timeout: float, 
     peer identities never reads the records of the last one (they live in the DHT for hours). The members confirm the
     salt before anything else: a peer that read a stale announcement reads again until all agree.
 
+    With an allow-list (``allowed``: base58 peer ids; ``groups/hivemind_policy.py``) only allowed peers' announcements
+    count: nobody else can take a place in the group or claim the run id.
+
     Raises :class:`UserError` when fewer arrive within ``timeout`` seconds, when more than ``num_peers`` announce
     the run (a stale or reused ``run_id``), or when the members did not all see the same group.
     """
     key = rendezvous_key(run_id)
     deadline = time.monotonic() + timeout
     nonce = os.urandom(16)
+    if allowed is not None and node.peer_id.to_base58() not in allowed:
+        raise UserError(f"this peer ({node.peer_id}) is not on run {run_id!r}'s allow-list (allowed_peers)")
     if not node.store_until(key, encode_record({"run": run_id, "nonce": nonce}), max(3600.0, 2 * timeout), deadline):
         raise UserError(f"could not announce this peer in the DHT (run {run_id!r}) within {timeout}s")
+
+    def read(entries: dict[PeerID, bytes]) -> dict[PeerID, bytes]:
+        return entries if allowed is None else {w: v for w, v in entries.items() if w.to_base58() in allowed}
+
     while True:
-        entries = node.poll_owned(key, lambda entries: len(set(entries) | {node.peer_id}) >= num_peers, deadline, poll_interval)
+        entries = read(node.poll_owned(key, lambda entries: len(set(read(entries)) | {node.peer_id}) >= num_peers, deadline,
+                                       poll_interval))
         seen = set(entries) | {node.peer_id}
         if len(seen) < num_peers:
             raise UserError(
@@ -100,5 +111,5 @@ def _confirmed(node: HivemindNode, key: str, members: Sequence[PeerID], salt: by
     confirm = f"{key}/salt"
     node.store_until(confirm, salt, 3600.0, deadline)
     wanted = set(members)
-    entries = node.poll_owned(confirm, lambda e: wanted <= set(e), deadline, interval)  # an old run's may differ: again
+    entries = node.poll_owned(confirm, lambda e: wanted <= set(e), deadline, interval)  # members' entries only are read  # an old run's may differ: again
     return wanted <= set(entries) and all(entries[m] == salt for m in wanted)
