@@ -180,6 +180,8 @@ class HivemindPeer:
             raise UserError(f"run {run_id!r}'s admission record has no run salt: its members run another version")
         group = HivemindGroup(node, run_id, members, membership, me, timeout, salt=salt, chain=chain)  # as members derive it
         chain.extend(group.transport.members, group.transport.session)  # the admission, as the members' chains have it
+        silenced = record.get("silenced", {})
+        group.silenced = {str(p): int(n) for p, n in silenced.items()} if isinstance(silenced, dict) else {}
         self.genesis = chain.links[0].digest
         assert strategy.cluster_environment is not None
         strategy.cluster_environment.set_world_size(len(members))
@@ -218,8 +220,11 @@ class HivemindPeer:
     def admit(self, strategy: "BTARDStrategy", trainer: "pl.Trainer", step: int) -> None:
         """One board collective: admit the join requests a majority of members saw, refuse banned peers, offer the
         state, write the admission records, continue in the larger group."""
+        from hivemind.p2p import PeerID
+
         from lightning_btard.groups.hivemind_admission import agree_on_joiners, publish_admission, publish_refusal
         from lightning_btard.groups.hivemind_state import to_plain
+        from lightning_btard.groups.silence import SILENCES_BEFORE_OUT
         from lightning_btard.transports.codec import encode_record
 
         engine = strategy.engine
@@ -232,8 +237,9 @@ class HivemindPeer:
         group = list(group_obj.transport.members)
         bans = {group_obj.members[b.peer]: b for b in membership.bans}
         banned_keys = [engine.keys[b.peer] for b in membership.bans if b.peer < len(engine.keys)]
-        admitted, refused = agree_on_joiners(group_obj.transport, run_id, group, bans, self._admitted_nonces, self.policy,
-                                             group_obj.salt, step, banned_keys)
+        out = {PeerID.from_base58(p) for p, n in group_obj.silenced.items() if n >= SILENCES_BEFORE_OUT}
+        admitted, refused = agree_on_joiners(group_obj.transport, run_id, group, set(bans) | out, self._admitted_nonces,
+                                             self.policy, group_obj.salt, step, banned_keys)
         chain = group_obj.chain
         if chain is not None and not chain.collect(node):
             log.warning("BTARD: the group's chain of changes lacks the signatures of a majority of some group (too many "
@@ -242,6 +248,9 @@ class HivemindPeer:
             ban = bans.get(peer)
             if ban is not None:
                 reason, who, evidence = f"banned at step {ban.step} as peer {ban.peer} ({ban.evidence})", [ban.peer], ban.evidence
+            elif peer in out:
+                reason, who, evidence = (f"removed from the group {group_obj.silenced[peer.to_base58()]} times after "
+                                         "reports of silence (withholding messages)", [], "silence")
             else:
                 reason, who, evidence = "tied to a banned peer (its owner in the allow-list, or its signing key)", [], "tied"
             publish_refusal(node, run_id, peer, group, reason, timeout, chain)
@@ -270,6 +279,7 @@ class HivemindPeer:
             "departed": [[p, t] for p, t in membership.departed.items()], "digest": digest,
             "admitted": self._admitted_nonces + [r.nonce for r in admitted],
             "joins": self.policy.joins + [step] * len(admitted),
+            "silenced": dict(group_obj.silenced),
             "chain": chain.to_record() if chain is not None else None,
         }
         for request, peer in zip(admitted, ids):

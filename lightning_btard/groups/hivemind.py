@@ -4,6 +4,7 @@ regroup among those still answering (``groups/hivemind_regroup.py``)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
@@ -13,12 +14,14 @@ from lightning_btard.groups.base import Group, NoMajority, Recovery
 from lightning_btard.groups.hivemind_chain import GroupChain
 from lightning_btard.groups.hivemind_regroup import Alone, regroup
 from lightning_btard.protocol.membership import Membership
-from lightning_btard.transports.base import TransportError
+from lightning_btard.transports.base import CollectiveFailure, TransportError
 from lightning_btard.transports.hivemind import HivemindTransport
 from lightning_btard.transports.hivemind_keys import session_of
 from lightning_btard.transports.hivemind_node import HivemindNode
 
 __all__ = ["HivemindGroup"]
+
+log = logging.getLogger(__name__)
 
 
 class HivemindGroup(Group):
@@ -33,6 +36,9 @@ class HivemindGroup(Group):
         self.salt = bytes(salt)
         """The run's salt (``rendezvous``): in every session name, so a restarted run never meets the last one's."""
         self.chain = chain
+        self.silenced: dict[str, int] = {}
+        """Peer id (base58) → how many times the group removed it after reports of silence (``silence.py``); the
+        same on every member (joiners get it with their admission)."""
         """The run's chain of groups (``hivemind_chain.py``): extended and signed at every change, what joiners verify."""
         if transport is None:
             transport = self._transport(membership)
@@ -67,11 +73,15 @@ class HivemindGroup(Group):
     def recover(self, step: int, state: Any, failure: TransportError, accept: Callable[[Any], bool]) -> Recovery:
         old, active = self.transport, self.membership.active
         assert isinstance(old, HivemindTransport)
+        report = None
+        if isinstance(failure, CollectiveFailure) and failure.session == old.session:
+            report = [old.session, failure.seq, [str(p) for p in failure.culprits]]
         try:
-            result = regroup(old, state, window=self.timeout, accept=accept)
+            result = regroup(old, state, window=self.timeout, accept=accept, report=report)
         except Alone as err:
             raise NoMajority(f"BTARD: step {step}: {err} (the failure: {failure})") from err
-        if result.refused and 2 * len(result.members) <= len(result.members) + len(result.refused):
+        elsewhere = [i for i in result.refused if i not in result.removed]  # at another step, malformed, outvoted
+        if elsewhere and 2 * len(result.members) <= len(result.members) + len(elsewhere):
             # peers that answered from another step are as many as this group: neither side may claim to be the run
             raise NoMajority(
                 f"BTARD: step {step}: after a failed collective, {len(result.members)} peers answered at this step and "
@@ -81,6 +91,10 @@ class HivemindGroup(Group):
         gone = [p for i, p in enumerate(active) if i not in result.members]
         for peer in gone:
             self.membership.depart(peer, step)
+        for i, why in result.removed.items():
+            key = str(old.members[i])
+            self.silenced[key] = self.silenced.get(key, 0) + 1
+            log.warning("BTARD: step %d: peer %d (%s) leaves the group: %s", step, active[i], key, why)
         old.close()
         self.transport = result.transport
         self._changed()

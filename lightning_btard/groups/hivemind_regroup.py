@@ -21,16 +21,17 @@ Byzantine member that answers selectively is caught by the protocol's own checks
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from lightning_btard.groups.silence import parse_report, silence_removals
 from lightning_btard.protocol.agreement import strict_majority
 from lightning_btard.transports.base import TransportError
 from lightning_btard.transports.codec import decode_record, encode_record
 from lightning_btard.transports.hivemind import HivemindTransport
 from lightning_btard.transports.hivemind_keys import regroup_key, session_of
 
-__all__ = ["Alone", "Regrouped", "regroup"]
+__all__ = ["Alone", "Regrouped", "Removed", "regroup"]
 
 
 class Alone(TransportError):
@@ -46,7 +47,14 @@ class Regrouped:
     states: dict[int, Any]
     """Each member's announced state, by index into the failed transport's members."""
     refused: list[int]
-    """Members that answered with a state ``accept`` refused (malformed, or at another step)."""
+    """Members that answered but are not in the group: a state ``accept`` refused (malformed, or at another step),
+    another view than the majority's, or removed after the reports of silence."""
+    removed: dict[int, str] = field(default_factory=dict)
+    """Members removed after the reports of silence (``silence.py``), with the reason."""
+
+
+class Removed(Alone):
+    """The agreed reports of silence remove this peer from the group (``silence.py``)."""
 
 
 def _announce_and_collect(
@@ -65,7 +73,7 @@ def _announce_and_collect(
             if i is None or i in seen or i in refused:
                 continue
             announced = decode_record(value)  # None when unreadable: refused like a wrong one
-            if announced is not None and accept(announced):
+            if isinstance(announced, list) and len(announced) == 2 and accept(announced[0]):
                 seen[i] = announced
             else:  # malformed, or not where I am: left out
                 refused.add(i)
@@ -76,7 +84,8 @@ def _announce_and_collect(
 
 
 def regroup(
-    old: HivemindTransport, state: Any, window: float, accept: Callable[[Any], bool] = lambda state: True, attempts: int = 5
+    old: HivemindTransport, state: Any, window: float, accept: Callable[[Any], bool] = lambda state: True, attempts: int = 5,
+    report: Any = None,
 ) -> Regrouped:
     """The group of ``old``'s members that are still answering, confirmed by all of them (see the module doc).
 
@@ -84,9 +93,13 @@ def regroup(
     another step, cannot: that member is left out). Every attempt announces under the failed group's key with the
     attempt's number, so members whose first confirmation failed meet again. Raises :class:`Alone` when nobody else
     is accepted within ``window`` seconds, this peer is outside the majority's view, or no view had a strict majority in
-    ``attempts`` confirmations."""
+    ``attempts`` confirmations; :class:`Removed` when the agreed reports of silence remove this peer (``silence.py``).
+
+    ``report``: whom this peer did not hear from, ``[session, collective, [peer id (base58), ...]]``, announced with
+    the state; the confirmed group then leaves out the members :func:`~lightning_btard.groups.silence.silence_removals`
+    names (in :attr:`Regrouped.removed`)."""
     for attempt in range(attempts):
-        seen, refused = _announce_and_collect(old, regroup_key(old.session, attempt), state, window, accept)
+        seen, refused = _announce_and_collect(old, regroup_key(old.session, attempt), [state, report], window, accept)
         members = sorted(seen)
         if len(members) < 2:
             raise Alone(f"no other peer answered within {window:.0f}s after a failed collective: this peer is alone")
@@ -107,11 +120,24 @@ def regroup(
             raise Alone(f"a majority of the peers that answered after a failed collective saw another group than this "
                         f"peer did: it is out of the run (attempt {attempt})")
         confirmed = [i for i, v in zip(members, views) if v == agreed]
-        if confirmed == members:
-            return Regrouped(nxt, members, {i: seen[i] for i in members}, sorted(refused))
-        nxt.close()  # members that confirmed another view are left out: the group of those that agree
-        final = HivemindTransport(old.node, [old.members[i] for i in confirmed],
-                                  session_of(old.session, "regroup", attempt, "confirmed", *confirmed), old.timeout, old.poll_interval)
-        return Regrouped(final, confirmed, {i: seen[i] for i in confirmed}, sorted(refused | (set(members) - set(confirmed))))
+        names = {i: str(old.members[i]) for i in confirmed}
+        reports = {names[i]: parse_report(seen[i][1], old.session, list(names.values())) for i in confirmed}
+        verdict = silence_removals(reports, list(names.values()))
+        removed = {i: verdict[names[i]] for i in confirmed if names[i] in verdict}
+        if old.rank in removed:
+            nxt.close()
+            raise Removed(f"this peer leaves the group: {removed[old.rank]}. It can ask to join the run again (restart it)")
+        staying = [i for i in confirmed if i not in removed]
+        if len(staying) < 2:
+            nxt.close()
+            raise Alone("after the reports of silence, no other peer stays in the group: this peer is alone")
+        states = {i: seen[i][0] for i in staying}
+        left_out = sorted(refused | (set(members) - set(staying)))
+        if staying == members:
+            return Regrouped(nxt, members, states, left_out)
+        nxt.close()  # members that confirmed another view, or reported or named as silent, are left out
+        final = HivemindTransport(old.node, [old.members[i] for i in staying],
+                                  session_of(old.session, "regroup", attempt, "confirmed", *staying), old.timeout, old.poll_interval)
+        return Regrouped(final, staying, states, left_out, removed)
     raise Alone(f"the peers that answered after a failed collective did not agree on a group in {attempts} attempts "
                 "(no view of a strict majority)")

@@ -13,11 +13,21 @@ from typing import Any, Optional
 
 from torch import Tensor
 
-__all__ = ["Transport", "TransportError"]
+__all__ = ["CollectiveFailure", "Transport", "TransportError"]
 
 
 class TransportError(RuntimeError):
     """A peer could not be reached or answered out of protocol within the transport's timeout."""
+
+
+class CollectiveFailure(TransportError):
+    """A collective failed because of named members: no (well-formed) message from them within the deadline, or they
+    would not take ours. What a peer reports after it (``groups/silence.py``): the session, the collective's number and
+    the members it did not hear from."""
+
+    def __init__(self, message: str, session: bytes, seq: int, culprits: Sequence[Any]) -> None:
+        super().__init__(message)
+        self.session, self.seq, self.culprits = bytes(session), int(seq), list(culprits)
 
 
 class Transport(ABC):

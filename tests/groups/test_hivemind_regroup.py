@@ -119,3 +119,43 @@ def test_a_member_confirming_another_view_each_time_is_outvoted_not_a_crash(hive
         members, refused, transport_members, board = out[rank]
         assert members == [0, 1, 2] and refused == [3]
         assert transport_members == group[0].members[:3] and board == [0, 1, 2]
+
+
+def test_a_withholder_leaves_with_its_one_victim_and_the_rest_carry_on(hivemind_swarm) -> None:
+    """Review: a member that withheld a message cost everybody a timeout and a regroup, announced itself again and was
+    let back in. Member 3 withholds its message from member 0 in an exchange: member 0 reports it, the others (who got
+    theirs and waited for member 0 in the next collective) report member 0. The agreed reports remove members 0 and 3
+    (a dispute: both leave), through ``HivemindGroup.recover`` as the engine calls it; 1 and 2 carry on, and count
+    member 3's silence (a peer id removed twice is refused at admission)."""
+    from lightning_btard.groups.base import NoMajority
+    from lightning_btard.groups.hivemind import HivemindGroup
+    from lightning_btard.protocol.membership import Membership
+    from lightning_btard.transports.base import CollectiveFailure
+
+    group = transports(hivemind_swarm, 4, timeout=2.0)
+
+    def member(t):
+        hg = HivemindGroup(t.node, "run", t.members, Membership(peers=[0, 1, 2, 3]), t.rank, 2.0, t)
+        x = torch.full((2,), float(t.rank))
+        sends = [[x] if not (t.rank == 3 and j == 0) else None for j in range(4)]  # 3 sends nothing to 0
+        try:
+            t._messages(sends, range(4))
+            t.all_gather_object(t.rank)  # 0 is not here: it is still waiting for 3's message
+            raise AssertionError("a collective should have failed")
+        except CollectiveFailure as failure:
+            culprits = failure.culprits
+            try:
+                recovery = hg.recover(5, (5, False), failure, lambda s: True)
+            except NoMajority as e:
+                return "out", culprits, str(e)
+        return "in", culprits, recovery.gone, hg.membership.active, hg.silenced, hg.transport.all_gather_object(t.rank)
+
+    out = run_in_threads(group, member, 60)
+    members = group[0].members
+    assert out[0][:2] == ("out", [members[3]]) and "dispute" in out[0][2]
+    assert out[3][0] == "out"
+    for rank in (1, 2):
+        status, culprits, gone, active, silenced, board = out[rank]
+        assert status == "in" and culprits == [members[0]]
+        assert gone == [0, 3] and active == [1, 2] and board == [1, 2]
+        assert silenced == {str(members[0]): 1, str(members[3]): 1}
