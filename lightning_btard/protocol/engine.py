@@ -32,7 +32,7 @@ from torch import Tensor
 
 from lightning_btard.aggregators.base import Aggregator
 from lightning_btard.errors import UserError
-from lightning_btard.groups.base import Group
+from lightning_btard.groups.base import Group, NoMajority
 from lightning_btard.ops.finite import all_finite
 from lightning_btard.ops.partition import part_sizes
 from lightning_btard.ops.workspace import Workspace
@@ -46,9 +46,13 @@ from lightning_btard.protocol.round import Behaviour, RoundConfig, RoundOutcome,
 from lightning_btard.protocol.validation import StepRecord, ValidationCheck, assign_validators, resolve_validations
 from lightning_btard.transports.base import TransportError
 
-__all__ = ["METRIC_KEYS", "PeerEngine", "Recompute", "announced_at", "round_config_of"]
+__all__ = ["MAX_REGROUPS_PER_STEP", "METRIC_KEYS", "PeerEngine", "Recompute", "announced_at", "round_config_of"]
 
 log = logging.getLogger(__name__)
+
+MAX_REGROUPS_PER_STEP = 3
+"""A step whose collectives fail more often than this stops the peer (``NoMajority``): every regroup removes the
+members reported silent (``groups/silence.py``), so a group that keeps failing is not making progress."""
 
 METRIC_KEYS = ("peers", "banned", "retries", "clipped", "cc_iterations", "cc_residual", "malformed", "mbytes_sent")
 """Logged after every aggregated step on both paths (verified or not), with ``time_<phase>`` for each phase the
@@ -268,9 +272,8 @@ class PeerEngine:
         retries = 0
         while True:
             active = self.membership.active
-            weights = [0.0 if p in validating or p in abstaining else 1.0 for p in active]
-            if not any(weights):
-                weights = [1.0] * len(active)
+            own = [0.0 if p in validating or p in abstaining else 1.0 for p in active]  # who sent its own gradient
+            weights = own if any(own) else [1.0] * len(active)  # nobody else left (a ban): the stand-ins count
             outcome = verified_round(
                 sent, self.transport, self.identity, [self.keys[p] for p in active], active, step, self.round_config,
                 behaviour, weights, out=self._work.get("aggregate", (sent.numel(),), torch.float32, sent.device),
@@ -282,7 +285,7 @@ class PeerEngine:
                 if limited:
                     self.apply_bans(limited)
                 self.metrics = self._verified_metrics(outcome, active, retries, sent.numel())
-                self._remember(step, active, weights, outcome, batch_idx, micro_batches, grad_scale)
+                self._remember(step, active, own, outcome, batch_idx, micro_batches, grad_scale)
                 return outcome.aggregate.to(sent.device)
             retries += 1
             self.apply_bans(outcome.bans + limited)
@@ -330,7 +333,9 @@ class PeerEngine:
 
     def _remember(self, step: int, active: list[int], weights: list[float], outcome: RoundOutcome, batch_idx: int,
                   micro_batches: int, grad_scale: Optional[float]) -> None:
-        """What the next step's validators check: this round's published projections and the next validators."""
+        """What the next step's validators check: this round's published projections and the next validators, whose
+        targets are the peers that sent their own gradient (``weights`` > 0: never a validator's stand-in, which is a
+        recomputation of another peer's gradient)."""
         if not self.validators or step == self.unvalidated_step:
             return
         assert outcome.seed is not None
@@ -391,9 +396,15 @@ class PeerEngine:
 
     def _with_regroup(self, step: int, fast_path: bool, attempt: Callable[[], Any]) -> Any:
         """``attempt()``; where the group can recover, a collective that fails (a member stopped answering) is
-        followed by a regroup among the members still there, and the attempt is made again in the new group."""
+        followed by a regroup among the members still there, and the attempt is made again in the new group; at most
+        :data:`MAX_REGROUPS_PER_STEP` times per step (each regroup removes whoever was silent: more means no progress)."""
+        regroups = 0
         while True:
             if self.broken is not None:
+                regroups += 1
+                if regroups > MAX_REGROUPS_PER_STEP:
+                    raise NoMajority(f"BTARD: step {step}: the group failed {regroups} times in this step (at most "
+                                     f"{MAX_REGROUPS_PER_STEP} regroups per step); last failure: {self.broken}")
                 self._regroup(step, fast_path)
             try:
                 return attempt()

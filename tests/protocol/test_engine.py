@@ -309,3 +309,35 @@ def test_a_sender_and_aggregator_colluding_to_steer_a_part_are_caught_when_the_s
     last = max(b.step for b in bans.values())
     for step in range(last + 1, 40):
         assert_same(honest, step)
+
+
+def test_a_step_whose_group_keeps_failing_stops_after_the_regroup_cap() -> None:
+    """Review: regroups per step were unlimited (a withholder could keep a step from ever finishing). Each regroup
+    removes whoever was reported silent; a step that fails more than MAX_REGROUPS_PER_STEP times stops the peer."""
+    from lightning_btard.groups.base import NoMajority
+    from lightning_btard.protocol.engine import MAX_REGROUPS_PER_STEP
+    from lightning_btard.transports.base import TransportError
+
+    engine = make_peers(2)[0].engine
+    regroups: list[int] = []
+    engine._regroup = lambda step, fast_path: regroups.append(step)  # type: ignore[method-assign]
+
+    def attempt() -> None:
+        raise TransportError("a member withheld its message")
+
+    with pytest.raises(NoMajority, match=f"failed {MAX_REGROUPS_PER_STEP + 1} times"):
+        engine._with_regroup(7, False, attempt)
+    assert regroups == [7] * MAX_REGROUPS_PER_STEP
+
+
+def test_a_ban_that_leaves_only_validators_does_not_validate_their_stand_ins() -> None:
+    """Found in a hivemind run (4 peers, 2 validators; a crash, then a ban left peers 0 and 1, both validators of that
+    step): their vectors that step were recomputations of their targets' gradients (the fast path), counted with weight
+    1 because nobody else was left; the next step validated them as their own gradients and banned an honest peer.
+    Stand-ins are never validation targets, whatever weight they were given."""
+    peers = run(make_peers(3, validators=2, lie={2: lambda step, g: -g if step >= 1 else g}), 8)
+    honest = [p for p in peers if p.engine.me != 2]
+    for p in honest:
+        assert [b.peer for b in p.engine.membership.bans] == [2], p.engine.membership.bans
+        assert not p.engine.left
+    assert_same(honest, 7)
