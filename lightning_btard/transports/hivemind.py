@@ -21,11 +21,12 @@ import torch
 from hivemind.p2p import PeerID
 from torch import Tensor
 
-from lightning_btard.transports.base import Transport, TransportError
-from lightning_btard.transports.codec import decode_record, encode_record
+from lightning_btard.transports.base import CollectiveFailure, Transport, TransportError
+from lightning_btard.transports.codec import MAX_RECORD_BYTES, decode_record, encode_record
 from lightning_btard.transports.hivemind_keys import board_key, session_of
 from lightning_btard.transports.hivemind_mailbox import Malformed, Message, MessageServicer
 from lightning_btard.transports.hivemind_node import HivemindNode
+from lightning_btard.transports.hivemind_records import INLINE_LIMIT, fetch_record, parse_reference
 
 __all__ = ["HivemindTransport"]
 
@@ -79,6 +80,7 @@ class HivemindTransport(Transport):
 
     async def _close(self) -> None:
         self.node.mailbox.close(self.session)
+        self.node.records.close(self.session)
 
     # ---- tensors, peer to peer -------------------------------------------------------------------------
     def _messages(self, sends: Sequence[Optional[Sequence[Tensor]]], sources: Sequence[int]) -> dict[int, Message]:
@@ -126,10 +128,11 @@ class HivemindTransport(Transport):
         unreached = [self.members[j] for j, task in zip(targets, sending) if task not in done or task.exception() is not None]
         silent = [self.members[i] for i, task in receiving.items() if task not in done]
         if unreached or silent:
-            raise TransportError(
+            raise CollectiveFailure(
                 f"collective {seq} of session {self.session.hex()[:12]}: no message within {self.timeout}s from "
                 f"{[str(p) for p in silent]}; could not deliver to {[str(p) for p in unreached]}"
-                + "".join(f"\n  {self.members[j]}: {e!r}" for j, e in errors.items() if self.members[j] in unreached)
+                + "".join(f"\n  {self.members[j]}: {e!r}" for j, e in errors.items() if self.members[j] in unreached),
+                self.session, seq, sorted(set(silent) | set(unreached), key=self.members.index),
             )
         out = {i: task.result() for i, task in receiving.items()}
         if self.rank in sources:
@@ -190,7 +193,8 @@ class HivemindTransport(Transport):
         rows = []
         for i in sorted(messages):
             if not self._fits(messages[i], [like]):
-                raise TransportError(f"peer {self.members[i]} sent a malformed message where {tuple(like.shape)} {like.dtype} was due")
+                raise CollectiveFailure(f"peer {self.members[i]} sent a malformed message where {tuple(like.shape)} {like.dtype} "
+                                        "was due", self.session, self.seq, [self.members[i]])
             rows.append(messages[i][0].to(like.device))  # type: ignore[index]
         return rows
 
@@ -214,20 +218,38 @@ class HivemindTransport(Transport):
         key = board_key(self.session, seq)
         deadline = time.monotonic() + self.timeout
         if publish:
-            self.publish(key, encode_record(obj), deadline)
+            data = encode_record(obj)
+            if len(data) > INLINE_LIMIT:  # too large for the DHT: a reference, and the bytes served from here
+                data = self.node.records.put(self.session, self.members, data)
+            self.publish(key, data, deadline)
         wanted = {self.members[i]: i for i in writers}
         found: dict[int, Any] = {}
+        unserved: dict[PeerID, str] = {}
 
         def complete(entries: dict[PeerID, bytes]) -> bool:
             for writer, value in entries.items():
-                if writer in wanted and wanted[writer] not in found:
-                    found[wanted[writer]] = decode_record(value)
-            return len(found) == len(wanted)
+                if writer in wanted and wanted[writer] not in found and writer not in unserved:
+                    ref = parse_reference(value)
+                    if ref is None:
+                        found[wanted[writer]] = decode_record(value)
+                    elif ref[1] > MAX_RECORD_BYTES:
+                        found[wanted[writer]] = None  # the same malformed reference for every reader
+                    else:
+                        try:
+                            mine = self.node.records.get(self.session, ref[0], writer) if writer == self.node.peer_id else None
+                            data = mine if mine is not None else fetch_record(self.node, writer, self.session, ref[0], ref[1],
+                                                                              deadline)
+                        except TransportError as e:  # not served, or other bytes: as if it said nothing
+                            unserved[writer] = str(e)
+                            continue
+                        found[wanted[writer]] = decode_record(data)
+            return len(found) + len(unserved) == len(wanted)
 
         self.node.poll_owned(key, complete, deadline, self.poll_interval)
         if len(found) < len(wanted):
-            missing = [str(self.members[i]) for i in writers if i not in found]
-            raise TransportError(f"board record {key}: nothing within {self.timeout}s from {missing}")
+            missing = [self.members[i] for i in writers if i not in found]
+            raise CollectiveFailure(f"board record {key}: nothing within {self.timeout}s from {[str(m) for m in missing]}"
+                                    + "".join(f"\n  {w}: {why}" for w, why in unserved.items()), self.session, seq, missing)
         return found
 
     def publish(self, key: str, value: bytes, deadline: float) -> None:

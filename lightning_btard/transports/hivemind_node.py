@@ -30,6 +30,7 @@ from hivemind.utils.timed_storage import get_dht_time
 
 from lightning_btard.transports.base import TransportError
 from lightning_btard.transports.hivemind_mailbox import Mailbox, MessageServicer
+from lightning_btard.transports.hivemind_records import RecordServicer, RecordStore
 
 __all__ = ["HivemindNode", "peer_id_of_owner"]
 
@@ -141,6 +142,9 @@ class HivemindNode:
         self.namespace = namespace
         self.mailbox = Mailbox(max_message_bytes=max_message_bytes)
         self.run(MessageServicer(self.mailbox).add_p2p_handlers(self.p2p, namespace=namespace), timeout=30)
+        self.records = RecordStore()
+        """This node's board records too large for the DHT (``hivemind_records.py``)."""
+        self.run(RecordServicer(self.records).add_p2p_handlers(self.p2p, namespace=namespace), timeout=30)
         self._closed = False
 
     @property

@@ -1,0 +1,152 @@
+"""Large board records off the DHT: the board carries a digest, the writer serves the bytes peer to peer.
+
+hivemind's DHT stores values in unary messages capped at 4 MiB, and every replica holds a copy. A board record
+larger than :data:`INLINE_LIMIT` (evidence with whole parts: 4–18 MB for ResNet18 or ALBERT-large parts) is kept
+in its writer's :class:`RecordStore` instead, and the DHT entry is a *reference*: a marker, the record's BLAKE3
+digest and its size. A reader fetches the bytes from the writer (``rpc_fetch_record``, streamed in 512 KiB chunks,
+served only to members of the record's session) and keeps them only if they have that digest.
+
+The reference is the writer's public, signed statement (its owner-signed DHT subkey), so every reader checks the
+same digest: the writer cannot show two readers two records. A reference to more than ``MAX_RECORD_BYTES`` is a
+malformed record (the same for every reader). A writer that does not serve its record, or serves other bytes, is
+treated by the reader as silent: the collective fails with that writer as its culprit, and the regroup's reports of
+silence decide (``groups/silence.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any, AsyncIterator, Optional
+
+from blake3 import blake3
+from hivemind.p2p import P2PContext, PeerID, ServicerBase
+from hivemind.proto import averaging_pb2, runtime_pb2
+from hivemind.utils import MSGPackSerializer
+
+from lightning_btard.transports.base import TransportError
+
+__all__ = ["INLINE_LIMIT", "RecordServicer", "RecordStore", "WrongRecord", "fetch_record", "parse_reference", "reference"]
+
+INLINE_LIMIT = 512 * 1024
+"""Records up to this size go into the DHT itself; larger ones by reference."""
+_MARKER = b"\x00btard-record-ref"  # no msgpack record starts with 0x00 and goes on: never a record itself
+_CHUNK = 512 * 1024
+
+
+class WrongRecord(TransportError):
+    """A writer served other bytes than the record it published a reference to."""
+
+
+def reference(data: bytes) -> bytes:
+    """The DHT value standing for ``data``."""
+    return _MARKER + blake3(data).digest() + len(data).to_bytes(8, "little")
+
+
+def parse_reference(value: bytes) -> Optional[tuple[bytes, int]]:
+    """``(digest, size)`` if ``value`` is a reference, else ``None``."""
+    if not (isinstance(value, bytes) and value.startswith(_MARKER) and len(value) == len(_MARKER) + 40):
+        return None
+    body = value[len(_MARKER) :]
+    return body[:32], int.from_bytes(body[32:], "little")
+
+
+class RecordStore:
+    """This node's large records, by session: the last :attr:`KEEP` of each (a reader a few collectives behind can
+    still fetch them); a session's records go when its transport closes."""
+
+    KEEP = 16
+
+    def __init__(self) -> None:
+        self._sessions: dict[bytes, tuple[frozenset, OrderedDict[bytes, bytes]]] = {}
+
+    def put(self, session: bytes, members: Sequence[PeerID], data: bytes) -> bytes:
+        """Keep ``data`` for the members of ``session``; the reference to publish instead."""
+        _, records = self._sessions.setdefault(session, (frozenset(members), OrderedDict()))
+        ref = reference(data)
+        records[ref[len(_MARKER) : len(_MARKER) + 32]] = data
+        while len(records) > self.KEEP:
+            records.popitem(last=False)
+        return ref
+
+    def get(self, session: bytes, digest: bytes, caller: PeerID) -> Optional[bytes]:
+        entry = self._sessions.get(session)
+        if entry is None or caller not in entry[0]:
+            return None
+        return entry[1].get(digest)
+
+    def close(self, session: bytes) -> None:
+        self._sessions.pop(session, None)
+
+    def held_bytes(self) -> int:
+        return sum(len(d) for _, records in self._sessions.values() for d in records.values())
+
+
+class RecordServicer(ServicerBase):
+    """The ``rpc_fetch_record`` handler: streams a record of this node's store to a member of its session."""
+
+    _rpc_handlers = None  # ServicerBase caches handlers per class: subclasses start with their own
+    _stub_type = None
+
+    def __init__(self, store: RecordStore) -> None:
+        self.store = store
+
+    async def rpc_fetch_record(
+        self, request: runtime_pb2.ExpertRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.DownloadData]:
+        try:
+            session, digest = MSGPackSerializer.loads(request.metadata)
+            data = self.store.get(bytes(session), bytes(digest), context.remote_id)
+        except (ValueError, TypeError):
+            return
+        if data is None:
+            return
+        yield averaging_pb2.DownloadData(metadata=MSGPackSerializer.dumps(len(data)))
+        for start in range(0, len(data), _CHUNK):
+            yield averaging_pb2.DownloadData(metadata=data[start : start + _CHUNK])
+
+
+async def _fetch(p2p: Any, namespace: str, peer: PeerID, session: bytes, digest: bytes, size: int) -> bytes:
+    stub = RecordServicer.get_stub(p2p, peer, namespace=namespace)
+    stream = await stub.rpc_fetch_record(runtime_pb2.ExpertRequest(metadata=MSGPackSerializer.dumps([session, digest])))
+    announced: Optional[int] = None
+    pieces: list[bytes] = []
+    received = 0
+    async for reply in stream:
+        if announced is None:
+            announced = int(MSGPackSerializer.loads(reply.metadata))
+            if announced != size:
+                raise WrongRecord(f"peer {peer} offers {announced} bytes for a record of {size}")
+            continue
+        received += len(reply.metadata)
+        if received > size:
+            raise WrongRecord(f"peer {peer} sent more than its record's {size} bytes")
+        pieces.append(reply.metadata)
+    if announced is None or received != size:
+        raise TransportError(f"peer {peer} did not serve its record ({received} of {size} bytes)")
+    data = b"".join(pieces)
+    if blake3(data).digest() != digest:
+        raise WrongRecord(f"peer {peer} served a record with another digest than the one it published")
+    return data
+
+
+def fetch_record(node: Any, peer: PeerID, session: bytes, digest: bytes, size: int, deadline: float) -> bytes:
+    """The record ``peer`` published by reference, checked against ``digest``; retried until ``deadline``
+    (``time.monotonic()``) while it is unreachable or does not serve it; :class:`TransportError` if it never comes,
+    :class:`WrongRecord` at once if it serves other bytes."""
+    delay, last = 0.05, None
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TransportError(f"could not fetch the record {digest.hex()[:12]} from {peer}: {last!r}")
+        try:
+            coro = asyncio.wait_for(_fetch(node.p2p, node.namespace, peer, session, digest, size), left)
+            return node.run(coro, timeout=left + 5)
+        except WrongRecord:
+            raise
+        except Exception as e:  # noqa: BLE001 - unreachable, not served (yet): again until the deadline
+            last = e
+        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(2 * delay, 1.0)
