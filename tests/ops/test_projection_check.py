@@ -106,3 +106,26 @@ def test_the_aggregate_norm_bound_holds_and_a_minority_cannot_raise_it(case) -> 
         raised = aggregate_norm_bound(bad.double().norm(dim=1), w, tau)
         assert raised <= n * float(contributing[:-minority].double().norm(dim=1).max()) + tau
         assert float(_fixed_point(bad, tau, w).norm()) <= raised * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("shape", ["pair", "constant", "sparse"])
+def test_a_structured_bias_chosen_before_the_draw_is_caught(shape: str) -> None:
+    """Random-sign directions are orthogonal to ``e_1 - e_2`` half the time, and to the constant vector of an even
+    part often: an aggregator shifted along such a vector by any amount passed (found by the adversary tests, a
+    shift of 20,000 tau along the constant vector in ~2% of rounds). Continuous directions have no such atom."""
+    check = ProjectionCheck(tau=1.0)
+    gen = torch.Generator().manual_seed(1)
+    n, d, trials = 5, 42, 400
+    parts = torch.randn(n, d, generator=gen) * 0.05
+    G = centered_clip_with_stats(parts, 1.0, eps=0.0, rel_eps=REL).value
+    u = {"pair": torch.eye(d)[0] - torch.eye(d)[1], "constant": torch.ones(d),
+         "sparse": torch.eye(d)[:4].sum(0) - torch.eye(d)[4:8].sum(0)}[shape]
+    biased = G + 20_000.0 * u
+    misses = 0
+    # the round's tolerance: relative to no more than the senders' parts allow an honest aggregate (protocol/round.py)
+    bound = 2 * REL * 2 * aggregate_norm_bound(parts.double().norm(dim=1), torch.ones(n, dtype=torch.float64), 1.0)
+    for trial in range(trials):
+        z = random_directions(trial.to_bytes(4, "little") + shape.encode(), 0, d, k=2)
+        s, norms = published(parts, biased, 1.0, z)
+        misses += check.passes(torch.ones(n), s, norms, bound)
+    assert misses == 0, f"{misses} of {trials} shifted aggregates passed"
