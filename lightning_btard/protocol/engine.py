@@ -147,6 +147,8 @@ class PeerEngine:
         self.unvalidated_step: Optional[int] = None
         """The step of the last regroup: nobody validates it (its gradients may be validators' recomputations)."""
         self.stand_ins: set[int] = set()
+        self._resolved_step: Optional[int] = None
+        """The step whose validation was last resolved (kept across a regroup until then)."""
         """In the regrouped step: the peers whose gradient was a recomputation (they contribute weight 0)."""
         self.metrics: dict[str, float] = {}
         """The last aggregated step's metrics (:data:`METRIC_KEYS` and phase times); empty after a skipped step."""
@@ -304,7 +306,7 @@ class PeerEngine:
         """Publish this validator's verdict and judge every accusation (by recomputing); apply the bans."""
         self._validation_metrics = {}
         record = self.previous_record(step)
-        if not self.validators or record is None or not record.assignments:
+        if not self.validators or record is None or not record.assignments or record.step == self._resolved_step:
             return
         if recompute is None:
             raise ValueError("validation needs a recompute callback")
@@ -325,6 +327,7 @@ class PeerEngine:
             self._validation_metrics["validation_agreed"] = float(agrees)
         bans = resolve_validations(self.transport, self.membership.active, claims, record, recompute_accused,
                                    self.validation_check, step)
+        self._resolved_step = record.step  # a redo of this step after a regroup does not judge it again
         self._validation_metrics["validations"] = float(len(record.assignments))
         self._validation_metrics["time_validation"] = time.perf_counter() - started
         self._validation_metrics["validation_bans"] = float(len(bans))
@@ -436,9 +439,11 @@ class PeerEngine:
         stand_in = bool(fast_path and self.validating is not None)  # my gradient is a recomputation
 
         recovery = self.group.recover(step, (int(step), stand_in), failure, announced_at(step))
-        # the previous step's validation spanned the old group, and this step's gradients go unvalidated: a peer on
+        # the previous step is validated in the new group unless that was done before the failure (a peer that
+        # withholds to escape its validation is judged all the same); this step's gradients go unvalidated: a peer on
         # the validators' fast path holds a recomputation, not its own gradient (it contributes weight 0)
-        self.record = None
+        if self.record is not None and self.record.step == self._resolved_step:
+            self.record = None
         self.unvalidated_step = step
         self.stand_ins = {p for p, state in recovery.states.items() if state[1]}
         self.on_group_change()

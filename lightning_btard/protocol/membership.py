@@ -75,9 +75,11 @@ class Membership:
         return True
 
     def ban(self, peer: int, step: int, reason: str, evidence: str) -> bool:
-        """Ban ``peer``; returns False (and changes nothing) if it was already banned or is unknown."""
-        if not self.is_active(peer):
+        """Ban ``peer``; returns False (and changes nothing) if it was already banned or is unknown. A departed peer can
+        be banned (a validation resolved after it left): the ban, unlike a departure, refuses it for good."""
+        if peer not in self.peers or peer in self.banned:
             return False
+        self.departed.pop(peer, None)
         self.bans.append(Ban(peer, step, reason, evidence))
         self.generation += 1
         return True

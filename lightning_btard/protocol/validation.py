@@ -196,7 +196,7 @@ def resolve_validations(
         for target in targets:
             if Assignment(accuser, target) not in assigned:
                 ban(accuser, f"accusation outside its validation assignment (target {target!r})", "signed-message")
-            elif target in peers:
+            elif target in record.peers:  # a target that left since (withheld, crashed) is judged all the same
                 accusations.append((accuser, target))
     if not accusations:
         return list(bans.values())

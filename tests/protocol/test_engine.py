@@ -341,3 +341,37 @@ def test_a_ban_that_leaves_only_validators_does_not_validate_their_stand_ins() -
         assert [b.peer for b in p.engine.membership.bans] == [2], p.engine.membership.bans
         assert not p.engine.left
     assert_same(honest, 7)
+
+
+def test_a_peer_that_falls_silent_to_escape_its_validation_is_judged_in_the_new_group() -> None:
+    """Review: the regrouped step and the one before went unvalidated, so a peer that saw it would be validated could
+    withhold and escape. Peer 2 lies at every step and, the moment the public assignments show a validator drew it,
+    falls silent. The survivors regroup and validate that step in the new group: peer 2 is banned (not merely
+    departed), and cannot come back."""
+
+    class Escaper(Peer):
+        escaped_at = -1
+
+        def run(self, steps: int, **kwargs: Any) -> "Peer":
+            me = self.engine.me
+            for step in range(steps):
+                record = self.engine.previous_record(step)
+                if record is not None and any(a.target == me for a in record.assignments):
+                    self.escaped_at = step
+                    return self  # it will be validated this step: it never calls another collective
+                task = self.engine.begin_step(step)
+                computed = gradient(task.record.step, task.target) if task is not None else gradient(step, me)
+                sent = computed if task is not None else -computed  # its own gradient is a lie
+                self.engine.step(sent, step, computed=computed, recompute=self.recompute, fast_path=task is not None)
+            return self
+
+    peers = make_peers(4, validators=2, window=3.0, timeout=2.0)
+    escaper = Escaper(peers[2].engine)
+    peers[2] = escaper
+    run(peers, 12)
+    survivors = [p for i, p in enumerate(peers) if i != 2]
+    step = escaper.escaped_at
+    for p in survivors:
+        assert [(b.peer, b.step, b.evidence) for b in p.engine.membership.bans] == [(2, step, "recomputation")]
+        assert 2 not in p.engine.membership.departed
+    assert_same(survivors, 11)
