@@ -84,6 +84,9 @@ class PeerCollectives:
 
     @override
     def broadcast(self, obj: Any, src: int = 0) -> Any:
-        if not self._connected():
+        """On torch.distributed, ``src``'s ``obj``. On hivemind every peer is its own run (its own machine, directories and
+        clock) and its own rank zero: Lightning's broadcasts (a checkpoint or log directory, the Timer's decision to
+        stop) are its own decisions, and ``obj`` comes back unchanged."""
+        if not self._connected() or self._hivemind is not None:
             return obj
         return self._tolerant(lambda: self.transport.broadcast_object(obj, src), lambda: obj)  # type: ignore[union-attr]

@@ -73,7 +73,10 @@ class HivemindPeer:
 
     def __init__(self, initial_peers: list[str], num_peers: int, run_id: str, host_maddrs: list[str],
                  announce_maddrs: Optional[list[str]], identity_path: Optional[str], rendezvous_timeout: float,
-                 join_every: int, trusted_peers: Sequence[str] = (), policy: Optional[AdmissionPolicy] = None) -> None:
+                 join_every: int, trusted_peers: Sequence[str] = (), policy: Optional[AdmissionPolicy] = None,
+                 p2p_options: Optional[dict[str, Any]] = None) -> None:
+        self.p2p_options = dict(p2p_options or {})
+        """``use_relay``, ``use_auto_relay``, ``client_mode``: passed to hivemind's DHT and P2P."""
         self.initial_peers, self.num_peers, self.run_id = initial_peers, num_peers, run_id
         self.trusted_peers = [trusted_peer_id(p) for p in trusted_peers]
         """Base58 peer ids whose signature anchors what this peer believes when it joins (``hivemind_chain.py``)."""
@@ -112,16 +115,16 @@ class HivemindPeer:
         from lightning_btard.transports.hivemind_node import HivemindNode
 
         self.node = HivemindNode(initial_peers=self.initial_peers, host_maddrs=self.host_maddrs,
-                                 announce_maddrs=self.announce_maddrs, identity_path=self.identity_path)
+                                 announce_maddrs=self.announce_maddrs, identity_path=self.identity_path, **self.p2p_options)
         self.states = serve_states(self.node)
         join = f"  --trainer.strategy.initial_peers=[{','.join(self.node.visible_maddrs)}]"
         if run_is_running(self.node, self.run_id, self.policy.allowed):
             self.joining = True
-            # a rank no member has, until the admission gives this peer its own (not 0: rank-zero-only output stays
-            # the first member's)
+            # a rank no member has, until the admission gives this peer its own; every hivemind peer is its own
+            # rank zero for Lightning's output (progress bar, logs, checkpoints): it is its own run on its own machine
             cluster_environment.set_world_size(self.num_peers + 1)
             cluster_environment.set_global_rank(self.num_peers)
-            compat.set_rank_zero(self.num_peers)
+            compat.set_rank_zero(0)
             print(f"BTARD hivemind peer {self.node.peer_id}: run {self.run_id!r} is running; this peer joins it "
                   f"once set up. Other peers join with:\n{join}", flush=True)
             return None
@@ -133,7 +136,7 @@ class HivemindPeer:
         self.mark_running(0)  # peers that start from now on ask to join instead
         cluster_environment.set_world_size(transport.world_size)
         cluster_environment.set_global_rank(transport.rank)
-        compat.set_rank_zero(transport.rank)
+        compat.set_rank_zero(0)  # every peer logs, shows progress and checkpoints on its own (``is_global_zero``)
         print(f"BTARD hivemind: {transport.world_size} peers joined; this peer is rank {transport.rank}", flush=True)
         membership = Membership(peers=list(range(transport.world_size)))
         return HivemindGroup(self.node, self.run_id, transport.members, membership, transport.rank, timeout, transport,
@@ -186,7 +189,7 @@ class HivemindPeer:
         assert strategy.cluster_environment is not None
         strategy.cluster_environment.set_world_size(len(members))
         strategy.cluster_environment.set_global_rank(me)
-        compat.set_rank_zero(me)
+        compat.set_rank_zero(0)
 
         def agreed(checkpoint: dict[str, Any]) -> bool:
             return checkpoint.get("global_step") == step and strategy.state_digest(checkpoint) == record["digest"]

@@ -62,6 +62,14 @@ class Processes:
 
     @property
     @override
+    def is_global_zero(self) -> bool:
+        """On hivemind every peer is its own rank zero (as in lightning-hivemind): each is its own ``btard fit``, often on
+        someone else's machine, and shows its progress bar, writes its logs and saves its checkpoints; nothing depends
+        on one peer staying. On torch.distributed, rank 0."""
+        return self.backend == "hivemind" or self.global_rank == 0
+
+    @property
+    @override
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         return {"num_replicas": self.world_size, "rank": self.global_rank}
 

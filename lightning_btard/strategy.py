@@ -112,6 +112,8 @@ class BTARDStrategy(Processes, Joining, PeerCollectives, Leaving, ParallelStrate
         allowed_peers: (hivemind) a permissioned run's allow-list: a file of peer ids (one per line, optionally
             followed by an owner: peers of one owner are tied, a ban refuses them all) or a list of them. Only these
             peers count at the rendezvous, in join requests and in what joiners read. Unset: an open run.
+        use_relay, use_auto_relay, client_mode: (hivemind) libp2p circuit relays and hivemind's DHT client mode, for
+            peers behind a NAT (``transports/hivemind_node.py``); not tested beyond loopback here.
         max_joins_per_step, max_joins_per_window, join_window: (hivemind) an open run admits at most this many
             peers per admission (default 1) and per ``join_window`` steps (default 4 per 1000); later requests wait.
             An open run is not Sybil-resistant: see ``groups/hivemind_policy.py``.
@@ -151,6 +153,9 @@ class BTARDStrategy(Processes, Joining, PeerCollectives, Leaving, ParallelStrate
         max_joins_per_step: int = 1,
         max_joins_per_window: int = 4,
         join_window: int = 1000,
+        use_relay: bool = True,
+        use_auto_relay: bool = False,
+        client_mode: bool = False,
         num_peers: Optional[int] = None,
         run_id: str = "btard",
         host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
@@ -198,6 +203,7 @@ class BTARDStrategy(Processes, Joining, PeerCollectives, Leaving, ParallelStrate
                 trusted_peers=list(trusted_peers),
                 policy=AdmissionPolicy(read_allow_list(allowed_peers), int(max_joins_per_step), int(max_joins_per_window),
                                        int(join_window)),
+                p2p_options={"use_relay": bool(use_relay), "use_auto_relay": bool(use_auto_relay), "client_mode": bool(client_mode)},
                 host_maddrs=list(host_maddrs), announce_maddrs=list(announce_maddrs) if announce_maddrs else None,
                 identity_path=identity_path, rendezvous_timeout=float(rendezvous_timeout), join_every=self.join_every,
             )
@@ -314,20 +320,33 @@ class BTARDStrategy(Processes, Joining, PeerCollectives, Leaving, ParallelStrate
 
     def _broadcast_module_state(self) -> None:
         """Start every peer from the same parameters and buffers (nothing else does it without DDP): those a strict
-        majority of peers started with (so that no single member chooses them), else, when every peer initialised
-        differently (unseeded), the first member's, as DDP does."""
+        majority of peers started with, so that no single member chooses them. Peers that started from them keep their
+        own; the others take them from a member that announced them and check the digest (a member that announced the
+        majority's digest and sends something else is named). With no majority (unseeded peers): on torch.distributed
+        the first member's, as DDP does; on hivemind an error, since the first member there is whoever has the lowest
+        peer id, which anyone can grind for."""
         assert self.model is not None and self.transport is not None
         tensors = list(self.model.parameters()) + list(self.model.buffers())
-        values = self.transport.all_gather_object(tensors_digest(tensors))
+        mine = tensors_digest(tensors)
+        values = self.transport.all_gather_object(mine)
         top = strict_majority(values)
+        if top is None and self._hivemind is not None:
+            raise UserError("BTARD: the peers initialised their models differently (no majority started alike). On "
+                            "hivemind the start must be a majority's choice: give every peer the same seed "
+                            "(seed_everything, or `seed_everything: <seed>` in the config).")
         src = values.index(top) if top is not None else 0
         if top is None:
             rank_zero_warn("BTARD: the peers initialised their models differently (no majority started alike); every peer "
                            "takes the first member's parameters, as DDP does. seed_everything(<the same seed>) on every "
                            "peer makes the start a majority's choice instead of one member's.")
+        keep = top is not None and mine == top
         with torch.no_grad():
             for tensor in tensors:
-                self.transport.broadcast_tensor_(tensor.data, src=src)
+                # a peer that started from the majority's state keeps it: only the others depend on what src sends
+                self.transport.broadcast_tensor_(tensor.data.clone() if keep else tensor.data, src=src)
+        if top is not None and not keep and tensors_digest(tensors) != top:
+            raise UserError(f"BTARD: member {src} announced the state a majority of peers started from, then sent this "
+                            "peer another one: it is Byzantine. Restart this peer (it will meet the others again).")
 
     def _broadcast_sigterm(self, trainer: "pl.Trainer") -> None:
         """Lightning's SIGTERM flag broadcast, over the members (after a ban the default group holds a departed peer)."""

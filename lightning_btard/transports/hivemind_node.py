@@ -91,6 +91,10 @@ class HivemindNode:
         startup_timeout: seconds to wait for the DHT to start and reach ``initial_peers``.
         namespace: the RPC namespace (peers of one run use the same).
         max_message_bytes: a tensor message larger than this is refused as malformed.
+        use_relay, use_auto_relay: libp2p circuit relays (hivemind's options): a peer behind a NAT is reached through
+            a relay when it uses ``use_auto_relay`` and another peer relays (``use_relay``, on by default).
+        client_mode: the DHT node serves no DHT requests (for peers that others cannot dial); it still needs a relay
+            to receive the other peers' messages (``use_auto_relay``).
     """
 
     def __init__(
@@ -102,6 +106,9 @@ class HivemindNode:
         startup_timeout: float = 60.0,
         namespace: str = "btard",
         max_message_bytes: int = 2**31,
+        use_relay: bool = True,
+        use_auto_relay: bool = False,
+        client_mode: bool = False,
     ) -> None:
         self._tmpdir: Optional[tempfile.TemporaryDirectory] = None
         if identity_path is None:
@@ -119,7 +126,8 @@ class HivemindNode:
                     announce_maddrs=list(announce_maddrs) if announce_maddrs else None, identity_path=identity_path,
                     record_validators=[self.validator], startup_timeout=startup_timeout, await_ready=True,
                     # tests start several nodes from one process: they share a key file directory, not an identity
-                    check_if_identity_free=False,
+                    check_if_identity_free=False, use_relay=use_relay, use_auto_relay=use_auto_relay,
+                    client_mode=client_mode,
                 )
                 break
             except (P2PDaemonError, RuntimeError, TimeoutError) as e:

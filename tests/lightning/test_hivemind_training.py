@@ -85,8 +85,9 @@ def test_a_late_peer_joins_with_the_groups_state_and_the_banned_attacker_is_refu
         "--late-peers", "1", "--late-delay", "0", "--rejoin-banned",
         "--run-dir", str(tmp_path / "run"), "--timeout", "400", "--",
         "--config", str(ROOT / "configs" / "demo.yaml"), f"--data.data_dir={cifar}", f"--trainer.max_steps={steps}",
-        "--trainer.val_check_interval=35", "--trainer.enable_progress_bar=false", "--trainer.logger=false",
-        "--trainer.enable_checkpointing=false", "--trainer.strategy.timeout=30", f"--trainer.strategy.join_every={join_every}",
+        # logger and checkpoints on (the defaults): every peer, the joiner too, writes its own
+        "--trainer.val_check_interval=35", "--trainer.enable_progress_bar=false",
+        "--trainer.strategy.timeout=30", f"--trainer.strategy.join_every={join_every}",
         "--trainer.callbacks+=record_run.RecordRun", f"--trainer.callbacks.out_dir={tmp_path / 'rec'}",
         # the members wait at step 10 for both join requests (the late peer's, the banned peer's): no race between
         # the joiners' start-up and the members' 70 steps
@@ -108,6 +109,11 @@ def test_a_late_peer_joins_with_the_groups_state_and_the_banned_attacker_is_refu
         assert [(e["step"], e["peers"]) for e in admissions] == [(start, [3])], admissions
     params, metrics = load_run(tmp_path / "rec", [0, 1, 3])
     assert_identical(params)
+    # review: peers other than rank 0 were second-class (no logs, no checkpoints): now each is its own rank zero
+    for name in ("peer0", "peer1", "late0"):
+        root = tmp_path / "run" / name
+        assert list(root.glob("**/checkpoints/*.ckpt")), f"{name} saved no checkpoint"
+        assert list(root.glob("**/metrics.csv")) or list(root.glob("**/events.out.tfevents*")), f"{name} logged nothing"
     for m in metrics:
         assert m["global_step"] == steps
         assert [(b["peer"], b["evidence"]) for b in m["bans"]] == [(2, "recomputation")]  # the joiner was told of it
