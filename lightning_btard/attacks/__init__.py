@@ -13,6 +13,7 @@ from lightning_btard.attacks.random_direction import RandomDirection
 from lightning_btard.attacks.sign_flipping import SignFlipping
 from lightning_btard.attacks.uncommitted_part import UncommittedPart
 from lightning_btard.attacks.withheld_reveal import WithheldReveal
+from lightning_btard.attacks.withholding import Withholding
 from lightning_btard.attacks.wrong_aggregate import WrongAggregate
 
 __all__ = [
@@ -31,5 +32,6 @@ __all__ = [
     "MalformedPart",
     "UncommittedPart",
     "WithheldReveal",
+    "Withholding",
     "WrongAggregate",
 ]

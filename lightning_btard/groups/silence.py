@@ -14,7 +14,8 @@ member of the next group decides on the same reports, with :func:`silence_remova
    Byzantine share of the group never grows; a withholder always leaves, and takes at most one honest member with it.
 
 Members that leave are *departed* (not banned): they come back only through admission, which caps joins
-(``hivemind_policy.py``), and a peer id that left this way :data:`SILENCES_BEFORE_OUT` times is refused for good.
+(``hivemind_policy.py``), and a peer id the group lost :data:`SILENCES_BEFORE_OUT` times (removed here, or silent
+through a whole regroup: crashed, or an identity that joined and never took part) is refused for good.
 A report that is malformed, of another session, or names nobody in the group counts for nothing.
 """
 
