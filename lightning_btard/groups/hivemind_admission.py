@@ -239,7 +239,7 @@ def wait_for_admission(node: HivemindNode, run_id: str, nonce: bytes, timeout: f
             raise UserError(f"run {run_id!r} ended before its members admitted this peer: start a new run (another run_id)")
         return False
 
-    node.poll_owned(key, agreed, deadline, poll_interval)
+    node.poll_owned(key, agreed, deadline, poll_interval, resolve=True)  # records with a long chain go by reference
     if not found:
         raise UserError(
             f"run {run_id!r} is marked as running, but its members did not admit this peer within {timeout:.0f}s. "

@@ -63,7 +63,7 @@ class Event:
         if self.kind == "admission":
             return f"BTARD: step {self.step}: admitted peer(s) [{who}] {self.reason}{group}"
         if self.kind == "refusal":
-            return f"BTARD: step {self.step}: refused banned peer {who} {self.reason}"
+            return f"BTARD: step {self.step}: refused {'banned peer ' + who if who else 'peer'} {self.reason}"
         if self.kind == "joined":
             return f"BTARD: step {self.step}: this peer joined as peer {who}{group}"
         return f"BTARD: step {self.step}: this peer (peer {who}) left the training: {self.reason} [{self.evidence}]"

@@ -29,8 +29,16 @@ from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 
 from lightning_btard.transports.base import TransportError
+from lightning_btard.transports.codec import MAX_RECORD_BYTES
 from lightning_btard.transports.hivemind_mailbox import Mailbox, MessageServicer
-from lightning_btard.transports.hivemind_records import RecordServicer, RecordStore
+from lightning_btard.transports.hivemind_records import (
+    INLINE_LIMIT,
+    PUBLIC,
+    RecordServicer,
+    RecordStore,
+    fetch_record,
+    parse_reference,
+)
 
 __all__ = ["HivemindNode", "peer_id_of_owner"]
 
@@ -179,7 +187,10 @@ class HivemindNode:
             raise TransportError(f"hivemind call did not finish within {timeout}s") from e
 
     def store(self, key: str, value: bytes, ttl: float) -> bool:
-        """Store ``value`` under ``key`` in this peer's own subkey (signed with its key)."""
+        """Store ``value`` under ``key`` in this peer's own subkey (signed with its key); a value over
+        ``hivemind_records.INLINE_LIMIT`` by reference, served from here (``hivemind_records.py`` says why)."""
+        if len(value) > INLINE_LIMIT:
+            value = self.records.put_public(value)
         # returns after the first replica took it; the others are written in the background
         return bool(self.dht.store(key, value, get_dht_time() + ttl, subkey=self.owner, await_all_replicas=False))
 
@@ -194,11 +205,13 @@ class HivemindNode:
             delay = min(2 * delay, 1.0)
         return True
 
-    def get_owned(self, key: str) -> dict[PeerID, bytes]:
-        """Every owner-signed entry under ``key``, by the writer's peer id (entries of other forms ignored)."""
-        return {writer: value for writer, (_, value) in self.get_signed(key).items()}
+    def get_owned(self, key: str, resolve: bool = False) -> dict[PeerID, bytes]:
+        """Every owner-signed entry under ``key``, by the writer's peer id (entries of other forms ignored); with
+        ``resolve``, large values stored by reference are fetched from their writers (only where large values are
+        expected: a writer that does not serve its reference costs the reader a few seconds each time)."""
+        return {writer: value for writer, (_, value) in self.get_signed(key, resolve).items()}
 
-    def get_signed(self, key: str) -> dict[PeerID, tuple[bytes, bytes]]:
+    def get_signed(self, key: str, resolve: bool = False) -> dict[PeerID, tuple[bytes, bytes]]:
         """:meth:`get_owned`, each entry with its writer's owner marker (``[owner:<ssh-rsa key>]``): the RSA key that
         checks the writer's signatures outside the DHT (``groups/hivemind_chain.py``)."""
         found = self.dht.get(key, latest=True)
@@ -208,16 +221,27 @@ class HivemindNode:
         for subkey, entry in found.value.items():
             writer = peer_id_of_owner(subkey)
             value = getattr(entry, "value", None)
-            if writer is not None and isinstance(value, bytes):
-                out[writer] = (subkey, value)
+            if writer is None or not isinstance(value, bytes):
+                continue
+            ref = parse_reference(value, PUBLIC) if resolve else None
+            if ref is not None:  # a large value: its bytes from the writer, checked against the digest, or nothing
+                if ref[1] > MAX_RECORD_BYTES:
+                    continue
+                try:
+                    value = self.records.get(b"", ref[0], writer) if writer == self.peer_id else None
+                    if value is None:
+                        value = fetch_record(self, writer, b"", ref[0], ref[1], time.monotonic() + 3.0)
+                except TransportError:
+                    continue
+            out[writer] = (subkey, value)
         return out
 
     def poll_owned(self, key: str, done: Callable[[dict[PeerID, bytes]], bool], deadline: float,
-                   interval: float) -> dict[PeerID, bytes]:
+                   interval: float, resolve: bool = False) -> dict[PeerID, bytes]:
         """Read ``key``'s owner-signed entries until ``done(entries)`` or ``deadline`` (``time.monotonic()``); returns
         the last read (``done`` may raise to stop early)."""
         while True:
-            entries = self.get_owned(key)
+            entries = self.get_owned(key, resolve)
             if done(entries) or time.monotonic() > deadline:
                 return entries
             time.sleep(interval)

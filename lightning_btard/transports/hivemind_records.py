@@ -1,10 +1,19 @@
-"""Large board records off the DHT: the board carries a digest, the writer serves the bytes peer to peer.
+"""Large records off the DHT: the DHT carries a digest, the writer serves the bytes peer to peer.
 
 hivemind's DHT stores values in unary messages capped at 4 MiB, and every replica holds a copy. A board record
 larger than :data:`INLINE_LIMIT` (evidence with whole parts: 4–18 MB for ResNet18 or ALBERT-large parts) is kept
 in its writer's :class:`RecordStore` instead, and the DHT entry is a *reference*: a marker, the record's BLAKE3
 digest and its size. A reader fetches the bytes from the writer (``rpc_fetch_record``, streamed in 512 KiB chunks,
 served only to members of the record's session) and keeps them only if they have that digest.
+
+The same holds for any other large value a node stores (admission records with their chain of group changes):
+:meth:`HivemindNode.store` keeps it in the *public* part of the store (served to anyone, the last
+:attr:`RecordStore.KEEP_PUBLIC`) and :meth:`HivemindNode.get_signed` resolves such references before a caller sees
+the entry (an entry whose bytes do not come is left out). Why 8 KiB and not hivemind's 4 MiB: every DHT call crosses
+a ``multiprocessing`` pipe into hivemind's DHT process, which reads it from a non-blocking descriptor (uvloop's
+``add_reader``); a call larger than 16 KiB is written in two parts, and a reader that catches the first part alone
+fails with ``BlockingIOError``, loses its place in the stream and dies (``EOFError``): the peer's DHT is gone. Seen in
+the swarm soak, with a 20 KB admission record.
 
 The reference is the writer's public, signed statement (its owner-signed DHT subkey), so every reader checks the
 same digest: the writer cannot show two readers two records. A reference to more than ``MAX_RECORD_BYTES`` is a
@@ -28,11 +37,13 @@ from hivemind.utils import MSGPackSerializer
 
 from lightning_btard.transports.base import TransportError
 
-__all__ = ["INLINE_LIMIT", "RecordServicer", "RecordStore", "WrongRecord", "fetch_record", "parse_reference", "reference"]
+__all__ = ["INLINE_LIMIT", "PUBLIC", "RecordServicer", "RecordStore", "WrongRecord", "fetch_record", "parse_reference",
+           "reference"]
 
-INLINE_LIMIT = 512 * 1024
-"""Records up to this size go into the DHT itself; larger ones by reference."""
+INLINE_LIMIT = 8 * 1024
+"""Values up to this size go into the DHT itself; larger ones by reference (the module doc says why so small)."""
 _MARKER = b"\x00btard-record-ref"  # no msgpack record starts with 0x00 and goes on: never a record itself
+_PUBLIC = b"\x00btard-public-ref"  # a reference to the public part of the store
 _CHUNK = 512 * 1024
 
 
@@ -40,17 +51,20 @@ class WrongRecord(TransportError):
     """A writer served other bytes than the record it published a reference to."""
 
 
-def reference(data: bytes) -> bytes:
+def reference(data: bytes, marker: bytes = _MARKER) -> bytes:
     """The DHT value standing for ``data``."""
-    return _MARKER + blake3(data).digest() + len(data).to_bytes(8, "little")
+    return marker + blake3(data).digest() + len(data).to_bytes(8, "little")
 
 
-def parse_reference(value: bytes) -> Optional[tuple[bytes, int]]:
-    """``(digest, size)`` if ``value`` is a reference, else ``None``."""
-    if not (isinstance(value, bytes) and value.startswith(_MARKER) and len(value) == len(_MARKER) + 40):
+def parse_reference(value: bytes, marker: bytes = _MARKER) -> Optional[tuple[bytes, int]]:
+    """``(digest, size)`` if ``value`` is a reference (to a session's record; ``marker=PUBLIC``: to a public one)."""
+    if not (isinstance(value, bytes) and value.startswith(marker) and len(value) == len(marker) + 40):
         return None
-    body = value[len(_MARKER) :]
+    body = value[len(marker) :]
     return body[:32], int.from_bytes(body[32:], "little")
+
+
+PUBLIC = _PUBLIC
 
 
 class RecordStore:
@@ -58,9 +72,20 @@ class RecordStore:
     still fetch them); a session's records go when its transport closes."""
 
     KEEP = 16
+    KEEP_PUBLIC = 64
 
     def __init__(self) -> None:
         self._sessions: dict[bytes, tuple[frozenset, OrderedDict[bytes, bytes]]] = {}
+        self._public: OrderedDict[bytes, bytes] = OrderedDict()
+
+    def put_public(self, data: bytes) -> bytes:
+        """Keep ``data`` for anyone who asks (the last :attr:`KEEP_PUBLIC`); the reference to store instead."""
+        ref = reference(data, _PUBLIC)
+        self._public[ref[len(_PUBLIC) : len(_PUBLIC) + 32]] = data
+        self._public.move_to_end(ref[len(_PUBLIC) : len(_PUBLIC) + 32])
+        while len(self._public) > self.KEEP_PUBLIC:
+            self._public.popitem(last=False)
+        return ref
 
     def put(self, session: bytes, members: Sequence[PeerID], data: bytes) -> bytes:
         """Keep ``data`` for the members of ``session``; the reference to publish instead."""
@@ -72,6 +97,8 @@ class RecordStore:
         return ref
 
     def get(self, session: bytes, digest: bytes, caller: PeerID) -> Optional[bytes]:
+        if session == b"":
+            return self._public.get(digest)
         entry = self._sessions.get(session)
         if entry is None or caller not in entry[0]:
             return None
@@ -81,7 +108,8 @@ class RecordStore:
         self._sessions.pop(session, None)
 
     def held_bytes(self) -> int:
-        return sum(len(d) for _, records in self._sessions.values() for d in records.values())
+        return sum(len(d) for _, records in self._sessions.values() for d in records.values()) + sum(
+            len(d) for d in self._public.values())
 
 
 class RecordServicer(ServicerBase):

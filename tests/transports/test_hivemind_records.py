@@ -81,3 +81,20 @@ def test_a_writer_that_does_not_serve_its_reference_is_the_culprit(hivemind_swar
         assert out[0] == out[1] == [0, 1, None]
     else:
         assert out[0] == out[1] == [group[0].members[2]]
+
+
+def test_a_large_value_is_stored_by_reference_and_read_back_where_asked(hivemind_swarm) -> None:
+    """A DHT call over 16 KiB crosses hivemind's pipe in two writes, and its DHT process, reading a non-blocking
+    descriptor, could catch the first alone and die (seen in the swarm soak with a 20 KB admission record). Values over
+    INLINE_LIMIT are stored by reference; readers that expect large values resolve it against the digest."""
+    writer, reader = hivemind_swarm.nodes[0], hivemind_swarm.nodes[1]
+    key = f"btard/test-large/{os.urandom(4).hex()}"
+    value = os.urandom(3 * INLINE_LIMIT)
+    assert writer.store(key, value, 600)
+    assert reader.get_owned(key, resolve=True)[writer.peer_id] == value
+    assert len(reader.get_owned(key)[writer.peer_id]) < 100  # the reference itself, unless asked
+    assert writer.get_owned(key, resolve=True)[writer.peer_id] == value  # its own, from its own store
+    writer.records._public.clear()  # no longer served: the entry is left out, after a bounded wait
+    started = time.monotonic()
+    assert writer.peer_id not in reader.get_owned(key, resolve=True)
+    assert time.monotonic() - started < 10
