@@ -7,7 +7,7 @@ written under the run directory), and on a schedule:
   key** and is admitted (an open run is not Sybil-resistant), training honestly;
 - rank ``P-1`` **withholds** its scatter messages from step ``--withhold-at`` (the reports of silence remove it);
 - rank 1 is **killed** (SIGKILL) at step ``--crash-at`` and restarted with its own key (it asks to join again);
-- a **late peer** starts a minute after training began;
+- a **late peer** starts a minute (``--late-after``) after training began;
 - a **Sybil flood**: ``--sybils`` identities ask to join every 15 s and never take part (each costs the group one
   collective deadline when admitted; an identity lost twice is refused).
 
@@ -111,6 +111,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--crash-at", type=int, default=20)
     p.add_argument("--withhold-at", type=int, default=40)
     p.add_argument("--collective-timeout", type=float, default=20.0)
+    p.add_argument("--late-after", type=float, default=60.0, help="seconds of training before the late peer starts")
+    p.add_argument("--validators", type=int, default=1)
+    p.add_argument("--join-every", type=int, default=5)
     p.add_argument("--run-dir", default=None)
     args = p.parse_args(argv)
     if args.peers < 5:
@@ -134,8 +137,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             "--trainer.devices=1", "--trainer.strategy.backend=hivemind", f"--trainer.strategy.num_peers={args.peers}",
             f"--trainer.strategy.run_id={run_id}", f"--trainer.strategy.identity_path={key}",
             f"--trainer.strategy.host_maddrs=[/ip4/127.0.0.1/tcp/{own_port}]", "--trainer.strategy.rendezvous_timeout=900",
-            f"--trainer.strategy.timeout={args.collective_timeout}", "--trainer.strategy.join_every=5",
-            "--trainer.strategy.max_joins_per_window=50",
+            f"--trainer.strategy.timeout={args.collective_timeout}", f"--trainer.strategy.join_every={args.join_every}",
+            f"--trainer.strategy.validators={args.validators}",
+            "--trainer.strategy.max_joins_per_window=50", "--trainer.strategy.shuffle_ranks=false",  # attacks by rank
             *([] if name == "peer0" else [f"--trainer.strategy.initial_peers=[{first}]"]),
             "--trainer.callbacks+=record_run.RecordRun", f"--trainer.callbacks.out_dir={run_dir / 'rec' / name}",
             "--trainer.callbacks+=soak_callbacks.SoakControl", f"--trainer.callbacks.run_dir={run_dir}",
@@ -170,7 +174,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 training_since = now
                 print(f"  {now - started:.0f}s: all {args.peers} peers training", flush=True)
             if training_since is not None:
-                if "late0" not in peers and now > training_since + 60:
+                if "late0" not in peers and now > training_since + args.late_after:
                     peers["late0"] = Peer("late0", command("late0", late_key, 0), run_dir)
                     notes.append("late peer started")
                     print(f"  {now - started:.0f}s: late peer started", flush=True)
@@ -224,8 +228,9 @@ def report(run_dir: Path, peers: dict[str, Any], args: argparse.Namespace, flipp
     seen = events("peer0")
     bans = [(e["step"], e["peers"][0], e["evidence"]) for e in seen if e["kind"] == "ban"]
     joins = [(e["step"], e["peers"]) for e in seen if e["kind"] == "admission"]
-    refusals = [(e["step"], e["reason"][:60]) for e in seen if e["kind"] == "refusal"]
+    refusals = [(e["step"], e["evidence"]) for e in seen if e["kind"] == "refusal"]
     regroups = [e for e in seen if e["kind"] in ("regroup", "departure")]
+    departures = [(e["step"], e["peers"]) for e in seen if e["kind"] == "departure"]
     joined_ids = {n: events(n, "joined")[0]["peers"][0] for n in ("peer1.restart", "late0", "rejoin")
                   if n in peers and events(n, "joined")}
     byzantine = {flipper, withholder}
@@ -245,7 +250,7 @@ def report(run_dir: Path, peers: dict[str, Any], args: argparse.Namespace, flipp
     for note in notes:
         print(f"  - {note}")
     print(f"steps completed: {steps} (stop step {stop_step})")
-    print(f"regroups (departures included), as peer 0 saw them: {len(regroups)}")
+    print(f"regroups (departures included), as peer 0 saw them: {len(regroups)}; departures: {departures}")
     print(f"bans: {[(s, p, ev, 'Byzantine' if p in byzantine else 'HONEST') for s, p, ev in bans]}")
     print(f"admissions: {joins}; peers that joined: {joined_ids}")
     print(f"refusals: {len(refusals)} {refusals[:6]}; Sybil join requests sent: {asked}")
@@ -263,7 +268,8 @@ def report(run_dir: Path, peers: dict[str, Any], args: argparse.Namespace, flipp
     }
     for what, ok in checks.items():
         print(f"check: {what}: {'yes' if ok else 'NO'}")
-    summary = {"steps": steps, "stop_step": stop_step, "regroups": len(regroups), "bans": bans, "joins": joins,
+    summary = {"steps": steps, "stop_step": stop_step, "regroups": len(regroups), "departures": departures,
+               "flipper": flipper, "withholder": withholder, "joined": joined_ids, "bans": bans, "joins": joins,
                "refusals": len(refusals), "sybil_requests": asked, "checks": checks,
                "peak_mib": {n: max((m for _, m in p.memory), default=0) / 2**20 for n, p in peers.items()}}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))

@@ -74,7 +74,9 @@ class HivemindPeer:
     def __init__(self, initial_peers: list[str], num_peers: int, run_id: str, host_maddrs: list[str],
                  announce_maddrs: Optional[list[str]], identity_path: Optional[str], rendezvous_timeout: float,
                  join_every: int, trusted_peers: Sequence[str] = (), policy: Optional[AdmissionPolicy] = None,
-                 p2p_options: Optional[dict[str, Any]] = None) -> None:
+                 p2p_options: Optional[dict[str, Any]] = None, shuffle_ranks: bool = True) -> None:
+        self.shuffle_ranks = bool(shuffle_ranks)
+        """Order the group by a draw at the start (``HivemindGroup.reorder``) instead of by peer id."""
         self.p2p_options = dict(p2p_options or {})
         """``use_relay``, ``use_auto_relay``, ``client_mode``: passed to hivemind's DHT and P2P."""
         self.initial_peers, self.num_peers, self.run_id = initial_peers, num_peers, run_id

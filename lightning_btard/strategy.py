@@ -62,7 +62,7 @@ from lightning_btard.protocol.engine import PeerEngine
 from lightning_btard.protocol.events import EventLog
 from lightning_btard.protocol.identity import Identity
 from lightning_btard.protocol.membership import Ban, Membership
-from lightning_btard.protocol.mprng import agree_run_seed
+from lightning_btard.protocol.mprng import agree_run_seed, draw
 from lightning_btard.protocol.validation import StepRecord, ValidationCheck
 from lightning_btard.transports.base import Transport
 from lightning_btard.verifiable_batches import data_fingerprint
@@ -112,6 +112,8 @@ class BTARDStrategy(Processes, Joining, PeerCollectives, Leaving, ParallelStrate
         allowed_peers: (hivemind) a permissioned run's allow-list: a file of peer ids (one per line, optionally
             followed by an owner: peers of one owner are tied, a ban refuses them all) or a list of them. Only these
             peers count at the rendezvous, in join requests and in what joiners read. Unset: an open run.
+        shuffle_ranks: (hivemind) order the group by a draw every member takes part in (no member chooses its rank).
+            Off: by peer id, which a launcher that makes the keys knows beforehand (``swarm``: attacks by rank).
         use_relay, use_auto_relay, client_mode: (hivemind) libp2p circuit relays and hivemind's DHT client mode, for
             peers behind a NAT (``transports/hivemind_node.py``); not tested beyond loopback here.
         max_joins_per_step, max_joins_per_window, join_window: (hivemind) an open run admits at most this many
@@ -153,6 +155,7 @@ class BTARDStrategy(Processes, Joining, PeerCollectives, Leaving, ParallelStrate
         max_joins_per_step: int = 1,
         max_joins_per_window: int = 4,
         join_window: int = 1000,
+        shuffle_ranks: bool = True,
         use_relay: bool = True,
         use_auto_relay: bool = False,
         client_mode: bool = False,
@@ -203,6 +206,7 @@ class BTARDStrategy(Processes, Joining, PeerCollectives, Leaving, ParallelStrate
                 trusted_peers=list(trusted_peers),
                 policy=AdmissionPolicy(read_allow_list(allowed_peers), int(max_joins_per_step), int(max_joins_per_window),
                                        int(join_window)),
+                shuffle_ranks=bool(shuffle_ranks),
                 p2p_options={"use_relay": bool(use_relay), "use_auto_relay": bool(use_auto_relay), "client_mode": bool(client_mode)},
                 host_maddrs=list(host_maddrs), announce_maddrs=list(announce_maddrs) if announce_maddrs else None,
                 identity_path=identity_path, rendezvous_timeout=float(rendezvous_timeout), join_every=self.join_every,
@@ -275,6 +279,11 @@ class BTARDStrategy(Processes, Joining, PeerCollectives, Leaving, ParallelStrate
             identity = Identity.generate()
             keys = group.transport.all_gather_object(identity.public)
             self.run_seed = agree_run_seed(group.transport, os.environ.get("PL_GLOBAL_SEED"))
+        if self._hivemind is not None and self._hivemind.shuffle_ranks:
+            order = group.reorder(draw(group.transport, "ranks"))  # type: ignore[attr-defined]
+            keys = [keys[i] for i in order] if keys else keys
+            self.cluster_environment.set_global_rank(group.peer)
+            print(f"BTARD hivemind: ranks drawn by all (no member chose them); this peer is rank {group.peer}", flush=True)
         self._make_engine(group, identity, keys)
 
     def _make_engine(self, group: Group, identity: Optional[Identity], keys: list[bytes], run_nonce: bytes = b"") -> None:

@@ -88,6 +88,7 @@ def _peer_command(args: argparse.Namespace, name: str, key: Path, port: int, fir
         f"--trainer.strategy.identity_path={key}",
         f"--trainer.strategy.host_maddrs=[/ip4/127.0.0.1/tcp/{port}]",
         f"--trainer.strategy.rendezvous_timeout={args.timeout}",
+        "--trainer.strategy.shuffle_ranks=false",  # ranks by peer id: the keys were made in rank order (--byzantine)
     ]
     if first is not None:
         cmd.append(f"--trainer.strategy.initial_peers=[{first}]")

@@ -65,6 +65,19 @@ class HivemindGroup(Group):
             self.chain.extend(self.transport.members, self.transport.session)
             self.chain.publish(self.node)
 
+    def reorder(self, draw: bytes) -> list[int]:
+        """A fresh group's order from a draw no member chose (``mprng.draw``): by ``digest(draw, peer id)``. Peer-id
+        order can be ground (anyone can make identities until one sorts first); this one cannot. Returns the old
+        ids in their new order; this peer's id and the transport follow (a change of the chain, signed by all)."""
+        from lightning_btard.protocol.digest import digest
+
+        assert not self.membership.bans and not self.membership.departed and len(self.members) == len(self.membership.peers)
+        order = sorted(range(len(self.members)), key=lambda i: digest(draw, self.members[i].to_bytes()))
+        self.members = [self.members[i] for i in order]
+        self.peer = order.index(self.peer)
+        self.rebuild()
+        return order
+
     def admit(self, peers: Sequence[PeerID]) -> list[int]:
         """Peers joining the running group: their ids (the next free ones), and the group rebuilt with them."""
         ids = self.membership.admit(len(peers))

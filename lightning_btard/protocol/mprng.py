@@ -20,7 +20,7 @@ from lightning_btard.protocol.digest import digest
 if TYPE_CHECKING:
     from lightning_btard.transports.base import Transport
 
-__all__ = ["MPRNGSecret", "agree_run_seed", "check_reveal", "shared_seed"]
+__all__ = ["MPRNGSecret", "agree_run_seed", "check_reveal", "draw", "shared_seed"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,17 @@ def shared_seed(step: int, reveals: Mapping[int, bytes]) -> bytes:
     for peer in sorted(reveals):
         items += [peer, reveals[peer]]
     return digest(*items)
+
+
+def draw(transport: "Transport", purpose: str) -> bytes:
+    """32 bytes no member chooses: every member commits to a fresh secret (one board round), then reveals it (another);
+    the digest of the reveals that match their commitments. A member can only choose between revealing and not (one
+    bit of influence), never the value."""
+    secret = os.urandom(32)
+    commits = transport.all_gather_object(digest(secret, purpose))
+    reveals = transport.all_gather_object(secret)
+    valid = [r for c, r in zip(commits, reveals) if type(r) is bytes and len(r) == 32 and digest(r, purpose) == c]
+    return digest(purpose, *valid)
 
 
 def agree_run_seed(transport: "Transport", configured: Optional[str]) -> int:

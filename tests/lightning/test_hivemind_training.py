@@ -206,3 +206,44 @@ def test_rendezvous_orders_the_group_by_peer_id_and_reports_missing_peers(hivemi
         rendezvous(hivemind_swarm.nodes[3], f"alone-{os.urandom(4).hex()}", 2, timeout=2, poll_interval=0.1)
     with pytest.raises(UserError, match="another run uses this run_id"):
         rendezvous(hivemind_swarm.nodes[4], run_id, 3, timeout=5, poll_interval=0.1)  # a fourth peer for a run of three
+
+
+def test_a_drawn_order_is_the_same_everywhere_chosen_by_nobody_and_on_the_chain(hivemind_swarm) -> None:
+    """Review: ranks were peer-id order, which anyone can grind for (identities cost ~76 ms). With shuffle_ranks (the
+    default) the group is reordered by a commit-reveal draw every member takes part in; every member derives the same
+    order, the transport follows it, and the change is a link of the chain that joiners verify."""
+    from lightning_btard.groups.hivemind import HivemindGroup
+    from lightning_btard.groups.hivemind_chain import verify_chain
+    from lightning_btard.groups.hivemind_rendezvous import rendezvous
+    from lightning_btard.protocol.digest import digest
+    from lightning_btard.protocol.membership import Membership
+    from lightning_btard.protocol.mprng import draw
+
+    nodes = hivemind_swarm.nodes[:3]
+    run_id = f"test-{os.urandom(4).hex()}"
+    out: list = [None] * 3
+
+    def member(i: int) -> None:
+        t = rendezvous(nodes[i], run_id, 3, timeout=60, poll_interval=0.05)
+        group = HivemindGroup(nodes[i], run_id, t.members, Membership(peers=[0, 1, 2]), t.rank, 30.0, t, salt=t.salt,
+                              chain=t.chain)
+        value = draw(group.transport, "ranks")
+        order = group.reorder(value)
+        out[i] = (value, order, list(group.members), group.peer, group.transport.all_gather_object(group.peer), group)
+
+    threads = [threading.Thread(target=member, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    value, order, members, _, board, _ = out[0]
+    assert all(o[0] == value and o[1] == order and o[2] == members for o in out)
+    assert members == sorted(members, key=lambda p: digest(value, p.to_bytes()))
+    assert board == [0, 1, 2] and sorted(o[3] for o in out) == [0, 1, 2]
+    assert all(members[o[3]] == nodes[i].peer_id for i, o in enumerate(out))
+    chain = out[0][5].chain
+    assert chain.collect(nodes[0])  # every member signed the reorder
+    verified = verify_chain(chain.to_record(), run_id, (), chain.links[0].digest)
+    assert verified.head.members == [m.to_base58() for m in members]
+    for o in out:
+        o[5].close()

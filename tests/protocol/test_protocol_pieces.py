@@ -89,3 +89,23 @@ def test_strict_majority_counts_every_member_and_only_plain_values() -> None:
     assert strict_majority(["a", "b"]) is None and strict_majority([]) is None
     assert strict_majority(["a", "a", None, [1], "b"]) is None  # 2 of 5: malformed values count in the total
     assert strict_majority([b"x", b"x", 3]) == b"x" and strict_majority([True, True, 1]) is None
+
+
+def test_a_draw_is_the_same_everywhere_and_a_bad_reveal_is_left_out() -> None:
+    """``mprng.draw``: commit, then reveal; a member whose reveal does not match its commitment counts for nothing
+    (it can choose between two outcomes, never the value)."""
+    from peers import run_peers
+
+    from lightning_btard.protocol.digest import digest
+    from lightning_btard.protocol.mprng import draw
+
+    def peer(t):
+        if t.rank == 2:  # commits to one secret, reveals another
+            t.all_gather_object(digest(b"a" * 32, "ranks"))
+            reveals = t.all_gather_object(b"b" * 32)
+            return reveals
+        return draw(t, "ranks")
+
+    out = run_peers(3, peer)
+    assert out[0] == out[1] and len(out[0]) == 32
+    assert out[0] == digest("ranks", out[2][0], out[2][1])  # the honest two reveals only
