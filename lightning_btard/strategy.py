@@ -282,7 +282,8 @@ class BTARDStrategy(Processes, Joining, PeerCollectives, Leaving, ParallelStrate
         if self._hivemind is not None and self._hivemind.shuffle_ranks:
             order = group.reorder(draw(group.transport, "ranks"))  # type: ignore[attr-defined]
             keys = [keys[i] for i in order] if keys else keys
-            self.cluster_environment.set_global_rank(group.peer)
+            self.cluster_environment.set_global_rank(group.peer)  # (Lightning's environment moves rank zero with it)
+            compat.set_rank_zero(0)  # every hivemind peer is its own rank zero
             print(f"BTARD hivemind: ranks drawn by all (no member chose them); this peer is rank {group.peer}", flush=True)
         self._make_engine(group, identity, keys)
 
