@@ -24,8 +24,8 @@ class Withholding(ProtocolAttack):
     (``"scatter"`` or ``"gather"``) when the attack fires."""
 
     def __init__(self, byzantine: Sequence[int], victims: Optional[Sequence[int]] = None, phase: str = "scatter",
-                 **kwargs: Any) -> None:
-        super().__init__(byzantine, **kwargs)
+                 attack_start: int = 0, attack_every: int = 1, ban_prob: Optional[float] = None, seed: int = 0) -> None:
+        super().__init__(byzantine, attack_start=attack_start, attack_every=attack_every, ban_prob=ban_prob, seed=seed)
         if phase not in ("scatter", "gather"):
             raise ValueError(f"phase must be 'scatter' or 'gather', got {phase!r}")
         self.victims = None if victims is None else {int(v) for v in victims}
