@@ -8,7 +8,7 @@ scheduler states, the precision plugin's state (the loss scale), the step and th
 members published (see :mod:`.hivemind_admission`). Buffers (BatchNorm statistics), loop counters and
 callback states are the serving member's own, as rank 0's buffers are at the start of a run.
 
-The checkpoint is streamed from the member's event loop (``rpc_download_state``) in 512 KiB chunks while its
+The checkpoint is streamed from the member's event loop (``rpc_download_state``, ``transports/hivemind_streams.py``) in 512 KiB chunks while its
 training thread waits for the joiner in the next collective.
 """
 
@@ -27,11 +27,9 @@ from torch import Tensor
 
 from lightning_btard.protocol.digest import digest
 from lightning_btard.transports.base import TransportError
+from lightning_btard.transports.hivemind_streams import receive_sized, send_sized
 
 __all__ = ["StateOffers", "StateServicer", "download_state", "serve_states", "shared_state", "shared_state_digest", "to_plain"]
-
-_CHUNK = 512 * 1024
-
 
 def to_plain(obj: Any, path: str = "checkpoint") -> Any:
     """``obj`` as the plain data a board record holds: dicts (their subclasses too), lists, tuples, numbers,
@@ -130,9 +128,8 @@ class StateServicer(ServicerBase):
         if self.offers.step != step:
             return
         data = self.offers.data  # a new offer swaps the object: this stream keeps sending the one it started
-        yield averaging_pb2.DownloadData(metadata=MSGPackSerializer.dumps(len(data)))
-        for start in range(0, len(data), _CHUNK):
-            yield averaging_pb2.DownloadData(metadata=data[start : start + _CHUNK])
+        async for reply in send_sized(data):
+            yield reply
 
 
 def serve_states(node: Any) -> StateOffers:
@@ -145,24 +142,17 @@ def serve_states(node: Any) -> StateOffers:
 async def _download(p2p: Any, peer: PeerID, namespace: str, step: int, max_bytes: int) -> bytes:
     stub = StateServicer.get_stub(p2p, peer, namespace=namespace)
     stream = await stub.rpc_download_state(runtime_pb2.ExpertRequest(metadata=MSGPackSerializer.dumps(int(step))))
-    size: Optional[int] = None
-    pieces: list[bytes] = []
-    received = 0
-    async for reply in stream:
-        if size is None:
-            size = int(MSGPackSerializer.loads(reply.metadata))
-            if not 0 <= size <= max_bytes:
-                raise TransportError(f"peer {peer} announced a state of {size} bytes (at most {max_bytes} accepted)")
-            continue
-        pieces.append(reply.metadata)
-        received += len(reply.metadata)
-        if received > size:
-            raise TransportError(f"peer {peer} sent more state than it announced ({size} bytes)")
-    if size is None:
+
+    def refuse(size: int) -> Optional[str]:
+        return None if 0 <= size <= max_bytes else f"peer {peer} announced a state of {size} bytes (at most {max_bytes} accepted)"
+
+    try:
+        data = await receive_sized(stream, refuse)
+    except TransportError as e:
+        raise TransportError(f"peer {peer}'s state: {e}") from e
+    if data is None:
         raise TransportError(f"peer {peer} has no state of step {step} to offer")
-    if received != size:
-        raise TransportError(f"peer {peer} sent {received} of the {size} bytes of its state")
-    return b"".join(pieces)
+    return data
 
 
 def download_state(node: Any, peer: PeerID, step: int, timeout: float, max_bytes: int = 2**34) -> bytes:

@@ -36,6 +36,7 @@ from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils import MSGPackSerializer
 
 from lightning_btard.transports.base import TransportError
+from lightning_btard.transports.hivemind_streams import receive_sized, send_sized
 
 __all__ = ["INLINE_LIMIT", "PUBLIC", "RecordServicer", "RecordStore", "WrongRecord", "fetch_record", "parse_reference",
            "reference"]
@@ -44,7 +45,6 @@ INLINE_LIMIT = 8 * 1024
 """Values up to this size go into the DHT itself; larger ones by reference (the module doc says why so small)."""
 _MARKER = b"\x00btard-record-ref"  # no msgpack record starts with 0x00 and goes on: never a record itself
 _PUBLIC = b"\x00btard-public-ref"  # a reference to the public part of the store
-_CHUNK = 512 * 1024
 
 
 class WrongRecord(TransportError):
@@ -131,30 +131,21 @@ class RecordServicer(ServicerBase):
             return
         if data is None:
             return
-        yield averaging_pb2.DownloadData(metadata=MSGPackSerializer.dumps(len(data)))
-        for start in range(0, len(data), _CHUNK):
-            yield averaging_pb2.DownloadData(metadata=data[start : start + _CHUNK])
+        async for reply in send_sized(data):
+            yield reply
 
 
 async def _fetch(p2p: Any, namespace: str, peer: PeerID, session: bytes, digest: bytes, size: int) -> bytes:
     stub = RecordServicer.get_stub(p2p, peer, namespace=namespace)
     stream = await stub.rpc_fetch_record(runtime_pb2.ExpertRequest(metadata=MSGPackSerializer.dumps([session, digest])))
-    announced: Optional[int] = None
-    pieces: list[bytes] = []
-    received = 0
-    async for reply in stream:
-        if announced is None:
-            announced = int(MSGPackSerializer.loads(reply.metadata))
-            if announced != size:
-                raise WrongRecord(f"peer {peer} offers {announced} bytes for a record of {size}")
-            continue
-        received += len(reply.metadata)
-        if received > size:
-            raise WrongRecord(f"peer {peer} sent more than its record's {size} bytes")
-        pieces.append(reply.metadata)
-    if announced is None or received != size:
-        raise TransportError(f"peer {peer} did not serve its record ({received} of {size} bytes)")
-    data = b"".join(pieces)
+    try:
+        data = await receive_sized(stream, lambda n: None if n == size else f"{n} bytes for a record of {size}", WrongRecord)
+    except WrongRecord as e:
+        raise WrongRecord(f"peer {peer}: {e}") from e
+    except TransportError as e:
+        raise TransportError(f"peer {peer} did not serve its record: {e}") from e
+    if data is None:
+        raise TransportError(f"peer {peer} did not serve its record")
     if blake3(data).digest() != digest:
         raise WrongRecord(f"peer {peer} served a record with another digest than the one it published")
     return data
