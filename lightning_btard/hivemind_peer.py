@@ -37,13 +37,9 @@ def initial_peers_from_env() -> list[str]:
 
 def trusted_peer_id(peer: str) -> str:
     """A base58 peer id from a peer id or a multiaddress ending in ``/p2p/<peer id>``; :class:`UserError` otherwise."""
-    from hivemind.p2p import PeerID
+    from lightning_btard.groups.hivemind_policy import peer_id_text
 
-    text = str(peer).rsplit("/p2p/", 1)[-1]
-    try:
-        return PeerID.from_base58(text).to_base58()
-    except Exception as e:  # noqa: BLE001 - whatever the user wrote
-        raise UserError(f"trusted_peers: {peer!r} is neither a peer id nor a multiaddress ending in /p2p/<peer id>") from e
+    return peer_id_text(str(peer), "trusted_peers")
 
 
 def state_size_cap(module: Any) -> int:

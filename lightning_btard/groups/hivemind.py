@@ -36,12 +36,12 @@ class HivemindGroup(Group):
         self.salt = bytes(salt)
         """The run's salt (``rendezvous``): in every session name, so a restarted run never meets the last one's."""
         self.chain = chain
+        """The run's chain of groups (``hivemind_chain.py``): extended and signed at every change, what joiners verify."""
         self.silenced: dict[str, int] = {}
         """Peer id (base58) → how many times the group lost it in a regroup (silent, or removed after the reports of
         silence: ``silence.py``); the same on every member (joiners get it with their admission). Admission refuses a
         peer id lost ``silence.SILENCES_BEFORE_OUT`` times: an identity that joins and never takes part costs the
         group one collective deadline, twice at most."""
-        """The run's chain of groups (``hivemind_chain.py``): extended and signed at every change, what joiners verify."""
         if transport is None:
             transport = self._transport(membership)
         super().__init__(membership, transport, peer)
@@ -104,9 +104,7 @@ class HivemindGroup(Group):
                 "that stopped here: while the run is marked as running they ask to join it and download its state"
             )
         gone = [p for i, p in enumerate(active) if i not in result.members]
-        for i, peer in enumerate(active):
-            if i in result.members:
-                continue
+        for i, peer in ((i, p) for i, p in enumerate(active) if p in gone):
             self.membership.depart(peer, step)
             key = str(old.members[i])  # silent, removed after the reports of silence, or at another step: lost once more
             self.silenced[key] = self.silenced.get(key, 0) + 1

@@ -30,13 +30,15 @@ from typing import Any, Optional, Union
 
 from lightning_btard.errors import UserError
 
-__all__ = ["MAX_LISTED", "AdmissionPolicy", "read_allow_list"]
+__all__ = ["MAX_LISTED", "AdmissionPolicy", "peer_id_text", "read_allow_list"]
 
 MAX_LISTED = 64
 """The most join requests a member lists in one admission (the first in the unpredictable order)."""
 
 
-def _peer_id(text: str, where: str) -> str:
+def peer_id_text(text: str, where: str) -> str:
+    """A base58 peer id from a peer id or a multiaddress ending in ``/p2p/<peer id>`` (:class:`UserError` naming
+    ``where`` otherwise)."""
     from hivemind.p2p import PeerID
 
     try:
@@ -63,7 +65,7 @@ def read_allow_list(source: Union[str, Sequence[str], None]) -> Optional[dict[st
             continue
         if len(words) > 2:
             raise UserError(f"{where}: {line!r}: expected '<peer id> [owner]'")
-        peer = _peer_id(words[0], where)
+        peer = peer_id_text(words[0], where)
         out[peer] = words[1] if len(words) == 2 else peer
     if not out:
         raise UserError(f"{where}: the allow-list is empty (leave allowed_peers unset for an open run)")
