@@ -24,9 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_btard.lightning_package import pl
 
 GRADIENT_ATTACKS = ["SignFlipping", "RandomDirection", "LabelFlipping", "DelayedGradient", "InnerProductManipulation", "ALittleIsEnough"]
 PROTOCOL_ATTACKS = ["WrongAggregate", "EquivocatingAggregate", "UncommittedPart", "MalformedPart", "LyingNumbers",

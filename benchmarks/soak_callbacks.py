@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-import pytorch_lightning as pl
+from lightning_btard.lightning_package import pl
 
 
 class SoakControl(pl.Callback):

@@ -21,9 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_btard.lightning_package import pl
 
 
 class StepTimer(pl.Callback):

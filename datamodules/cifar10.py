@@ -1,51 +1,77 @@
 """CIFAR-10 as a LightningDataModule: torchvision's reader, the standard augmentation, the test split for evaluation.
 
 It knows nothing of BTARD: under a distributed strategy Lightning installs the sampler that shards the data.
+``synthetic`` chooses the data: ``False`` CIFAR-10 only; ``True`` the synthetic stand-in
+(``datamodules/synthetic.py``); ``"auto"`` CIFAR-10 when ``data_dir`` holds it (or, with ``download``, when it
+can be fetched), else the stand-in, announced in a banner. The stand-in is written to ``<data_dir>/synthetic``
+(where ``./run demo`` writes it) unless ``data_dir`` itself holds one. Needs torchvision (the ``[examples]`` extra).
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Subset
-from torchvision import transforms as T
-from torchvision.datasets import CIFAR10
 
-from datamodules.synthetic import BASE_FOLDER, SYNTHETIC_MARKER
+from datamodules.synthetic import BASE_FOLDER, SYNTHETIC_MARKER, write_synthetic_cifar10
+from lightning_btard.extras import require
+from lightning_btard.lightning_package import pl, rank_zero_only, rank_zero_warn
+
+if TYPE_CHECKING:
+    from torchvision import transforms as T
 
 __all__ = ["CIFAR10DataModule", "CIFAR10_MEAN", "CIFAR10_STD"]
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+SYNTHETIC_SIZE = {"n_train": 8000, "n_test": 1000, "seed": 0}
+"""The stand-in ``synthetic=True``/``"auto"`` writes (the demo's)."""
+_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
+"""CIFAR-10's files in ``cifar-10-batches-py`` (torchvision's ``train_list``, ``test_list`` and ``meta``)."""
 
 
-class _SyntheticCIFAR10(CIFAR10):
-    """torchvision's CIFAR10 reader for synthetic stand-in data: files must exist, their md5 is not checked."""
+def _torchvision() -> Any:
+    return require("torchvision", "datamodules.CIFAR10DataModule")
 
-    def _file_paths(self) -> list[str]:
-        names = [name for name, _ in self.train_list + self.test_list] + [self.meta["filename"]]
-        return [os.path.join(self.root, self.base_folder, name) for name in names]
 
-    def _check_integrity(self) -> bool:
-        return all(os.path.isfile(path) for path in self._file_paths())
+def _reader(synthetic: bool) -> Any:
+    """torchvision's CIFAR10 reader; for the stand-in, one whose files must exist and whose md5 is not checked."""
+    CIFAR10 = _torchvision().datasets.CIFAR10
+    if not synthetic:
+        return CIFAR10
+    if "_SyntheticCIFAR10" in globals():
+        return globals()["_SyntheticCIFAR10"]
 
-    def _load_meta(self) -> None:
-        path = os.path.join(self.root, self.base_folder, self.meta["filename"])
-        with open(path, "rb") as infile:
-            self.classes = pickle.load(infile, encoding="latin1")[self.meta["key"]]
-        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+    class _SyntheticCIFAR10(CIFAR10):
+        def _check_integrity(self) -> bool:
+            return all(os.path.isfile(os.path.join(self.root, self.base_folder, name)) for name in _FILES)
+
+        def _load_meta(self) -> None:
+            path = os.path.join(self.root, self.base_folder, self.meta["filename"])
+            with open(path, "rb") as infile:
+                self.classes = pickle.load(infile, encoding="latin1")[self.meta["key"]]
+            self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+
+    globals()["_SyntheticCIFAR10"] = _SyntheticCIFAR10  # module-level, so that DataLoader workers can unpickle it
+    return _SyntheticCIFAR10
+
+
+def __getattr__(name: str) -> Any:
+    if name == "_SyntheticCIFAR10":  # made on first use (torchvision is imported lazily)
+        return _reader(True)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class CIFAR10DataModule(pl.LightningDataModule):
     """CIFAR-10 (or the synthetic stand-in from ``write_synthetic_cifar10``) with crop+flip augmentation.
 
-    ``download=None`` downloads only when the files are missing, ``False`` never downloads. Validation and test
+    ``download=None`` downloads only when the files are missing, ``False`` never downloads. ``synthetic``: see the
+    module's docstring (``False``, ``True`` or ``"auto"``). Validation and test
     both use the CIFAR-10 test split (the BTARD paper reports test accuracy during training); ``val_subset``
     keeps only its first N samples for quick periodic evaluation.
     """
@@ -59,8 +85,14 @@ class CIFAR10DataModule(pl.LightningDataModule):
         augment: bool = True,
         eval_batch_size: int = 256,
         val_subset: Optional[int] = None,
+        synthetic: Union[bool, Literal["auto"]] = False,
     ) -> None:
         super().__init__()
+        _torchvision()  # the [examples] extra: say so now, not at prepare_data
+        if synthetic not in (True, False, "auto"):
+            raise ValueError(f"synthetic must be true, false or 'auto', got {synthetic!r}")
+        if synthetic is True and download:
+            raise ValueError("synthetic=True writes a local stand-in; it cannot be combined with download=True")
         if batch_size < 1 or eval_batch_size < 1:
             raise ValueError(
                 f"batch sizes must be positive, got batch_size={batch_size}, eval_batch_size={eval_batch_size}"
@@ -75,14 +107,21 @@ class CIFAR10DataModule(pl.LightningDataModule):
         self.augment = augment
         self.eval_batch_size = eval_batch_size
         self.val_subset = val_subset
+        self.synthetic = synthetic
         self.train_set: Optional[Dataset] = None
         self.test_set: Optional[Dataset] = None
         self._warned_synthetic = False
 
     @property
     def folder(self) -> Path:
-        """The ``cifar-10-batches-py`` directory the data is read from."""
-        return Path(self.data_dir) / BASE_FOLDER
+        """The ``cifar-10-batches-py`` directory the data is read from: ``data_dir``'s, or the stand-in's under
+        ``<data_dir>/synthetic`` when ``synthetic`` asks for it (``True``, or ``"auto"`` with no CIFAR-10 there)."""
+        own = Path(self.data_dir) / BASE_FOLDER
+        if self.synthetic is False or (own / SYNTHETIC_MARKER).is_file():
+            return own
+        if self.synthetic == "auto" and _present(own):
+            return own
+        return Path(self.data_dir) / "synthetic" / BASE_FOLDER
 
     @property
     def is_synthetic(self) -> bool:
@@ -96,16 +135,17 @@ class CIFAR10DataModule(pl.LightningDataModule):
 
     def train_transform(self) -> T.Compose:
         """Random crop with 4-pixel padding and horizontal flip (when ``augment``), then normalisation."""
+        T = _torchvision().transforms
         steps: list = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if self.augment else []
         return T.Compose([*steps, T.ToTensor(), T.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
 
     def eval_transform(self) -> T.Compose:
         """Normalisation only."""
+        T = _torchvision().transforms
         return T.Compose([T.ToTensor(), T.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
 
     def _files_present(self) -> bool:
-        names = [name for name, _ in CIFAR10.train_list + CIFAR10.test_list] + [CIFAR10.meta["filename"]]
-        return all((self.folder / name).is_file() for name in names)
+        return _present(self.folder)
 
     def _missing_error(self, reason: str) -> FileNotFoundError:
         return FileNotFoundError(
@@ -116,13 +156,22 @@ class CIFAR10DataModule(pl.LightningDataModule):
         )
 
     def prepare_data(self) -> None:
-        """Download CIFAR-10 when it is missing and downloading is allowed (called on one process per node)."""
+        """Download CIFAR-10 when it is missing and downloading is allowed, or write the stand-in when ``synthetic``
+        asks for it (called on one process per node)."""
+        real = Path(self.data_dir) / BASE_FOLDER
+        if self.synthetic == "auto" and not _present(real) and self.download:
+            try:
+                _reader(False)(self.data_dir, train=True, download=True)
+            except Exception as err:  # noqa: BLE001 - offline is the expected failure; the banner says what we use
+                rank_zero_warn(f"could not download CIFAR-10 ({type(err).__name__}: {str(err)[:120]})")
+        if self.synthetic is not False and self.folder != real:
+            write_synthetic_cifar10(self.folder.parent, **SYNTHETIC_SIZE)
         if self.is_synthetic or (self._files_present() and not self.download):
             return
         if self.download is False:
             raise self._missing_error("download=False, so it was not downloaded")
         try:
-            CIFAR10(self.data_dir, train=True, download=True)
+            _reader(False)(self.data_dir, train=True, download=True)
         except Exception as err:  # noqa: BLE001 - any network/archive failure becomes one clear message
             raise self._missing_error(f"could not download it ({type(err).__name__}: {err})") from None
 
@@ -135,10 +184,13 @@ class CIFAR10DataModule(pl.LightningDataModule):
             raise self._missing_error(reason)
         if self.is_synthetic and not self._warned_synthetic:
             self._warned_synthetic = True
-            rank_zero_warn(
-                f"TRAINING ON SYNTHETIC STAND-IN DATA, NOT CIFAR-10: {self.folder} was written by "
-                "write_synthetic_cifar10 (SYNTHETIC marker found; md5 checks skipped). "
-                "Accuracies measured on it say nothing about CIFAR-10."
+            why = f" (no CIFAR-10 in {Path(self.data_dir).resolve() / BASE_FOLDER})" if self.synthetic == "auto" else ""
+            _banner(
+                "\n" + "=" * 100 + "\n"
+                f"TRAINING ON SYNTHETIC STAND-IN DATA, NOT CIFAR-10{why}:\n{self.folder} was written by "
+                "write_synthetic_cifar10 (SYNTHETIC marker found; md5 checks skipped).\n"
+                "Accuracies measured on it say nothing about CIFAR-10. For the real data: put 'cifar-10-batches-py' "
+                "under data_dir, or --data.download=true when online.\n" + "=" * 100
             )
         if stage in (None, "fit") and self.train_set is None:
             self.train_set = self._dataset(train=True, transform=self.train_transform())
@@ -146,9 +198,9 @@ class CIFAR10DataModule(pl.LightningDataModule):
             self.test_set = self._dataset(train=False, transform=self.eval_transform())
 
     def _dataset(self, train: bool, transform: T.Compose) -> Dataset:
-        cls = _SyntheticCIFAR10 if self.is_synthetic else CIFAR10
+        cls = _reader(self.is_synthetic)
         try:
-            return cls(self.data_dir, train=train, transform=transform, download=False)
+            return cls(str(self.folder.parent), train=train, transform=transform, download=False)
         except RuntimeError:
             raise RuntimeError(
                 f"The CIFAR-10 files in {self.folder.resolve()} failed torchvision's md5 integrity check: they are "
@@ -194,3 +246,14 @@ class CIFAR10DataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
+
+
+def _present(folder: Path) -> bool:
+    """Whether ``folder`` holds every file of CIFAR-10's python version."""
+    return all((folder / name).is_file() for name in _FILES)
+
+
+@rank_zero_only
+def _banner(text: str) -> None:
+    """Printed, not warned: it must show even where warnings are filtered (``PYTHONWARNINGS=ignore``)."""
+    print(text, file=sys.stderr, flush=True)

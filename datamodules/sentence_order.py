@@ -52,8 +52,9 @@ def split_sentences_regex(text: str) -> list[str]:
 
 
 def _split_punkt(text: str) -> list[str]:
-    import nltk
+    from lightning_btard.extras import require
 
+    nltk = require("nltk", "sentence_splitter='punkt'")
     try:
         return nltk.sent_tokenize(text)
     except LookupError as e:

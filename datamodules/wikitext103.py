@@ -17,14 +17,14 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from datamodules.albert_tokenizer import ALBERT_HUB_TOKENIZER, load_tokenizer, tokenizer_digest, train_tokenizer
 from datamodules.sentence_order import SPLITTERS, InstanceBuilder
 from datamodules.synthetic_text import SYNTHETIC_MARKER, write_synthetic_wikitext
+from lightning_btard.extras import require
+from lightning_btard.lightning_package import pl, rank_zero_info, rank_zero_warn
 
 __all__ = ["WikiText103DataModule"]
 
@@ -81,6 +81,8 @@ class WikiText103DataModule(pl.LightningDataModule):
         pad_to_multiple_of: Optional[int] = None,
     ) -> None:
         super().__init__()
+        for module in ("datasets", "transformers"):  # the [albert] extra: say so now, not at prepare_data
+            require(module, "datamodules.WikiText103DataModule")
         if batch_size < 1 or eval_batch_size < 1:
             raise ValueError(f"batch sizes must be positive, got batch_size={batch_size}, eval_batch_size={eval_batch_size}")
         if not 0.0 < mlm_probability < 1.0:

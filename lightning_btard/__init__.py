@@ -8,7 +8,7 @@ from lightning_btard.aggregators import AggregationResult, Aggregator, register_
 from lightning_btard.ops.centered_clip import CenteredClipResult, centered_clip, centered_clip_with_stats
 from lightning_btard.strategy import BTARDStrategy
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AggregationResult",

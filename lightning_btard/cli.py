@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Optional
-
-import pytorch_lightning as pl
-from pytorch_lightning.cli import LightningCLI
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
 
 import datamodules  # noqa: F401  (makes CIFAR10DataModule & co. resolvable by their short names)
 import lightning_btard.attacks  # noqa: F401  (SignFlipping & co.)
 import models  # noqa: F401  (ResNet18 & co.)
 from lightning_btard.errors import UserError
+from lightning_btard.lightning_package import MisconfigurationException, pl, pl_module
 
-__all__ = ["BTARDCLI", "main"]
+__all__ = ["BTARDCLI", "CONFIGS", "main", "packaged_configs"]
+
+if TYPE_CHECKING:
+    from pytorch_lightning.cli import LightningCLI
+else:
+    LightningCLI = pl_module("cli").LightningCLI  # of the Lightning package in use (lightning_package.py)
 
 
 class BTARDCLI(LightningCLI):
@@ -47,10 +50,33 @@ class BTARDCLI(LightningCLI):
 _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
 
+CONFIGS = Path(__file__).resolve().parent / "configs"
+"""The configs shipped with the package (``configs/`` in the clone is a link to them)."""
+
+
+def packaged_configs(args: list[str]) -> list[str]:
+    """``--config configs/demo.yaml`` (or ``--config demo.yaml``) names the shipped config when no such file is
+    here, so the README's commands work from an installed package as from the clone."""
+
+    def resolve(value: str) -> str:
+        if os.path.exists(value):
+            return value
+        shipped = CONFIGS / value.removeprefix("configs/")
+        return str(shipped) if shipped.is_file() else value
+
+    out = list(args)
+    for i, arg in enumerate(out):
+        if arg.startswith("--config="):
+            out[i] = "--config=" + resolve(arg.split("=", 1)[1])
+        elif arg in ("--config", "-c") and i + 1 < len(out):
+            out[i + 1] = resolve(out[i + 1])
+    return out
+
+
 def main(args: Optional[list[str]] = None) -> None:
     """Console entry point. Errors a user can fix print one message and exit with status 2."""
     try:
-        BTARDCLI(args=args)
+        BTARDCLI(args=packaged_configs(sys.argv[1:] if args is None else args))
     except (UserError, FileNotFoundError, MisconfigurationException) as e:
         print(f"btard: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

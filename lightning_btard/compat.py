@@ -1,7 +1,10 @@
 """Every private Lightning or torch API lightning-btard reaches into, in one place.
 
 A Lightning or torch release that moves one of these breaks only this module; each function says what it
-relies on. Nothing else in the package touches a private name of either library.
+relies on. Nothing else in the package touches a private name of either library. The Lightning package
+(``lightning.pytorch`` or ``pytorch_lightning``) is the one :mod:`.lightning_package` chose.
+
+Tested against Lightning 2.5 (the oldest release claimed, ``LIGHTNING_TESTED``) and 2.6 (the pinned one).
 """
 
 from __future__ import annotations
@@ -10,15 +13,26 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, Optional
 
-import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-from lightning_fabric.utilities.distributed import _init_dist_connection
-from lightning_fabric.utilities.optimizer import _optimizers_to_device
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
-from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+from lightning_btard.lightning_package import fabric_module, pl, pl_module, rank_zero_only
+
+_init_dist_connection = fabric_module("utilities.distributed")._init_dist_connection
+_optimizers_to_device = fabric_module("utilities.optimizer")._optimizers_to_device
+MultiProcessingLauncher = pl_module("strategies.launchers")._MultiProcessingLauncher
+"""Lightning's ``spawn``/``fork`` launcher (its DDP strategy's)."""
+SubprocessScriptLauncher = pl_module("strategies.launchers")._SubprocessScriptLauncher
+"""Lightning's ``popen`` launcher: re-runs the script once per local process (its ``ddp``)."""
+
+LIGHTNING_TESTED = ("2.5", "2.6")
+"""The Lightning minor releases CI runs against (README: Requirements)."""
 
 __all__ = [
+    "LIGHTNING_TESTED",
+    "MultiProcessingLauncher",
+    "SubprocessScriptLauncher",
     "apply_batch_transfer_handler",
     "bind_metrics_process_group",
     "current_fx_name",

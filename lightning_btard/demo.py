@@ -26,27 +26,32 @@ from typing import Optional
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from lightning_btard.cli import CONFIGS
+from lightning_btard.extras import require
+
+_CLONE = Path(__file__).resolve().parent.parent
+ROOT = _CLONE if (_CLONE / "pyproject.toml").is_file() else Path.cwd()
+"""Where data/ and runs/ go: the clone's root when run from a clone, else the current directory (installed package)."""
 ATTACKS = ("SignFlipping", "RandomDirection", "LabelFlipping", "DelayedGradient", "InnerProductManipulation", "ALittleIsEnough")
 
 
 def find_data(data_dir: Path, allow_download: bool) -> tuple[Path, bool]:
     """Where the demo's CIFAR-10 lives, and whether it is the synthetic stand-in."""
     from datamodules import write_synthetic_cifar10
+    from datamodules.cifar10 import SYNTHETIC_SIZE
 
     if (data_dir / "cifar-10-batches-py" / "data_batch_1").exists() and not (data_dir / "cifar-10-batches-py" / "SYNTHETIC").exists():
         return data_dir, False
     if allow_download:
         try:
-            import torchvision
-
+            torchvision = require("torchvision", "the demo's CIFAR-10 download")
             torchvision.datasets.CIFAR10(str(data_dir), train=True, download=True)
             torchvision.datasets.CIFAR10(str(data_dir), train=False, download=True)
             return data_dir, False
         except Exception as e:  # noqa: BLE001 - offline is the expected failure; we say what we do instead
             print(f"[demo] could not download CIFAR-10 ({type(e).__name__}: {str(e)[:120]})")
     synthetic = data_dir / "synthetic"
-    write_synthetic_cifar10(synthetic, n_train=8000, n_test=1000, seed=0)
+    write_synthetic_cifar10(synthetic, **SYNTHETIC_SIZE)
     return synthetic, True
 
 
@@ -64,8 +69,8 @@ def run_config(args: argparse.Namespace, mode: str, data_dir: Path, run_dir: Pat
             "default_root_dir": str(run_dir),
             "strategy": {"class_path": "lightning_btard.BTARDStrategy", "init_args": {"tau": args.tau, "aggregator": aggregator}},
             "logger": [
-                {"class_path": "pytorch_lightning.loggers.TensorBoardLogger", "init_args": {"save_dir": str(run_dir), "name": "", "version": ""}},
-                {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": str(run_dir), "name": "", "version": ""}},
+                {"class_path": "TensorBoardLogger", "init_args": {"save_dir": str(run_dir), "name": "", "version": ""}},
+                {"class_path": "CSVLogger", "init_args": {"save_dir": str(run_dir), "name": "", "version": ""}},
             ],
             "callbacks": [attack] if args.byzantine else [],
             "enable_checkpointing": False,
@@ -81,7 +86,7 @@ def train(args: argparse.Namespace, mode: str, data_dir: Path, out: Path) -> Pat
     for stale in [*run_dir.glob("metrics.csv"), *run_dir.glob("**/btard_events/*.jsonl")]:
         stale.unlink()
     (run_dir / "run.yaml").write_text(yaml.safe_dump(run_config(args, mode, data_dir, run_dir), sort_keys=False))
-    cmd = [sys.executable, "-m", "lightning_btard.cli", "fit", "--config", str(ROOT / "configs" / "demo.yaml"), "--config", str(run_dir / "run.yaml")]
+    cmd = [sys.executable, "-m", "lightning_btard.cli", "fit", "--config", str(CONFIGS / "demo.yaml"), "--config", str(run_dir / "run.yaml")]
     label = "plain averaging (aggregator=mean)" if mode == "mean" else f"BTARD (CenteredClip, tau={args.tau}, verified, 1 validator per step)"
     print(f"\n[demo] training with {label}: {args.peers} peers, {args.steps} steps  (log: {run_dir / 'train.log'})", flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -133,8 +138,7 @@ def read_metrics(path: Path) -> dict[str, dict[int, float]]:
 
 
 def plot(curves: dict[str, dict[int, float]], attack_start: int, title: str, path: Path) -> None:
-    import matplotlib
-
+    matplotlib = require("matplotlib", "the demo's plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

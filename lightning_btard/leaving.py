@@ -12,7 +12,6 @@ from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
-from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher
 from typing_extensions import override
 
 from lightning_btard import compat
@@ -67,7 +66,7 @@ class Leaving:
         )
         if self._hivemind is None:
             mark_left(self.global_rank)
-        if self.global_rank == 0 and isinstance(self._launcher, _MultiProcessingLauncher):
+        if self.global_rank == 0 and isinstance(self._launcher, compat.MultiProcessingLauncher):
             # the launching process waits for rank 0's result: rank 0 ends fit() here (no more collectives), and
             # hosts the store in teardown until the others have finished
             if self.lightning_module is not None and self.lightning_module._trainer is not None:

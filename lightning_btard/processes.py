@@ -10,12 +10,11 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-from lightning_fabric.plugins import ClusterEnvironment
-from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from typing_extensions import override
 
 from lightning_btard import compat
 from lightning_btard.errors import UserError
+from lightning_btard.lightning_package import ClusterEnvironment
 
 __all__ = ["Processes"]
 
@@ -88,9 +87,9 @@ class Processes:
                 )
             self._launcher = None
         elif self._start_method == "popen":
-            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+            self._launcher = compat.SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
         else:
-            self._launcher = _MultiProcessingLauncher(self, start_method=self._start_method)
+            self._launcher = compat.MultiProcessingLauncher(self, start_method=self._start_method)
 
     def set_world_ranks(self) -> None:
         if self.cluster_environment is not None:

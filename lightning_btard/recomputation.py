@@ -19,11 +19,11 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any, Callable, Optional
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
 from lightning_btard.compat import apply_batch_transfer_handler
+from lightning_btard.lightning_package import pl
 from lightning_btard.ops.partition import flatten_grads
 from lightning_btard.verifiable_batches import VerifiableCollate, VerifiableDataset, rebuild_batch, seeded_step
 

@@ -28,16 +28,7 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, Literal, Optional, Union
 
-import pytorch_lightning as pl
 import torch
-from lightning_fabric.plugins import CheckpointIO, ClusterEnvironment
-from lightning_fabric.utilities.seed import reset_seed
-from pytorch_lightning.plugins.precision import Precision
-from pytorch_lightning.strategies import StrategyRegistry
-from pytorch_lightning.strategies.parallel import ParallelStrategy
-from pytorch_lightning.trainer.states import TrainerFn
-from pytorch_lightning.utilities.exceptions import SIGTERMException
-from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -49,9 +40,23 @@ from lightning_btard.attacks.roster import attacks_of, behaviour_of, count_fired
 from lightning_btard.collectives import PeerCollectives
 from lightning_btard.errors import TrainingDiverged, UserError
 from lightning_btard.event_sinks import attach_run_sinks
+from lightning_btard.extras import require
 from lightning_btard.groups.base import Group
 from lightning_btard.joining import Joining
 from lightning_btard.leaving import Leaving
+from lightning_btard.lightning_package import (
+    CheckpointIO,
+    ClusterEnvironment,
+    ParallelStrategy,
+    Precision,
+    SIGTERMException,
+    StrategyRegistry,
+    TrainerFn,
+    pl,
+    rank_zero_info,
+    rank_zero_warn,
+    reset_seed,
+)
 from lightning_btard.ops.finite import all_finite, well_formed_part
 from lightning_btard.ops.partition import assign_grads, flatten_grads, trainable_params
 from lightning_btard.ops.workspace import Workspace
@@ -198,6 +203,7 @@ class BTARDStrategy(Processes, Joining, PeerCollectives, Leaving, ParallelStrate
         self.join_every = int(join_every)
         self._hivemind: Optional[Any] = None
         if backend == "hivemind":
+            require("hivemind", "BTARDStrategy(backend='hivemind')")
             from lightning_btard.groups.hivemind_policy import AdmissionPolicy, read_allow_list
             from lightning_btard.hivemind_peer import HivemindPeer, initial_peers_from_env
 

@@ -15,10 +15,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
-from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
 from lightning_btard.errors import UserError
+from lightning_btard.lightning_package import rank_zero_warn
 from lightning_btard.ops.partition import trainable_params
 from lightning_btard.ops.workspace import Workspace
 from lightning_btard.protocol.validation import StepRecord

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
+
+from lightning_btard.extras import require
+from lightning_btard.lightning_package import pl
 
 __all__ = ["AlbertPretraining", "ALBERT_LARGE_V2", "NO_DECAY"]
 
@@ -70,7 +72,8 @@ class AlbertPretraining(pl.LightningModule):
         if not 0 <= warmup_steps <= total_steps:
             raise ValueError(f"need 0 <= warmup_steps <= total_steps, got {warmup_steps} and {total_steps}")
         self.save_hyperparameters()
-        from transformers import AlbertConfig, AlbertForPreTraining
+        transformers = require("transformers", "models.AlbertPretraining")
+        AlbertConfig, AlbertForPreTraining = transformers.AlbertConfig, transformers.AlbertForPreTraining
 
         config = AlbertConfig(
             vocab_size=vocab_size,
@@ -164,8 +167,8 @@ class AlbertPretraining(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         """torch-optimizer's LAMB (clamp 10000, bias correction) with transformers' linear warm-up/decay, per step."""
-        from torch_optimizer import Lamb
-        from transformers import get_linear_schedule_with_warmup
+        Lamb = require("torch_optimizer", "models.AlbertPretraining's LAMB optimizer").Lamb
+        get_linear_schedule_with_warmup = require("transformers", "models.AlbertPretraining").get_linear_schedule_with_warmup
 
         hp = self.hparams
         optimizer = Lamb(

@@ -9,12 +9,12 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_btard.lightning_package import pl, rank_zero_warn
 
 __all__ = ["ImageClassifier"]
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from torch import nn
-from torchvision.models import resnet18
 
+from lightning_btard.extras import require
 from models.classifier import ImageClassifier
 
 __all__ = ["ResNet18"]
@@ -15,6 +15,7 @@ class ResNet18(ImageClassifier):
 
     def build_network(self) -> nn.Module:
         """Randomly initialised CIFAR ResNet18; no weights are downloaded."""
+        resnet18 = require("torchvision.models", "models.ResNet18").resnet18
         net = resnet18(weights=None, num_classes=self.hparams.num_classes)
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")

@@ -1,9 +1,9 @@
 # Sourced by ./run: creates (once) or reuses the virtualenv keyed by the dependency pins, and activates it.
 # The venv lives outside the clone, in $BTARD_VENV_ROOT (default ~/.cache/lightning-btard), so fresh clones
-# and CI reuse it; a change of requirements/lock.txt or of the Python version makes a new one.
+# and CI reuse it; a change of the locks (requirements/lock.txt, dev.txt) or of the Python version makes a new one.
 py="${BTARD_PYTHON:-$(command -v python3.11 || command -v python3)}"
 root="${BTARD_VENV_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/lightning-btard}"
-key="$( { cat requirements/lock.txt; "$py" -c 'import sys; print(sys.version)'; } | sha256sum | cut -c1-16)"
+key="$( { cat requirements/lock.txt requirements/dev.txt; "$py" -c 'import sys; print(sys.version)'; } | sha256sum | cut -c1-16)"
 venv="$root/venv-$key"
 mkdir -p "$root"
 (
@@ -13,7 +13,7 @@ mkdir -p "$root"
     rm -rf "$venv"
     "$py" -m venv "$venv"
     "$venv/bin/pip" install -q --upgrade pip setuptools wheel >&2
-    "$venv/bin/pip" install -q -r requirements/lock.txt >&2
+    "$venv/bin/pip" install -q -r requirements/lock.txt -r requirements/dev.txt >&2
     touch "$venv/.complete"
   fi
 ) 9>"$root/.lock"

@@ -16,9 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor
+
+from lightning_btard.lightning_package import pl
 
 if TYPE_CHECKING:
     from lightning_btard.protocol.round import Behaviour

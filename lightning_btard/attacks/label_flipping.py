@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 
 from lightning_btard.attacks.base import Attack
+from lightning_btard.lightning_package import pl
 
 __all__ = ["LabelFlipping"]
 

@@ -9,7 +9,6 @@ import types
 from typing import Any, Callable
 
 import pytest
-import pytorch_lightning as pl
 import torch
 from peers import run_peers
 from torch import Tensor
@@ -25,6 +24,7 @@ from lightning_btard.attacks import (
     SignFlipping,
 )
 from lightning_btard.attacks.a_little_is_enough import alie_z_max
+from lightning_btard.lightning_package import pl
 from lightning_btard.transports import Transport
 
 N, BYZ, D = 5, [1, 3], 37

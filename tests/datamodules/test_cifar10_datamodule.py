@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import shutil
 import urllib.error
 import warnings
@@ -55,14 +56,13 @@ def test_files_have_cifar10_on_disk_format(synthetic_root: Path) -> None:
     assert meta["num_vis"] == 3072
 
 
-def test_loads_through_torchvision_reader(synthetic_root: Path) -> None:
+def test_loads_through_torchvision_reader(synthetic_root: Path, capsys) -> None:
     dm = CIFAR10DataModule(str(synthetic_root), batch_size=16, eval_batch_size=25)
     assert dm.is_synthetic
-    with pytest.warns(UserWarning, match="SYNTHETIC") as record:
-        dm.prepare_data()
-        dm.setup("fit")
-        dm.setup("test")
-    assert sum("SYNTHETIC" in str(w.message) for w in record) == 1
+    dm.prepare_data()
+    dm.setup("fit")
+    dm.setup("test")
+    assert capsys.readouterr().err.count("TRAINING ON SYNTHETIC STAND-IN DATA, NOT CIFAR-10") == 1  # once, printed
     assert isinstance(dm.train_set, CIFAR10) and isinstance(dm.test_set, CIFAR10)
     assert len(dm.train_set) == N_TRAIN and len(dm.test_set) == N_TEST
     assert dm.train_set.classes[9] == "truck"
@@ -175,3 +175,45 @@ def test_synthetic_writer_refuses_to_overwrite_real_data(tmp_path: Path) -> None
     shutil.rmtree(root / "cifar-10-batches-py")
     with pytest.raises(ValueError):
         write_synthetic_cifar10(tmp_path, n_train=0)
+
+
+def test_synthetic_auto_uses_cifar10_when_present_and_the_announced_stand_in_otherwise(tmp_path: Path, synthetic_root: Path,
+                                                                                       monkeypatch, capsys) -> None:
+    import datamodules.cifar10 as cifar10
+
+    monkeypatch.setattr(cifar10, "SYNTHETIC_SIZE", {"n_train": 120, "n_test": 30, "seed": 1})
+    # no CIFAR-10 in data_dir: the stand-in is written to <data_dir>/synthetic and a banner says so
+    dm = CIFAR10DataModule(str(tmp_path), synthetic="auto", download=False)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert re.search(r"(?s)={20}.*NOT CIFAR-10 \(no CIFAR-10 in .*synthetic.*={20}", capsys.readouterr().err)
+    assert dm.is_synthetic and dm.folder == tmp_path / "synthetic" / "cifar-10-batches-py"
+    assert len(dm.train_set) == 120 and len(dm.test_set) == 30
+    # what ./run demo wrote there is reused by the same config (the same parameters: nothing rewritten)
+    stamp = (dm.folder / "data_batch_1").stat().st_mtime_ns
+    CIFAR10DataModule(str(tmp_path), synthetic="auto", download=False).prepare_data()
+    assert (dm.folder / "data_batch_1").stat().st_mtime_ns == stamp
+    # CIFAR-10's files in data_dir (here: the stand-in's bytes without its marker, so md5 is checked) win over it
+    real = tmp_path / "real"
+    shutil.copytree(synthetic_root / "cifar-10-batches-py", real / "cifar-10-batches-py")
+    (real / "cifar-10-batches-py" / "SYNTHETIC").unlink()
+    dm = CIFAR10DataModule(str(real), synthetic="auto", download=False)
+    dm.prepare_data()
+    assert dm.folder == real / "cifar-10-batches-py" and not dm.is_synthetic
+    with pytest.raises(RuntimeError, match="md5 integrity check"):  # it is read as CIFAR-10, not as the stand-in
+        dm.setup("fit")
+
+
+def test_synthetic_true_writes_the_stand_in_and_bad_switches_are_refused(tmp_path: Path, monkeypatch) -> None:
+    import datamodules.cifar10 as cifar10
+
+    monkeypatch.setattr(cifar10, "SYNTHETIC_SIZE", {"n_train": 50, "n_test": 20, "seed": 2})
+    dm = _setup(tmp_path, synthetic=True)
+    assert dm.is_synthetic and len(dm.train_set) == 50
+    with pytest.raises(ValueError, match="synthetic must be true, false or 'auto'"):
+        CIFAR10DataModule(str(tmp_path), synthetic="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="cannot be combined with download=True"):
+        CIFAR10DataModule(str(tmp_path), synthetic=True, download=True)
+    # synthetic=False never falls back: the missing data is an error that names the way out
+    with pytest.raises(FileNotFoundError, match="CIFAR-10 not found.*write_synthetic_cifar10"):
+        _setup(tmp_path / "empty", synthetic=False, download=False)

@@ -52,6 +52,7 @@ def test_missing_data_prints_one_clear_message(tmp_path) -> None:
     cmd = [
         sys.executable, "-m", "lightning_btard.cli", "fit", "--config", str(ROOT / "configs" / "demo.yaml"),
         "--trainer.devices=2", f"--data.init_args.data_dir={tmp_path}", "--data.init_args.download=false",
+        "--data.init_args.synthetic=false",
         f"--trainer.default_root_dir={tmp_path}",
     ]
     out = run_command(cmd, timeout=150, env=base_env(), check=False)

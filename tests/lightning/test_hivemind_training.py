@@ -152,10 +152,9 @@ def test_tiny_albert_runs_unchanged_on_independent_peers(tmp_path) -> None:
 
 
 def test_hivemind_backend_needs_one_device_per_process_and_a_group_size() -> None:
-    import pytorch_lightning as pl
-
     from lightning_btard import BTARDStrategy
     from lightning_btard.errors import UserError
+    from lightning_btard.lightning_package import pl
 
     with pytest.raises(UserError, match="needs num_peers"):
         BTARDStrategy(backend="hivemind")

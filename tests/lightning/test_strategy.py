@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from procs import assert_identical, load_run, run_script
-from pytorch_lightning import Trainer
-from pytorch_lightning.strategies import StrategyRegistry
+from procs import assert_identical, base_env, load_run, run_script
 
 from lightning_btard import BTARDStrategy
 from lightning_btard.aggregators import AggregationResult
+from lightning_btard.lightning_package import StrategyRegistry, pl
 
 
 @pytest.mark.timeout(300)
@@ -65,7 +64,7 @@ def test_fp16_mixed_precision_with_grad_scaler(tmp_path) -> None:
 
 def test_registered_name_and_config_errors() -> None:
     assert "btard" in StrategyRegistry and "btard_spawn" in StrategyRegistry
-    trainer = Trainer(accelerator="cpu", devices=2, strategy="btard", logger=False, enable_checkpointing=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="btard", logger=False, enable_checkpointing=False)
     assert isinstance(trainer.strategy, BTARDStrategy)
     assert trainer.strategy.is_distributed and trainer.strategy.num_processes == 2
     with pytest.raises(ValueError, match="tau"):
@@ -161,3 +160,37 @@ def test_the_strategy_pickles_for_spawned_processes() -> None:
     strategy._buffers.get("flat", (4,), torch.float32, torch.device("cpu"))
     copy = pickle.loads(pickle.dumps(strategy))
     assert isinstance(copy, BTARDStrategy) and copy._buffers.buffers == {} and copy.tau == strategy.tau
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("by_name", [False, True], ids=["instance", "by-name"])
+def test_lightning_pytorch_boring_model_under_btard(tmp_path, by_name: bool) -> None:
+    # both Lightning packages are installed here; the script imports lightning.pytorch first, as its docs teach,
+    # and sets nothing: lightning_btard must build on lightning.pytorch (lightning_package.py)
+    env = base_env()
+    env.pop("BTARD_LIGHTNING", None)
+    run_script("lightning_unified.py", [str(tmp_path)] + (["--by-name"] if by_name else []), env=env, timeout=240)
+    params, metrics = load_run(tmp_path, 2)
+    assert_identical(params)
+    for m in metrics:
+        assert m["global_step"] == 5 and m["bans"] == [] and m["lightning_btard_uses"] == "lightning"
+        assert "lightning.pytorch.strategies.strategy.Strategy" in m["strategy_bases"]
+        assert not any(base.startswith("pytorch_lightning.") for base in m["strategy_bases"])
+        assert m["metrics"]["btard/params_in_sync"] == 1.0
+
+
+def test_the_lightning_package_is_chosen_by_the_program_then_by_what_is_installed() -> None:
+    from lightning_btard.lightning_package import choose
+
+    both = lambda name: True  # noqa: E731
+    assert choose({}, {"lightning.pytorch": object()}, both) == "lightning"
+    assert choose({}, {"pytorch_lightning": object()}, both) == "pytorch_lightning"
+    assert choose({}, {}, both) == "pytorch_lightning"  # the package lightning-btard depends on
+    assert choose({}, {}, lambda name: name == "lightning") == "lightning"
+    assert choose({"BTARD_LIGHTNING": "lightning"}, {"pytorch_lightning": object()}, both) == "lightning"
+    with pytest.raises(ValueError, match="expected one of lightning, pytorch_lightning"):
+        choose({"BTARD_LIGHTNING": "lightnin"}, {}, both)
+    with pytest.raises(ModuleNotFoundError, match="not installed"):
+        choose({"BTARD_LIGHTNING": "lightning"}, {}, lambda name: name == "pytorch_lightning")
+    with pytest.raises(ModuleNotFoundError, match="needs Lightning"):
+        choose({}, {}, lambda name: False)

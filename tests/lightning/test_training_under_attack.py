@@ -32,7 +32,7 @@ def fit(tmp: Path, data_dir: Path, aggregator: str, attack: bool) -> tuple[dict[
             "val_check_interval": 50,
             "enable_progress_bar": False,
             "enable_checkpointing": False,
-            "logger": {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": str(tmp), "name": "", "version": ""}},
+            "logger": {"class_path": "CSVLogger", "init_args": {"save_dir": str(tmp), "name": "", "version": ""}},
             "strategy": {"class_path": "lightning_btard.BTARDStrategy", "init_args": {"aggregator": aggregator, "tau": TAU, "start_method": "fork"}},
             "callbacks": (
                 [{"class_path": "lightning_btard.attacks.SignFlipping", "init_args": {"byzantine": [2], "attack_start": ATTACK_START}}]

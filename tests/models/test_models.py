@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from datamodules import CIFAR10DataModule, write_synthetic_cifar10
+from lightning_btard.lightning_package import pl
 from models import ImageClassifier, ResNet18, SmallCNN
 
 QUIET: dict[str, Any] = dict(

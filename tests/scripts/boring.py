@@ -5,11 +5,12 @@ import argparse
 import json
 import os
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.demos.boring_classes import BoringModel
 
 from lightning_btard import BTARDStrategy
+from lightning_btard.lightning_package import pl, pl_module
+
+BoringModel = pl_module("demos.boring_classes").BoringModel
 
 p = argparse.ArgumentParser()
 p.add_argument("out_dir")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import signal
 
-import pytorch_lightning as pl
+from lightning_btard.lightning_package import pl
 
 
 class CrashAt(pl.Callback):

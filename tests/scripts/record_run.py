@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 
-import pytorch_lightning as pl
+from lightning_btard.lightning_package import pl
 import torch
 
 

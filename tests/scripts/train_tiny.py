@@ -8,7 +8,7 @@ import argparse
 import json
 import os
 
-import pytorch_lightning as pl
+from lightning_btard.lightning_package import pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-import pytorch_lightning as pl
+from lightning_btard.lightning_package import pl
 
 from lightning_btard.groups.hivemind_admission import _join_requests
 

@@ -1,0 +1,25 @@
+# CI's third path: the Lightning-facing tests (their fast part) against the oldest Lightning release we claim.
+# pytorch-lightning and lightning of that release are installed once (no dependencies: the rest is the project's
+# virtualenv) into a directory that goes first on PYTHONPATH. Run by scripts/test.sh, inside the project's venv.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+release="${BTARD_OLDEST_LIGHTNING:-2.5.6}"
+dir="$(dirname "$VIRTUAL_ENV")/lightning-$release-$(basename "$VIRTUAL_ENV")"
+(
+  flock 9
+  if [ ! -f "$dir/.complete" ]; then
+    echo "[old-lightning] installing pytorch-lightning and lightning $release into $dir (once)" >&2
+    rm -rf "$dir"
+    pip install -q --no-deps --target "$dir" "pytorch-lightning==$release" "lightning==$release" >&2
+    touch "$dir/.complete"
+  fi
+) 9>"$(dirname "$VIRTUAL_ENV")/.lock"
+export PYTHONPATH="$dir:$here${PYTHONPATH:+:$PYTHONPATH}"
+python - "$release" <<'PY'
+import sys
+import lightning, pytorch_lightning
+assert pytorch_lightning.__version__ == lightning.__version__ == sys.argv[1], (pytorch_lightning.__version__, lightning.__version__)
+print(f"[old-lightning] pytorch_lightning {pytorch_lightning.__version__} and lightning {lightning.__version__} from {pytorch_lightning.__file__}")
+PY
+cd "$here"
+python -m pytest -q -m "not slow" -p no:cacheprovider tests/lightning tests/models tests/datamodules tests/attacks "$@"
