@@ -2,6 +2,7 @@
 
     btard fit --config configs/resnet18_cifar10.yaml
     btard fit --config configs/demo.yaml --trainer.callbacks+=SignFlipping --trainer.callbacks.byzantine=[1,2]
+    btard sweep --config configs/sweeps/paper_resnet18_small.yaml     # a grid of fit runs, a table, figures
 """
 
 from __future__ import annotations
@@ -75,8 +76,13 @@ def packaged_configs(args: list[str]) -> list[str]:
 
 def main(args: Optional[list[str]] = None) -> None:
     """Console entry point. Errors a user can fix print one message and exit with status 2."""
+    args = sys.argv[1:] if args is None else args
     try:
-        BTARDCLI(args=packaged_configs(sys.argv[1:] if args is None else args))
+        if args[:1] == ["sweep"]:  # btard sweep --config configs/sweeps/...: a grid of fit runs (sweep.py)
+            from lightning_btard.sweep import main as sweep
+
+            return sweep(args[1:])
+        BTARDCLI(args=packaged_configs(args))
     except (UserError, FileNotFoundError, MisconfigurationException) as e:
         print(f"btard: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -9,6 +9,7 @@ Tested against Lightning 2.5 (the oldest release claimed, ``LIGHTNING_TESTED``) 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, Optional
@@ -39,6 +40,7 @@ __all__ = [
     "default_store",
     "dump_checkpoint",
     "init_process_group",
+    "load_checkpoint",
     "optimizers_to_device",
     "route_sigterm_broadcast",
     "set_loaded_checkpoint",
@@ -52,6 +54,13 @@ def init_process_group(cluster_environment: Any, backend: str, timeout: timedelt
     if device is not None and device.type != "cpu":
         kwargs["device_id"] = device
     _init_dist_connection(cluster_environment, backend, **kwargs)
+
+
+def load_checkpoint(load: Callable[..., dict[str, Any]], path: Any, weights_only: Optional[bool]) -> dict[str, Any]:
+    """``Strategy.load_checkpoint`` of the base class: Lightning 2.6 added its ``weights_only`` argument, 2.5 has none."""
+    if "weights_only" in inspect.signature(load).parameters:
+        return load(path, weights_only=weights_only)
+    return load(path)
 
 
 def optimizers_to_device(optimizers: Any, device: torch.device) -> None:

@@ -15,7 +15,6 @@ otherwise on a SYNTHETIC stand-in in CIFAR-10's on-disk format, and says so.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import subprocess
@@ -28,6 +27,7 @@ import yaml
 
 from lightning_btard.cli import CONFIGS
 from lightning_btard.extras import require
+from lightning_btard.run_results import read_bans, read_metrics
 
 _CLONE = Path(__file__).resolve().parent.parent
 ROOT = _CLONE if (_CLONE / "pyproject.toml").is_file() else Path.cwd()
@@ -115,26 +115,12 @@ def _worth_showing(line: str) -> bool:
 
 def ban_list(run_dir: Path) -> list[str]:
     """The ban list rank 0 (never an attacker here) saw, from its event file (``protocol/events.py``)."""
-    from lightning_btard.protocol.events import read_events
-
-    bans = [e for path in sorted(run_dir.glob("**/btard_events/rank0.jsonl")) for e in read_events(str(path), "ban")]
-    if not bans and not list(run_dir.glob("**/btard_events/rank0.jsonl")):
+    if not list(run_dir.glob("**/btard_events/rank0.jsonl")):
         return []
+    bans = read_bans(run_dir)
     return [f"BTARD: {len(bans)} peer(s) banned during the run" + (":" if bans else ".")] + [
         f"  step {e['step']:>6}  peer {e['peers'][0]:>3}  {e['reason']} [{e['evidence']}]" for e in bans
     ]
-
-
-def read_metrics(path: Path) -> dict[str, dict[int, float]]:
-    """``metric -> {step: value}`` from a CSVLogger file."""
-    series: dict[str, dict[int, float]] = {}
-    with open(path) as f:
-        for row in csv.DictReader(f):
-            step = int(float(row["step"]))
-            for key, value in row.items():
-                if key != "step" and value not in ("", None):
-                    series.setdefault(key, {})[step] = float(value)
-    return series
 
 
 def plot(curves: dict[str, dict[int, float]], attack_start: int, title: str, path: Path) -> None:

@@ -33,11 +33,12 @@ __all__ = ["Recomputer", "TrainingData"]
 class TrainingData:
     """The pieces of the training loader a validator needs to rebuild anybody's batch."""
 
-    def __init__(self, dataset: VerifiableDataset, batch_size: int, collate_fn: VerifiableCollate) -> None:
-        self.dataset, self.batch_size, self.collate_fn = dataset, batch_size, collate_fn
+    def __init__(self, dataset: VerifiableDataset, batch_size: int, collate_fn: VerifiableCollate,
+                 parts: Optional[Sequence[Sequence[int]]] = None) -> None:
+        self.dataset, self.batch_size, self.collate_fn, self.parts = dataset, batch_size, collate_fn, parts
 
     def batch(self, step: int, peer: int, micro: int) -> Any:
-        return rebuild_batch(self.dataset, self.batch_size, step, peer, micro, self.collate_fn)
+        return rebuild_batch(self.dataset, self.batch_size, step, peer, micro, self.collate_fn, self.parts)
 
 
 @contextlib.contextmanager

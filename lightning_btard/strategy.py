@@ -38,6 +38,7 @@ from lightning_btard.aggregators import Aggregator, resolve_aggregator
 from lightning_btard.attacks.base import AttackContext
 from lightning_btard.attacks.roster import attacks_of, behaviour_of, count_fired, give_colluders_a_channel
 from lightning_btard.collectives import PeerCollectives
+from lightning_btard.data_splits import DataSplit
 from lightning_btard.errors import TrainingDiverged, UserError
 from lightning_btard.event_sinks import attach_run_sinks
 from lightning_btard.extras import require
@@ -71,7 +72,7 @@ from lightning_btard.protocol.mprng import agree_run_seed, draw
 from lightning_btard.protocol.validation import StepRecord, ValidationCheck
 from lightning_btard.transports.base import Transport
 from lightning_btard.verifiable_batches import data_fingerprint
-from lightning_btard.verified_steps import VerifiedSteps
+from lightning_btard.verified_steps import VerifiedSteps, split_loader
 
 __all__ = ["BTARDStrategy"]
 
@@ -89,8 +90,18 @@ class BTARDStrategy(Processes, Joining, PeerCollectives, Leaving, ParallelStrate
 
     Args:
         tau: CenteredClip radius (per part). ``float("inf")`` averages.
-        aggregator: a registered aggregator name (``"centered_clip"``, ``"mean"``) or an object
-            ``(parts [n, d], weights [n] | None) -> AggregationResult``.
+        aggregator: a registered aggregator name (``"centered_clip"``, ``"mean"``, ``"coordinate_median"``,
+            ``"trimmed_mean"``, ``"geometric_median"``, ``"krum"``, ``"multi_krum"``, ``"bucketing"``, ``"nnm"``: see
+            ``aggregators/``) or an object ``(parts [n, d], weights [n] | None) -> AggregationResult``.
+        aggregator_options: the named aggregator's own options, e.g. ``{"f": 3}`` for Krum or
+            ``{"bucket_size": 2, "inner": "coordinate_median"}`` for bucketing (``tau``, ``eps`` and ``max_iters``
+            reach the rules that take them without it).
+        data_split: how the training data is split among the peers: ``None`` (Lightning's sampler, or under ``verify``
+            every peer sampling the whole set), ``"iid"``, or ``{"kind": "dirichlet", "alpha": 0.5}`` /
+            ``{"kind": "shards", "shards_per_peer": 2}`` (label skew; public and seeded, so validators rebuild any
+            peer's batch: ``data_splits.py``).
+        topology: ``"butterfly"`` (every peer aggregates one part) or ``"server"`` (peer 0 aggregates whole vectors
+            and is trusted: the paper's "CenteredClip with a parameter server" baseline; needs ``verify=False``).
         eps: CenteredClip's absolute target residual (0: only the relative target ``5e-7 * ||v||``); the same on the
             verified and the unverified path, and allowed for by the verification's check.
         max_iters: cap on CenteredClip iterations.
@@ -146,6 +157,9 @@ class BTARDStrategy(Processes, Joining, PeerCollectives, Leaving, ParallelStrate
         self,
         tau: float = 1.0,
         aggregator: Union[str, Callable[..., Any]] = "centered_clip",
+        aggregator_options: Optional[dict[str, Any]] = None,
+        topology: Literal["butterfly", "server"] = "butterfly",
+        data_split: Union[str, dict[str, Any], None] = None,
         eps: float = 0.0,
         max_iters: int = 500,
         check_params_every: int = 100,
@@ -218,11 +232,18 @@ class BTARDStrategy(Processes, Joining, PeerCollectives, Leaving, ParallelStrate
                 identity_path=identity_path, rendezvous_timeout=float(rendezvous_timeout), join_every=self.join_every,
             )
         self.tau = float(tau)
-        self.aggregator: Aggregator = resolve_aggregator(aggregator, tau=self.tau, eps=eps, max_iters=max_iters)
+        self.aggregator: Aggregator = resolve_aggregator(aggregator, aggregator_options, tau=self.tau, eps=eps, max_iters=max_iters)
         self.check_params_every = int(check_params_every)
-        self.verify = (aggregator == "centered_clip") if verify is None else bool(verify)
+        if topology not in ("butterfly", "server"):
+            raise UserError(f"topology must be 'butterfly' or 'server', got {topology!r}")
+        self.topology = topology
+        self.data_split = DataSplit.of(data_split)
+        self.verify = (aggregator == "centered_clip" and topology == "butterfly") if verify is None else bool(verify)
         if self.verify and aggregator != "centered_clip":
-            raise UserError("verify=True checks CenteredClip aggregates: use aggregator='centered_clip' (or verify=False)")
+            raise UserError(f"verify=True checks CenteredClip aggregates, not {aggregator!r}: use aggregator='centered_clip' "
+                            "(or verify=False: the other rules run unverified)")
+        if self.verify and topology != "butterfly":
+            raise UserError("topology='server' is the unverified parameter-server baseline: use verify=False")
         self.validators = int(validators) if self.verify else 0
         self.validation_check = ValidationCheck(rtol=float(validation_rtol))
         self.directions = int(directions)
@@ -297,7 +318,7 @@ class BTARDStrategy(Processes, Joining, PeerCollectives, Leaving, ParallelStrate
         self.events.observer = group.peer
         self.engine = PeerEngine(
             group, self.aggregator, verify=self.verify, identity=identity, keys=keys, run_nonce=run_nonce, validators=self.validators,
-            validation_check=self.validation_check, directions=self.directions, on_banned=self._leave,
+            validation_check=self.validation_check, directions=self.directions, topology=self.topology, on_banned=self._leave,
             on_group_change=self._after_group_change, events=self.events,
         )
 
@@ -322,7 +343,7 @@ class BTARDStrategy(Processes, Joining, PeerCollectives, Leaving, ParallelStrate
             self._setup_attacks(trainer)
             compat.route_sigterm_broadcast(trainer, lambda: self._broadcast_sigterm(trainer))
             if self.verify:
-                self._steps = VerifiedSteps(self.run_seed, self.global_rank, self.root_device)
+                self._steps = VerifiedSteps(self.run_seed, self.global_rank, self.root_device, self.data_split, self.world_size)
                 self._steps.setup(trainer, self.lightning_module, self.validators, self.world_size)  # type: ignore[arg-type]
         self.setup_precision_plugin()
         if self._hivemind is not None:
@@ -330,7 +351,9 @@ class BTARDStrategy(Processes, Joining, PeerCollectives, Leaving, ParallelStrate
         if trainer.state.fn == TrainerFn.FITTING:
             compat.optimizers_to_device(self.optimizers, self.root_device)
             self._check_manual_optimization()
-            rank_zero_info(f"BTARD: {self.world_size} peers, aggregator {self.aggregator!r}, transport {self.backend}")
+            how = "verified" if self.verify else "UNVERIFIED (the verification protocol checks CenteredClip on a butterfly only)"
+            where = ", whole vectors at peer 0 (trusted)" if self.topology == "server" else ""
+            rank_zero_info(f"BTARD: {self.world_size} peers, aggregator {self.aggregator!r}{where}, {how}, transport {self.backend}")
             if self._hivemind is not None:
                 print(f"BTARD hivemind: rank {self.global_rank} set up; training", flush=True)
 
@@ -394,10 +417,15 @@ class BTARDStrategy(Processes, Joining, PeerCollectives, Leaving, ParallelStrate
     # ----------------------------------------------------------------- verifiable batches and validation
     @override
     def process_dataloader(self, dataloader: object) -> object:
-        """Under ``verify``, the training dataloader becomes this peer's verifiable batches (``verified_steps.py``)."""
+        """Under ``verify`` or a ``data_split``, the training dataloader becomes this peer's verifiable batches
+        (``verified_steps.py``), from its part of the data when it is split."""
         module = self.lightning_module
-        if self._steps is None or module is None or not module.trainer.training:
+        if module is None or not module.trainer.training:
             return dataloader
+        if self._steps is None:
+            if self.data_split is None:
+                return dataloader
+            return split_loader(dataloader, self.run_seed, self.global_rank, module.trainer, self.data_split, self.world_size)[0]
         loader = self._steps.loader(dataloader, module.trainer)
         if not self._data_agreed and self.engine is not None and not self._catching_up:
             self.engine.agree("training data", data_fingerprint(loader.dataset), _DATA_ADVICE)
@@ -519,7 +547,7 @@ class BTARDStrategy(Processes, Joining, PeerCollectives, Leaving, ParallelStrate
         if self._hivemind is not None and self._hivemind.joined_state is not None:
             rank_zero_warn(f"BTARD: this peer joined a running group and takes its state; ckpt_path={checkpoint_path} is not loaded")
             return self._hivemind.joined_state
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        checkpoint = compat.load_checkpoint(super().load_checkpoint, checkpoint_path, weights_only)
         if self.engine is not None and "btard" in checkpoint:
             rank_zero_info(f"BTARD: resumed with the checkpoint's ban list: {[b['peer'] for b in checkpoint['btard']['bans']]}")
             self.engine.load_state_dict(checkpoint["btard"])

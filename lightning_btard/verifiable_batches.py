@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Callable, NamedTuple, Optional
 
 import numpy as np
@@ -83,13 +83,19 @@ def seeded_step(
     return seeded_rngs(step_seed(run_seed, step, peer, micro), devices)
 
 
-def batch_keys(dataset_len: int, batch_size: int, run_seed: int, step: int, peer: int, micro: int = 0) -> list[SampleKey]:
+def batch_keys(dataset_len: int, batch_size: int, run_seed: int, step: int, peer: int, micro: int = 0,
+               parts: Optional[Sequence[Sequence[int]]] = None) -> list[SampleKey]:
     """The keys of peer ``peer``'s micro-batch ``micro`` at ``step``: ``batch_size`` indices drawn uniformly
-    (with replacement, so that the cost does not grow with the dataset) from a generator seeded by the key."""
+    (with replacement, so that the cost does not grow with the dataset) from a generator seeded by the key, from the
+    whole dataset or, with a split (``data_splits.py``), from the peer's part ``parts[peer % len(parts)]``."""
     if dataset_len < 1:
         raise ValueError("a verifiable batch needs a non-empty dataset")
     gen = torch.Generator().manual_seed(_seed("batch", run_seed, step, peer, micro))
-    indices = torch.randint(dataset_len, (batch_size,), generator=gen).tolist()
+    if parts is None:
+        indices = torch.randint(dataset_len, (batch_size,), generator=gen).tolist()
+    else:
+        own = parts[peer % len(parts)]
+        indices = [int(own[i]) for i in torch.randint(len(own), (batch_size,), generator=gen).tolist()]
     return [SampleKey(step, peer, micro, pos, idx) for pos, idx in enumerate(indices)]
 
 
@@ -110,6 +116,7 @@ class VerifiableBatchSampler(Sampler[list[SampleKey]]):
         accumulate: int = 1,
         batches_per_epoch: Optional[int] = None,
         step_source: Optional[Callable[[], int]] = None,
+        parts: Optional[Sequence[Sequence[int]]] = None,
     ) -> None:
         if batch_size < 1 or accumulate < 1:
             raise ValueError("batch_size and accumulate must be >= 1")
@@ -117,6 +124,7 @@ class VerifiableBatchSampler(Sampler[list[SampleKey]]):
         self.accumulate = accumulate
         self.batches_per_epoch = batches_per_epoch or max(1, dataset_len // batch_size)
         self.step_source = step_source
+        self.parts = parts
         self._next_step = 0
 
     def __len__(self) -> int:
@@ -126,7 +134,8 @@ class VerifiableBatchSampler(Sampler[list[SampleKey]]):
         start = self.step_source() if self.step_source is not None else self._next_step
         self._next_step = start + -(-self.batches_per_epoch // self.accumulate)
         for b in range(self.batches_per_epoch):
-            yield batch_keys(self.dataset_len, self.batch_size, self.run_seed, start + b // self.accumulate, self.peer, b % self.accumulate)
+            yield batch_keys(self.dataset_len, self.batch_size, self.run_seed, start + b // self.accumulate, self.peer,
+                             b % self.accumulate, self.parts)
 
 
 class VerifiableDataset(Dataset):
@@ -163,10 +172,12 @@ class VerifiableCollate:
 
 
 def verifiable_loader(
-    dataloader: DataLoader, run_seed: int, peer: int, accumulate: int, step_source: Callable[[], int]
+    dataloader: DataLoader, run_seed: int, peer: int, accumulate: int, step_source: Callable[[], int],
+    parts: Optional[Sequence[Sequence[int]]] = None,
 ) -> DataLoader:
     """A ``DataLoader`` over the same dataset, batch size, collate function and workers as ``dataloader``, whose
-    batches are peer ``peer``'s verifiable batches (as many per epoch as ``dataloader`` has)."""
+    batches are peer ``peer``'s verifiable batches (as many per epoch as ``dataloader`` has), drawn from its part of
+    ``parts`` when the data is split (``data_splits.py``)."""
     if not isinstance(dataloader, DataLoader):
         raise TypeError(
             f"verify=True needs its training data as a torch DataLoader over a map-style dataset, got {type(dataloader).__name__}"
@@ -176,7 +187,8 @@ def verifiable_loader(
     if not batch_size:
         raise TypeError("verify=True needs a training DataLoader with a batch_size (a custom batch_sampler cannot be rebuilt)")
     sampler = VerifiableBatchSampler(
-        len(dataset), batch_size, peer, run_seed, accumulate, batches_per_epoch=len(dataloader), step_source=step_source
+        len(dataset), batch_size, peer, run_seed, accumulate, batches_per_epoch=len(dataloader), step_source=step_source,
+        parts=parts,
     )
     return DataLoader(
         dataset,
@@ -199,12 +211,14 @@ def rebuild_batch(
     peer: int,
     micro: int = 0,
     collate_fn: Optional[Callable[[list[Any]], Any]] = None,
+    parts: Optional[Sequence[Sequence[int]]] = None,
 ) -> Any:
     """Peer ``peer``'s micro-batch ``micro`` of ``step``, rebuilt from the dataset alone (what a validator does).
-    ``collate_fn`` is the training loader's (a :class:`VerifiableCollate` or the function it wraps)."""
+    ``collate_fn`` is the training loader's (a :class:`VerifiableCollate` or the function it wraps); ``parts`` the
+    split, if any."""
     if not isinstance(collate_fn, VerifiableCollate):
         collate_fn = VerifiableCollate(collate_fn, dataset.run_seed)
-    keys = batch_keys(len(dataset), batch_size, dataset.run_seed, step, peer, micro)
+    keys = batch_keys(len(dataset), batch_size, dataset.run_seed, step, peer, micro, parts)
     return collate_fn([dataset[k] for k in keys])
 
 

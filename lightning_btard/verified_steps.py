@@ -11,12 +11,13 @@ after it. Which peer validates whom is the engine's (:meth:`PeerEngine.begin_ste
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import Tensor
 
+from lightning_btard.data_splits import DataSplit, dataset_labels
 from lightning_btard.errors import UserError
 from lightning_btard.lightning_package import rank_zero_warn
 from lightning_btard.ops.partition import trainable_params
@@ -36,8 +37,10 @@ __all__ = ["VerifiedSteps"]
 class VerifiedSteps:
     """One peer's verified steps: its micro-batch counter, and (with validators) the kept parameters and the fast path."""
 
-    def __init__(self, run_seed: int, peer: int, device: torch.device) -> None:
+    def __init__(self, run_seed: int, peer: int, device: torch.device, split: Optional[DataSplit] = None, peers: int = 1) -> None:
         self.run_seed, self.peer, self.device = run_seed, peer, device
+        self.split, self.peers = split, peers
+        """How the training data is split among the ``peers`` initial peers (``data_splits.py``), if it is."""
         self.recomputer: Optional[Recomputer] = None
         self.fast_path = False
         """This step's own gradient is the validator's recomputation (no accumulation)."""
@@ -65,13 +68,9 @@ class VerifiedSteps:
 
     def loader(self, dataloader: Any, trainer: "pl.Trainer") -> Any:
         """The training dataloader as this peer's verifiable batches."""
-        try:
-            loader = verifiable_loader(dataloader, self.run_seed, self.peer, trainer.accumulate_grad_batches,
-                                       lambda: trainer.global_step)
-        except TypeError as err:
-            raise UserError(f"BTARDStrategy(verify=True): {err}") from err
+        loader, parts = split_loader(dataloader, self.run_seed, self.peer, trainer, self.split, self.peers)
         if self.recomputer is not None:
-            self.recomputer.data = TrainingData(loader.dataset, loader.batch_sampler.batch_size, loader.collate_fn)  # type: ignore[union-attr, arg-type]
+            self.recomputer.data = TrainingData(loader.dataset, loader.batch_sampler.batch_size, loader.collate_fn, parts)  # type: ignore[union-attr, arg-type]
         return loader
 
     def training_step(self, run: Callable[..., Any], module: "pl.LightningModule", engine: "PeerEngine",
@@ -133,3 +132,19 @@ class VerifiedSteps:
             module, params, record.step, peer, record.batch_idx, step_context, micro_batches=record.micro_batches,
             scale=record.grad_scale, out=self._buffers.get("recomputed", (numel,), torch.float32, self.device),
         )
+
+
+def split_loader(dataloader: Any, run_seed: int, peer: int, trainer: "pl.Trainer", split: Optional[DataSplit],
+                 peers: int) -> tuple[Any, Optional[list[Any]]]:
+    """This peer's verifiable batches, from its part of the data when it is split; and the split's parts."""
+    parts = None
+    if split is not None:
+        if not isinstance(getattr(dataloader, "dataset", None), Sized):
+            raise UserError("data_split needs a training DataLoader over a map-style dataset")
+        parts = split.parts(dataset_labels(dataloader.dataset), peers)
+    try:
+        loader = verifiable_loader(dataloader, run_seed, peer, trainer.accumulate_grad_batches, lambda: trainer.global_step,
+                                   parts=parts)
+    except TypeError as err:
+        raise UserError(f"BTARDStrategy(verify=True or data_split): {err}") from err
+    return loader, parts

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import nn
 
 from models.classifier import ImageClassifier
@@ -27,6 +29,7 @@ class SmallCNN(ImageClassifier):
         nesterov: bool = True,
         weight_decay: float = 5e-4,
         cosine_schedule: bool = True,
+        schedule_steps: Optional[int] = None,
         width: int = 16,
     ) -> None:
         if width < 1:
@@ -38,6 +41,7 @@ class SmallCNN(ImageClassifier):
             nesterov=nesterov,
             weight_decay=weight_decay,
             cosine_schedule=cosine_schedule,
+            schedule_steps=schedule_steps,
         )
 
     def build_network(self) -> nn.Module:

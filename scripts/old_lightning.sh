@@ -1,4 +1,4 @@
-# CI's third path: the Lightning-facing tests (their fast part) against the oldest Lightning release we claim.
+# CI's third path: the fast Lightning-facing tests against the oldest Lightning release we claim.
 # pytorch-lightning and lightning of that release are installed once (no dependencies: the rest is the project's
 # virtualenv) into a directory that goes first on PYTHONPATH. Run by scripts/test.sh, inside the project's venv.
 set -euo pipefail
@@ -22,4 +22,7 @@ assert pytorch_lightning.__version__ == lightning.__version__ == sys.argv[1], (p
 print(f"[old-lightning] pytorch_lightning {pytorch_lightning.__version__} and lightning {lightning.__version__} from {pytorch_lightning.__file__}")
 PY
 cd "$here"
-python -m pytest -q -m "not slow" -p no:cacheprovider tests/lightning tests/models tests/datamodules tests/attacks "$@"
+# the strategy's life cycle under both Lightning packages (fit with each launcher, checkpoints and resume, precision,
+# manual optimization, sync_dist, lightning.pytorch), the CLI and the bundled modules: not the protocol (Lightning-free)
+python -m pytest -q -m "not slow" -p no:cacheprovider tests/lightning/test_strategy.py tests/lightning/test_cli.py \
+  tests/models/test_models.py tests/datamodules/test_cifar10_datamodule.py "$@"

@@ -6,14 +6,16 @@ new rule (median, trimmed mean, Krum, ...) is one new file and no change to the 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol, Union, runtime_checkable
+from typing import Any, Callable, Optional, Protocol, Union, runtime_checkable
 
 from torch import Tensor
 
 from lightning_btard.errors import UserError
 
-__all__ = ["AggregationResult", "Aggregator", "AGGREGATORS", "register_aggregator", "resolve_aggregator", "STAT_KEYS"]
+__all__ = ["AggregationResult", "Aggregator", "AGGREGATORS", "NO_STATS", "register_aggregator", "resolve_aggregator", "STAT_KEYS",
+           "used_rows"]
 
 STAT_KEYS = ("clipped", "iterations", "residual")
 """Statistics every aggregator reports (0 where a rule has no such notion), in this order."""
@@ -47,14 +49,43 @@ def register_aggregator(name: str) -> Callable[[type], type]:
     return wrap
 
 
-def resolve_aggregator(spec: Union[str, Aggregator], **options: float) -> Aggregator:
-    """An aggregator from a registered name (built with those ``options`` it accepts) or an object as is."""
+def resolve_aggregator(spec: Union[str, Aggregator], own: Optional[Mapping[str, Any]] = None, **common: Any) -> Aggregator:
+    """An aggregator from a registered name or an object as is.
+
+    A name is built with ``own`` (its own options, e.g. ``{"f": 3}`` for Krum: an option it does not accept is an
+    error naming those it does) and with those of the ``common`` options (the strategy's ``tau``, ``eps``,
+    ``max_iters``) it accepts; ``own`` wins where both give one.
+    """
+    own = dict(own or {})
     if isinstance(spec, str):
         if spec not in AGGREGATORS:
             raise UserError(f"unknown aggregator {spec!r}; registered: {sorted(AGGREGATORS)}")
         cls = AGGREGATORS[spec]
-        accepted = getattr(cls, "options", ())
-        return cls(**{k: v for k, v in options.items() if k in accepted})
+        accepted = tuple(getattr(cls, "options", ()))
+        unknown = sorted(set(own) - set(accepted))
+        if unknown:
+            raise UserError(f"aggregator {spec!r} has no option(s) {unknown}; its options: {list(accepted) or 'none'}")
+        return cls(**{**{k: v for k, v in common.items() if k in accepted}, **own})
+    if own:
+        raise UserError("aggregator_options apply to an aggregator given by name; an object comes configured")
     if not callable(spec):
         raise TypeError(f"aggregator must be a registered name or a callable (parts, weights) -> AggregationResult, got {spec!r}")
     return spec
+
+
+def used_rows(parts: Tensor, weights: Optional[Tensor]) -> Tensor:
+    """The rows a rule aggregates: all, or those whose weight is positive. Weights here are a mask (0 leaves a row
+    out: an abstaining or malformed peer); rules that are not weighted means refuse other weights."""
+    if weights is None:
+        return parts
+    w = weights.to(parts.device)
+    if not bool(((w == 0) | (w == 1)).all()):
+        raise UserError("this aggregator takes weights as a 0/1 mask of the rows to use")
+    rows = parts[w > 0]
+    if rows.shape[0] == 0:
+        raise ValueError("no rows to aggregate (every weight is 0)")
+    return rows
+
+
+NO_STATS: dict[str, float] = {"clipped": 0.0, "iterations": 0.0, "residual": 0.0}
+"""The statistics of a rule that has none of :data:`STAT_KEYS`."""

@@ -1,4 +1,5 @@
-"""Simulated Byzantine peers, each a Lightning Callback: gradient attacks and label flipping."""
+"""Simulated Byzantine peers, each a Lightning Callback: gradient attacks (some omniscient: IPM and ALIE with
+``omniscient=True``, MinMax, MinSum, Mimic), label flipping, and attacks on the verification protocol."""
 
 from lightning_btard.attacks.a_little_is_enough import ALittleIsEnough
 from lightning_btard.attacks.base import Attack, AttackContext, ProtocolAttack
@@ -9,6 +10,8 @@ from lightning_btard.attacks.inner_product_manipulation import InnerProductManip
 from lightning_btard.attacks.label_flipping import LabelFlipping
 from lightning_btard.attacks.lying_numbers import LyingNumbers
 from lightning_btard.attacks.malformed_part import MalformedPart
+from lightning_btard.attacks.mimic import Mimic
+from lightning_btard.attacks.min_max import MinMax, MinSum
 from lightning_btard.attacks.random_direction import RandomDirection
 from lightning_btard.attacks.sign_flipping import SignFlipping
 from lightning_btard.attacks.uncommitted_part import UncommittedPart
@@ -30,6 +33,9 @@ __all__ = [
     "FalseAccusation",
     "LyingNumbers",
     "MalformedPart",
+    "Mimic",
+    "MinMax",
+    "MinSum",
     "UncommittedPart",
     "WithheldReveal",
     "Withholding",

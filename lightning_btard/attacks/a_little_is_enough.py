@@ -33,7 +33,8 @@ def alie_z_max(n: int, f: int) -> float:
 
 
 class ALittleIsEnough(Attack):
-    """Every attacker sends ``mu - z * sigma``: the colluders' coordinate-wise mean and standard deviation.
+    """Every attacker sends ``mu - z * sigma``: the coordinate-wise mean and standard deviation of the colluders'
+    honest gradients, or with ``omniscient=True`` of the honest peers' gradients of the step (the paper's setting).
 
     ``sigma`` is the unbiased (Bessel-corrected) standard deviation over the colluders, as in the
     paper's code; with a single colluder it is 0. With ``z=None`` the paper's ``z_max`` is
@@ -41,6 +42,7 @@ class ALittleIsEnough(Attack):
 
     Args:
         z: how many standard deviations to shift by (``None``: the paper's ``z_max``).
+        omniscient: use the honest peers' gradients (``attacks/base.py``: how the simulation knows them).
     """
 
     colluding: ClassVar[bool] = True
@@ -49,16 +51,20 @@ class ALittleIsEnough(Attack):
         self,
         byzantine: Sequence[int],
         z: Optional[float] = None,
+        omniscient: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(byzantine, **kwargs)
         self.z = None if z is None else float(z)
+        self.omniscient = bool(omniscient)
 
     def attack_gradient(self, gradient: Tensor, ctx: AttackContext) -> Tensor:
-        peers = self.colluders_gradients
+        peers = self.honest_gradients if self.omniscient else self.colluders_gradients
+        assert peers is not None and self.colluders_gradients is not None
         if peers.dtype.itemsize < 4:
             peers = peers.to(torch.float32)
         k = peers.shape[0]
-        z = self.z if self.z is not None else alie_z_max(ctx.world_size, k)
+        f = self.colluders_gradients.shape[0]  # the attackers taking part
+        z = self.z if self.z is not None else alie_z_max(ctx.world_size, f)
         sigma, mu = torch.std_mean(peers, dim=0, correction=1 if k > 1 else 0)
         return mu.sub_(sigma, alpha=z).to(gradient.dtype).view_as(gradient)

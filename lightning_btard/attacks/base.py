@@ -6,6 +6,12 @@ flat gradient is aggregated (not in ``on_after_backward``, which fires once per 
 gradient accumulation); attacks on the data use the ordinary Callback hooks. ``ban_prob`` is the
 released BTARD code's cheap detection *simulation*: after each attack the attacker is caught with
 this probability and from then on behaves honestly (as if replaced by an honest peer).
+
+Knowledge: a plain attack knows its own gradient; a ``colluding`` one also its fellow attackers' (a channel among
+them); an ``omniscient`` one every peer's gradient of the step. A real attacker gets the latter by recomputing
+each honest peer's gradient from its verifiable batch (every peer can: ``verifiable_batches.py``); the simulation
+hands them over instead, over a channel of all the step's peers that the honest peers' code joins for that purpose
+only (an all-gather per attacked step, not a protocol message).
 """
 
 from __future__ import annotations
@@ -57,6 +63,8 @@ class Attack(pl.Callback):
 
     colluding: ClassVar[bool] = False
     """Whether the attackers exchange their honest gradients among themselves (set up by the strategy)."""
+    omniscient: bool = False
+    """Whether the attackers know every peer's honest gradient of the step (:attr:`honest_gradients`)."""
 
     def __init__(
         self,
@@ -81,6 +89,10 @@ class Attack(pl.Callback):
         self.collusion: Optional["Transport"] = None
         self.colluders_gradients: Optional[Tensor] = None
         """``[k, d]``: the k colluders' honest gradients of the current step (colluding attacks only)."""
+        self.honest_gradients: Optional[Tensor] = None
+        """``[h, d]``: the honest peers' gradients of the current step (omniscient attacks only)."""
+        self.members: list[int] = []
+        """The peers of the step, in the collusion channel's order (set by the strategy)."""
         self._coin: Optional[random.Random] = None
 
     @property
@@ -97,9 +109,11 @@ class Attack(pl.Callback):
 
     def on_before_aggregate(self, gradient: Tensor, ctx: AttackContext) -> Tensor:
         """Called by the strategy on every peer, once per step; returns the gradient this peer sends."""
+        if self.omniscient and self.scheduled(ctx.step):  # the same decision on every peer
+            self._learn_every_gradient(gradient)  # a collective of every peer of the step
         if ctx.rank not in self.byzantine or not self.scheduled(ctx.step):
             return gradient
-        if self.colluding:
+        if self.colluding and not self.omniscient:
             if self.collusion is None:
                 raise RuntimeError(f"{self.name} is a colluding attack but the strategy gave it no collusion channel")
             k, d = self.collusion.world_size, gradient.numel()
@@ -110,6 +124,17 @@ class Attack(pl.Callback):
         out = self.attack_gradient(gradient, ctx)
         self._record(ctx)
         return out
+
+    def _learn_every_gradient(self, gradient: Tensor) -> None:
+        if self.collusion is None:
+            raise RuntimeError(f"{self.name} is omniscient but the strategy gave it no channel of all peers")
+        n, d = self.collusion.world_size, gradient.numel()
+        every = self.collusion.gather_parts(gradient.reshape(-1), [d] * n).view(n, d)
+        members = self.members or list(range(n))
+        byz = [m for m, peer in enumerate(members) if peer in self.byzantine]
+        honest = [m for m, peer in enumerate(members) if peer not in self.byzantine]
+        self.honest_gradients = every[honest]
+        self.colluders_gradients = every[byz]
 
     def behaviour(self, ctx: AttackContext) -> Optional["Behaviour"]:
         """This peer's conduct in a verified round when the attack fires (protocol attacks), else ``None``."""

@@ -34,10 +34,13 @@ def behaviour_of(attacks: Sequence[Attack], ctx: AttackContext) -> "Behaviour":
 
 
 def give_colluders_a_channel(attacks: Sequence[Attack], transport: "Transport", active: Sequence[int]) -> None:
-    """A transport among the active Byzantine peers of each colluding attack (a collective: every member calls it)."""
+    """A transport among the active Byzantine peers of each colluding attack, or of all the active peers for an
+    omniscient one (a collective: every member calls it)."""
     for attack in attacks:
         colluders = [m for m, peer in enumerate(active) if peer in attack.byzantine]
-        if attack.colluding and colluders:
+        if attack.omniscient:
+            attack.collusion, attack.members = transport, list(active)
+        elif attack.colluding and colluders:
             attack.collusion = transport.subgroup(colluders)
 
 

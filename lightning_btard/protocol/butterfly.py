@@ -5,6 +5,10 @@ aggregator of part ``j``); peer ``j`` aggregates the ``n`` copies of its part (C
 aggregator); every peer gathers all aggregated parts. Each peer sends ``(n-1)/n`` of its gradient
 and receives the same amount back, like a ring all-reduce. The aggregators' statistics travel with
 the parts, so every peer learns every part's statistics without another collective.
+
+``topology="server"`` is the parameter-server baseline on the same two collectives: part 0 is the whole vector
+and the others are empty, so peer 0 aggregates everybody's whole gradient and sends the result to all (the
+paper's "CenteredClip with a parameter server"; peer 0 is trusted: nothing checks it).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from lightning_btard.ops.finite import all_finite, finite_rows
 from lightning_btard.ops.partition import part_sizes
 from lightning_btard.transports.base import Transport
 
-__all__ = ["ButterflyStats", "ROUND_STAT_KEYS", "butterfly_aggregate"]
+__all__ = ["ButterflyStats", "ROUND_STAT_KEYS", "TOPOLOGIES", "butterfly_aggregate"]
 
 ROUND_STAT_KEYS = STAT_KEYS + ("malformed",)
 """Per-part statistics of a round: the aggregator's, and how many parts were malformed (non-finite)."""
@@ -84,23 +88,33 @@ def _aggregate_finite(
     return aggregator(received, weights), malformed
 
 
+TOPOLOGIES = ("butterfly", "server")
+
+
 def butterfly_aggregate(
     flat: Tensor,
     transport: Transport,
     aggregator: Aggregator,
     weights: Optional[Tensor] = None,
     out: Optional[Tensor] = None,
+    topology: str = "butterfly",
 ) -> tuple[Tensor, ButterflyStats]:
     """Aggregate every peer's ``flat`` (same size everywhere) part by part; returns the aggregate and stats.
 
     ``out`` (may be ``flat`` itself: it is no longer read once the parts are sent) receives the aggregate.
+    ``topology="server"``: peer 0 aggregates whole vectors (module docstring).
     """
     n, me = transport.world_size, transport.rank
-    sizes = part_sizes(flat.numel(), n)
+    if topology not in TOPOLOGIES:
+        raise ValueError(f"topology must be one of {TOPOLOGIES}, got {topology!r}")
+    sizes = part_sizes(flat.numel(), n) if topology == "butterfly" else [flat.numel()] + [0] * (n - 1)
     t0 = time.perf_counter()
     received = transport.scatter_parts(flat, sizes)
     t1 = time.perf_counter()
-    result, malformed = _aggregate_finite(received, aggregator, weights)
+    if sizes[me]:
+        result, malformed = _aggregate_finite(received, aggregator, weights)
+    else:  # nothing to aggregate here (the server topology's other peers)
+        result, malformed = AggregationResult(received[0], {k: 0.0 for k in STAT_KEYS}), 0
     values = [result.stats[k] for k in STAT_KEYS] + [float(malformed)]
     stats = torch.tensor(values, dtype=torch.float64, device=flat.device)
     t2 = time.perf_counter()

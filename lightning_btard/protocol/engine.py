@@ -120,13 +120,16 @@ class PeerEngine:
         validators: int = 0,
         validation_check: ValidationCheck = ValidationCheck(),
         directions: int = 2,
+        topology: str = "butterfly",
         on_banned: Callable[[Ban], None] = lambda ban: None,
         on_group_change: Callable[[], None] = lambda: None,
         events: Optional[EventLog] = None,
     ) -> None:
         if verify and identity is None:
             raise ValueError("a verified engine needs this peer's identity and every peer's key")
-        self.group, self.aggregator, self.verify = group, aggregator, bool(verify)
+        if verify and topology != "butterfly":
+            raise ValueError("the verified round is a butterfly: topology='server' needs verify=False")
+        self.group, self.aggregator, self.verify, self.topology = group, aggregator, bool(verify), topology
         self.identity, self.keys = identity, list(keys)
         self.run_nonce = run_nonce or digest("run", *self.keys)
         """Unique to the run (its peers' fresh keys): bound into every signature, with the attempt."""
@@ -245,7 +248,8 @@ class PeerEngine:
             out = self._work.get("aggregate", (sent.numel(),), sent.dtype, sent.device) if self.group.recoverable else sent
             active = self.membership.active
             weights = torch.tensor([0.0 if p in abstaining else 1.0 for p in active]) if abstaining else None
-            aggregate, stats = butterfly_aggregate(sent, self.transport, self.aggregator, weights=weights, out=out)
+            aggregate, stats = butterfly_aggregate(sent, self.transport, self.aggregator, weights=weights, out=out,
+                                                   topology=self.topology)
             self.metrics = self._unverified_metrics(stats)
         if self.metrics:
             self.metrics["abstained"] = float(len(abstaining))

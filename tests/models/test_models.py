@@ -83,6 +83,15 @@ def test_optimizer_is_nesterov_sgd_with_per_step_cosine() -> None:
     expected = [0.01 * (1 + math.cos(math.pi * k / 6)) / 2 for k in range(6)]
     assert lrs == pytest.approx(expected)
 
+    # schedule_steps: the recipe's length, not the run's: stopping early keeps the recipe's learning rates
+    lrs.clear()
+    trainer = pl.Trainer(max_steps=4, callbacks=[RecordLR()], **QUIET)
+    trainer.fit(SmallCNN(schedule_steps=100), train_dataloaders=_random_loader(n=8, batch_size=4))
+    assert trainer.lr_scheduler_configs[0].scheduler.T_max == 100
+    assert lrs == pytest.approx([0.01 * (1 + math.cos(math.pi * k / 100)) / 2 for k in range(4)])
+    with pytest.raises(ValueError, match="schedule_steps must be >= 1"):
+        SmallCNN(schedule_steps=0)
+
     plain = SmallCNN(cosine_schedule=False, lr=0.1, nesterov=False)
     trainer = pl.Trainer(max_steps=2, **QUIET)
     trainer.fit(plain, train_dataloaders=_random_loader())

@@ -334,13 +334,14 @@ def test_a_ban_that_leaves_only_validators_does_not_validate_their_stand_ins() -
     """Found in a hivemind run (4 peers, 2 validators; a crash, then a ban left peers 0 and 1, both validators of that
     step): their vectors that step were recomputations of their targets' gradients (the fast path), counted with weight
     1 because nobody else was left; the next step validated them as their own gradients and banned an honest peer.
-    Stand-ins are never validation targets, whatever weight they were given."""
-    peers = run(make_peers(3, validators=2, lie={2: lambda step, g: -g if step >= 1 else g}), 8)
+    Stand-ins are never validation targets, whatever weight they were given. (The draws are random: peer 2 contributes,
+    and so can be caught, in about a third of the steps; over 23 lying steps it escapes with probability < 1e-4.)"""
+    peers = run(make_peers(3, validators=2, lie={2: lambda step, g: -g if step >= 1 else g}), 24)
     honest = [p for p in peers if p.engine.me != 2]
     for p in honest:
         assert [b.peer for b in p.engine.membership.bans] == [2], p.engine.membership.bans
         assert not p.engine.left
-    assert_same(honest, 7)
+    assert_same(honest, 23)
 
 
 def test_a_peer_that_falls_silent_to_escape_its_validation_is_judged_in_the_new_group() -> None:

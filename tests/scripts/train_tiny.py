@@ -36,6 +36,9 @@ p.add_argument("--byzantine", type=int, nargs="*", default=[])
 p.add_argument("--attack-start", type=int, default=0)
 p.add_argument("--attack-args", default="{}", help="JSON of the attack's own arguments")
 p.add_argument("--validators", type=int, default=1)
+p.add_argument("--data-split", default="null", help="JSON of BTARDStrategy's data_split")
+p.add_argument("--topology", default="butterfly")
+p.add_argument("--aggregator-options", default="{}", help="JSON of BTARDStrategy's aggregator_options")
 p.add_argument("--dropout", type=float, default=0.0)
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--iterable", action="store_true", help="serve the training data from an IterableDataset")
@@ -113,7 +116,8 @@ if __name__ == "__main__":
     if args.strategy == "btard":
         strategy = BTARDStrategy(
             tau=args.tau, aggregator=args.aggregator, check_params_every=args.check_every, verify=args.verify,
-            validators=args.validators, start_method=args.start_method,
+            validators=args.validators, start_method=args.start_method, data_split=json.loads(args.data_split),
+            topology=args.topology, aggregator_options=json.loads(args.aggregator_options),
         )
     else:
         strategy = args.strategy.replace("ddp", "ddp_fork", 1) if args.start_method == "fork" else args.strategy
