@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import struct
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,7 @@ def _s(text: str) -> _Py2Str:
 
 
 def _dump(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")  # writers side by side (a sweep's cells)
     with open(tmp, "wb") as f:
         _Py2Pickler(f, protocol=2).dump(obj)
     os.replace(tmp, path)

@@ -1,5 +1,5 @@
 # CI's second path: the package as `pip install` gives it, NOT the lock. Run by scripts/test.sh after pytest.
-#   1. a clean virtualenv with plain `pip install ".[all]"`: the demo config (10 steps) and the tiny ALBERT config
+#   1. a clean virtualenv with plain `pip install ".[all]"`: the demo config (10 steps, 4 peers) and the tiny ALBERT config
 #      (6 steps, 2 peers) train offline, from a directory outside the clone, with the configs shipped in the package;
 #   2. a clean virtualenv with `pip install .` (the core): the core imports and trains nothing optional, and the
 #      ALBERT model, the hivemind backend and the demo's datamodule each fail with one message naming their extra.
@@ -33,8 +33,8 @@ cd "$work"   # outside the clone: everything comes from the installed package
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline PYTHONWARNINGS=ignore
 
 all="$(clean_venv all "[all]")"
-echo "[install-check] [all]: btard fit --config configs/demo.yaml --trainer.max_steps=10" >&2
-"$all/bin/btard" fit --config configs/demo.yaml --trainer.max_steps=10 --trainer.enable_progress_bar=false > demo.log 2>&1 \
+echo "[install-check] [all]: btard fit --config configs/demo.yaml --trainer.max_steps=10 --trainer.devices=4" >&2
+"$all/bin/btard" fit --config configs/demo.yaml --trainer.max_steps=10 --trainer.devices=4 --trainer.enable_progress_bar=false > demo.log 2>&1 \
   || { tail -30 demo.log; echo "install-check: the demo config failed in the [all] install" >&2; exit 1; }
 grep -q "SYNTHETIC STAND-IN DATA, NOT CIFAR-10" demo.log || { tail -30 demo.log; echo "install-check: no synthetic-data banner" >&2; exit 1; }
 echo "[install-check] [all]: btard fit --config configs/albert_tiny.yaml --trainer.max_steps=6 --trainer.devices=2" >&2
