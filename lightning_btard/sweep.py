@@ -209,8 +209,9 @@ def draw(sweep: Sweep, results: list[Result], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     axes = list(sweep.axes)
-    row_labels = list(sweep.axes[axes[0]])
-    line_labels = list(sweep.axes[axes[1]]) if len(axes) > 1 else [""]
+    ran = [r.labels for r in results]  # the cells of this invocation (--only may select some)
+    row_labels = [label for label in sweep.axes[axes[0]] if any(c[axes[0]] == label for c in ran)]
+    line_labels = [label for label in sweep.axes[axes[1]] if any(c[axes[1]] == label for c in ran)] if len(axes) > 1 else [""]
     curves = _mean_curves(sweep, out, results)
     cols = min(3, len(row_labels))
     nrows = math.ceil(len(row_labels) / cols)
@@ -267,7 +268,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--config", required=True, help="the sweep's YAML (configs/sweeps/...)")
     p.add_argument("--jobs", type=int, default=1, help="cells run at once (each is a multi-process training)")
     p.add_argument("--out", type=Path, default=None, help="where cells, the table and the figures go (default runs/sweeps/<name>)")
-    p.add_argument("--only", default=None, help="run only the cells whose name contains this")
+    p.add_argument("--only", default=None, help="run only the cells whose name contains one of these (comma-separated)")
     p.add_argument("--cell-timeout", type=float, default=None, help="seconds after which a cell is stopped (a failed cell)")
     args = p.parse_args(argv)
     config = Path(packaged_configs(["--config", args.config])[1])
@@ -277,7 +278,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise UserError(f"cannot read the sweep config {args.config}: {e}") from e
     out = args.out or Path("runs") / "sweeps" / sweep.name
     out.mkdir(parents=True, exist_ok=True)
-    cells = [c for c in sweep.cells() if args.only is None or args.only in c.name]
+    only = [part for part in (args.only or "").split(",") if part]
+    cells = [c for c in sweep.cells() if not only or any(part in c.name for part in only)]
     print(f"[sweep] {sweep.name}: {len(cells)} cells over {' x '.join(f'{a} ({len(v)})' for a, v in sweep.axes.items())}, "
           f"{args.jobs} at a time; results in {out}", flush=True)
     start = time.time()
