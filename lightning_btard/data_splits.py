@@ -94,5 +94,9 @@ def dataset_labels(dataset: Any) -> np.ndarray:
         if values is not None:
             labels = np.asarray(values, dtype=np.int64)
             return labels if indices is None else labels[np.asarray(indices)]
-    labels = np.asarray([int(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)
+    try:
+        labels = np.asarray([int(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)
+    except (TypeError, KeyError, IndexError, ValueError) as e:
+        raise UserError(f"data_split needs the training samples' labels: a `targets` or `labels` attribute of the dataset, "
+                        f"or (input, label) samples; {type(dataset).__name__} has neither ({type(e).__name__}: {e})") from e
     return labels if indices is None else labels[np.asarray(indices)]

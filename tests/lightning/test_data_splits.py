@@ -76,3 +76,5 @@ def test_labels_are_read_through_subsets_and_bad_specs_refused() -> None:
         DataSplit.of({"kind": "dirichlet", "beta": 1})
     with pytest.raises(UserError, match="alpha > 0"):
         DataSplit("dirichlet", alpha=0.0)
+    with pytest.raises(UserError, match="needs the training samples' labels"):  # e.g. ALBERT's dict samples
+        dataset_labels([{"input_ids": torch.zeros(3)}] * 4)
