@@ -157,9 +157,6 @@ class BTARDStrategy(Processes, Joining, PeerCollectives, Leaving, ParallelStrate
         self,
         tau: float = 1.0,
         aggregator: Union[str, Callable[..., Any]] = "centered_clip",
-        aggregator_options: Optional[dict[str, Any]] = None,
-        topology: Literal["butterfly", "server"] = "butterfly",
-        data_split: Union[str, dict[str, Any], None] = None,
         eps: float = 0.0,
         max_iters: int = 500,
         check_params_every: int = 100,
@@ -193,6 +190,9 @@ class BTARDStrategy(Processes, Joining, PeerCollectives, Leaving, ParallelStrate
         cluster_environment: Optional[ClusterEnvironment] = None,
         checkpoint_io: Optional[CheckpointIO] = None,
         precision_plugin: Optional[Precision] = None,
+        aggregator_options: Optional[dict[str, Any]] = None,
+        topology: Literal["butterfly", "server"] = "butterfly",
+        data_split: Union[str, dict[str, Any], None] = None,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
