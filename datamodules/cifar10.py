@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from datamodules.synthetic import BASE_FOLDER, SYNTHETIC_MARKER, write_synthetic_cifar10
+from datamodules.synthetic import BASE_FOLDER, CIFAR10_FILES, SYNTHETIC_MARKER, write_synthetic_cifar10
 from lightning_btard.extras import require
 from lightning_btard.lightning_package import pl, rank_zero_only, rank_zero_warn
 
@@ -31,8 +31,6 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 SYNTHETIC_SIZE = {"n_train": 8000, "n_test": 1000, "seed": 0}
 """The stand-in ``synthetic=True``/``"auto"`` writes (the demo's)."""
-_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
-"""CIFAR-10's files in ``cifar-10-batches-py`` (torchvision's ``train_list``, ``test_list`` and ``meta``)."""
 
 
 def _torchvision() -> Any:
@@ -49,7 +47,7 @@ def _reader(synthetic: bool) -> Any:
 
     class _SyntheticCIFAR10(CIFAR10):
         def _check_integrity(self) -> bool:
-            return all(os.path.isfile(os.path.join(self.root, self.base_folder, name)) for name in _FILES)
+            return all(os.path.isfile(os.path.join(self.root, self.base_folder, name)) for name in CIFAR10_FILES)
 
         def _load_meta(self) -> None:
             path = os.path.join(self.root, self.base_folder, self.meta["filename"])
@@ -250,7 +248,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
 
 def _present(folder: Path) -> bool:
     """Whether ``folder`` holds every file of CIFAR-10's python version."""
-    return all((folder / name).is_file() for name in _FILES)
+    return all((folder / name).is_file() for name in CIFAR10_FILES)
 
 
 @rank_zero_only

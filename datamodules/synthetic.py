@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["write_synthetic_cifar10", "SYNTHETIC_MARKER", "PARAMS_FILE", "BASE_FOLDER"]
+__all__ = ["write_synthetic_cifar10", "SYNTHETIC_MARKER", "PARAMS_FILE", "BASE_FOLDER", "CIFAR10_FILES"]
 
 BASE_FOLDER = "cifar-10-batches-py"
 SYNTHETIC_MARKER = "SYNTHETIC"
@@ -34,6 +34,8 @@ _CHANNEL_MEAN = np.array([0.4914, 0.4822, 0.4465]) * 255.0
 _TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
 _TEST_FILE = "test_batch"
 _META_FILE = "batches.meta"
+CIFAR10_FILES = [*_TRAIN_FILES, _TEST_FILE, _META_FILE]
+"""CIFAR-10's files in ``cifar-10-batches-py`` (torchvision's ``train_list``, ``test_list`` and ``meta``)."""
 
 
 class _Py2Str(bytes):
@@ -114,7 +116,7 @@ def _make_split(rng: np.random.Generator, templates: np.ndarray, n: int, noise: 
 
 
 def _params_match(folder: Path, params: dict[str, Any]) -> bool:
-    files = [*_TRAIN_FILES, _TEST_FILE, _META_FILE, SYNTHETIC_MARKER]
+    files = [*CIFAR10_FILES, SYNTHETIC_MARKER]
     if not all((folder / name).is_file() for name in files):
         return False
     try:
