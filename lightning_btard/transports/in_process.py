@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 import torch
@@ -27,12 +27,14 @@ class InProcessHub:
         self.children: dict[tuple[Any, ...], InProcessHub] = {}
         self.lock = threading.Lock()
 
-    def exchange(self, rank: int, value: Any) -> list[Any]:
-        """Every peer posts ``value``; each gets all posted values (deep-copied: no shared tensors)."""
+    def exchange(self, rank: int, value: Any, take: Optional[Callable[[list[Any]], Any]] = None) -> Any:
+        """Every peer posts ``value``; each gets all posted values (deep-copied: no shared tensors), or
+        ``take(values)``, which must copy what it keeps (it runs while every peer's value is still posted: the
+        transfers of simulated peers copy only what is addressed to them)."""
         try:
             self.slots[rank] = value
             self.barrier.wait(self.timeout)
-            out = [copy.deepcopy(v) if i != rank else v for i, v in enumerate(self.slots)]
+            out = take(self.slots) if take is not None else [copy.deepcopy(v) if i != rank else v for i, v in enumerate(self.slots)]
             self.barrier.wait(self.timeout)
         except threading.BrokenBarrierError as e:
             self.barrier.abort()
@@ -62,28 +64,30 @@ class InProcessTransport(Transport):
         return self.hub.n
 
     def exchange(self, sends: Sequence[Sequence[Tensor]], recvs: Sequence[Sequence[Tensor]]) -> list[Optional[list[Any]]]:
-        everyone = self.hub.exchange(self.rank, [list(msgs) for msgs in sends])
-        malformed: list[Optional[list[Any]]] = []
-        for i, theirs in enumerate(everyone):
-            msgs = list(theirs[self.rank])
-            good = len(msgs) == len(recvs[i]) and all(
-                isinstance(src, Tensor) and dst.shape == src.shape and dst.dtype == src.dtype for dst, src in zip(recvs[i], msgs)
-            )
-            for dst, src in zip(recvs[i], msgs if good else []):
-                dst.copy_(src)
-            malformed.append(None if good else msgs)
-        return malformed
+        def receive(slots: list[Any]) -> list[Optional[list[Any]]]:
+            """Copy what is addressed to this peer into ``recvs`` (a malformed message is kept, as a copy)."""
+            malformed: list[Optional[list[Any]]] = []
+            for i, theirs in enumerate(slots):
+                msgs = list(theirs[self.rank])
+                good = len(msgs) == len(recvs[i]) and all(
+                    isinstance(src, Tensor) and dst.shape == src.shape and dst.dtype == src.dtype for dst, src in zip(recvs[i], msgs)
+                )
+                for dst, src in zip(recvs[i], msgs if good else []):
+                    dst.copy_(src)
+                malformed.append(None if good else copy.deepcopy(msgs))
+            return malformed
+
+        return self.hub.exchange(self.rank, [list(msgs) for msgs in sends], receive)
 
     def scatter_parts(self, flat: Tensor, sizes: Sequence[int]) -> Tensor:
-        everyone = self.hub.exchange(self.rank, list(torch.split(flat, list(sizes))))
-        return torch.stack([parts[self.rank] for parts in everyone])
+        return self.hub.exchange(self.rank, list(torch.split(flat, list(sizes))),
+                                 lambda slots: torch.stack([parts[self.rank] for parts in slots]))
 
     def gather_parts(self, part: Tensor, sizes: Sequence[int], out: Optional[Tensor] = None) -> Tensor:
-        pieces = self.hub.exchange(self.rank, part)
-        return torch.cat(pieces) if out is None else torch.cat(pieces, out=out)
+        return self.hub.exchange(self.rank, part, lambda pieces: torch.cat(pieces) if out is None else torch.cat(pieces, out=out))
 
     def all_reduce(self, tensor: Tensor, op: str = "sum") -> Tensor:
-        stacked = torch.stack(self.hub.exchange(self.rank, tensor))
+        stacked = self.hub.exchange(self.rank, tensor, torch.stack)
         return {"sum": stacked.sum(0), "max": stacked.amax(0), "min": stacked.amin(0)}[op]
 
     def all_gather_object(self, obj: Any) -> list[Any]:
@@ -95,7 +99,7 @@ class InProcessTransport(Transport):
         return obj if self.rank == src else decode_record(data)
 
     def broadcast_tensor_(self, tensor: Tensor, src: int = 0) -> Tensor:
-        return tensor.copy_(self.hub.exchange(self.rank, tensor)[src])
+        return self.hub.exchange(self.rank, tensor, lambda slots: tensor.copy_(slots[src]) if self.rank != src else tensor)
 
     def barrier(self) -> None:
         self.hub.exchange(self.rank, None)
