@@ -89,6 +89,7 @@ else:
         "Precision": pl_module("plugins.precision"),
         "StrategyRegistry": pl_module("strategies"),
         "ParallelStrategy": pl_module("strategies.parallel"),
+        "SingleDeviceStrategy": pl_module("strategies"),
         "TrainerFn": pl_module("trainer.states"),
         "MisconfigurationException": pl_module("utilities.exceptions"),
         "SIGTERMException": pl_module("utilities.exceptions"),

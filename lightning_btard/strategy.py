@@ -70,11 +70,12 @@ from lightning_btard.protocol.identity import Identity
 from lightning_btard.protocol.membership import Ban, Membership
 from lightning_btard.protocol.mprng import agree_run_seed, draw
 from lightning_btard.protocol.validation import StepRecord, ValidationCheck
+from lightning_btard.round_logging import ban_summary, log_round
 from lightning_btard.transports.base import Transport
 from lightning_btard.verifiable_batches import data_fingerprint
 from lightning_btard.verified_steps import VerifiedSteps, split_loader
 
-__all__ = ["BTARDStrategy"]
+__all__ = ["BTARDStrategy", "verified"]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,20 @@ _DATA_ADVICE = (
     "dataset's construction identically on every peer (seed_everything(<the same seed>), not seed_everything(rank)), "
     "seed any random_split, and list files in a fixed order. Peers whose data differ would accuse each other."
 )
+
+
+def verified(aggregator: Any, topology: str, verify: Optional[bool]) -> bool:
+    """Whether a run verifies its rounds: by default when it can (CenteredClip on a butterfly); an error when asked to
+    verify what the protocol does not check, or for an unknown topology."""
+    if topology not in ("butterfly", "server"):
+        raise UserError(f"topology must be 'butterfly' or 'server', got {topology!r}")
+    verify = (aggregator == "centered_clip" and topology == "butterfly") if verify is None else bool(verify)
+    if verify and aggregator != "centered_clip":
+        raise UserError(f"verify=True checks CenteredClip aggregates, not {aggregator!r}: use aggregator='centered_clip' "
+                        "(or verify=False: the other rules run unverified)")
+    if verify and topology != "butterfly":
+        raise UserError("topology='server' is the unverified parameter-server baseline: use verify=False")
+    return verify
 
 
 class BTARDStrategy(Processes, Joining, PeerCollectives, Leaving, ParallelStrategy):
@@ -234,16 +249,9 @@ class BTARDStrategy(Processes, Joining, PeerCollectives, Leaving, ParallelStrate
         self.tau = float(tau)
         self.aggregator: Aggregator = resolve_aggregator(aggregator, aggregator_options, tau=self.tau, eps=eps, max_iters=max_iters)
         self.check_params_every = int(check_params_every)
-        if topology not in ("butterfly", "server"):
-            raise UserError(f"topology must be 'butterfly' or 'server', got {topology!r}")
         self.topology = topology
         self.data_split = DataSplit.of(data_split)
-        self.verify = (aggregator == "centered_clip" and topology == "butterfly") if verify is None else bool(verify)
-        if self.verify and aggregator != "centered_clip":
-            raise UserError(f"verify=True checks CenteredClip aggregates, not {aggregator!r}: use aggregator='centered_clip' "
-                            "(or verify=False: the other rules run unverified)")
-        if self.verify and topology != "butterfly":
-            raise UserError("topology='server' is the unverified parameter-server baseline: use verify=False")
+        self.verify = verified(aggregator, topology, verify)
         self.validators = int(validators) if self.verify else 0
         self.validation_check = ValidationCheck(rtol=float(validation_rtol))
         self.directions = int(directions)
@@ -514,15 +522,8 @@ class BTARDStrategy(Processes, Joining, PeerCollectives, Leaving, ParallelStrate
         raise TrainingDiverged.in_gradients(self.global_rank, module.trainer.global_step if module is not None else "?", names)
 
     def _log_round(self) -> None:
-        module = self.lightning_module
-        if module is None or self.engine is None or not self.engine.metrics or compat.current_fx_name(module) is None:
-            return
-        metrics = {f"btard/{k}": v for k, v in self.engine.metrics.items()}
-        metrics.update(self._attack_counts)
-        module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
-        module.log("btard/clipped_bar", metrics["btard/clipped"], prog_bar=True, on_step=True, on_epoch=False, batch_size=1, logger=False)
-        if module.trainer.global_step % self.check_params_every == 0:
-            module.log("btard/params_in_sync", float(self.check_parameters_identical()), on_step=True, on_epoch=False, batch_size=1)
+        log_round(self.lightning_module, self.engine.metrics if self.engine is not None else {}, self._attack_counts,
+                  self.check_params_every, self.check_parameters_identical)
 
     def check_parameters_identical(self) -> bool:
         """Compare a digest of the parameters across peers; raise on this peer if it disagrees with the majority."""
@@ -559,10 +560,7 @@ class BTARDStrategy(Processes, Joining, PeerCollectives, Leaving, ParallelStrate
         """Print the ban list at the end of the run (it is also in ``strategy.bans`` and in the logs)."""
         super().on_train_end()
         if self.verify and self.membership is not None:
-            bans = self.membership.bans
-            lines = [f"BTARD: {len(bans)} peer(s) banned during the run" + (":" if bans else ".")]
-            lines += [f"  step {b.step:>6}  peer {b.peer:>3}  {b.reason} [{b.evidence}]" for b in bans]
-            rank_zero_info("\n".join(lines))
+            rank_zero_info(ban_summary(self.membership.bans))
 
     @classmethod
     @override

@@ -38,6 +38,7 @@ __all__ = [
     "seeded_step",
     "step_seed",
     "verifiable_loader",
+    "worker_options",
 ]
 
 
@@ -194,14 +195,21 @@ def verifiable_loader(
         dataset,
         batch_sampler=sampler,
         collate_fn=VerifiableCollate(dataloader.collate_fn, run_seed),
-        num_workers=dataloader.num_workers,
-        pin_memory=dataloader.pin_memory,
-        timeout=dataloader.timeout,
-        worker_init_fn=dataloader.worker_init_fn,
-        multiprocessing_context=dataloader.multiprocessing_context if dataloader.num_workers else None,
-        persistent_workers=dataloader.persistent_workers,
-        prefetch_factor=dataloader.prefetch_factor if dataloader.num_workers else None,
+        **worker_options(dataloader),
     )
+
+
+def worker_options(dataloader: DataLoader) -> dict[str, Any]:
+    """How ``dataloader`` loads (workers, pinning, timeouts): what a loader built in its place keeps."""
+    return {
+        "num_workers": dataloader.num_workers,
+        "pin_memory": dataloader.pin_memory,
+        "timeout": dataloader.timeout,
+        "worker_init_fn": dataloader.worker_init_fn,
+        "multiprocessing_context": dataloader.multiprocessing_context if dataloader.num_workers else None,
+        "persistent_workers": dataloader.persistent_workers,
+        "prefetch_factor": dataloader.prefetch_factor if dataloader.num_workers else None,
+    }
 
 
 def rebuild_batch(

@@ -12,7 +12,7 @@ from lightning_btard.lightning_package import pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
-from lightning_btard import BTARDStrategy
+from lightning_btard import BTARDSimStrategy, BTARDStrategy
 
 p = argparse.ArgumentParser()
 p.add_argument("out_dir")
@@ -43,7 +43,16 @@ p.add_argument("--dropout", type=float, default=0.0)
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--iterable", action="store_true", help="serve the training data from an IterableDataset")
 p.add_argument("--resume", default=None, help="resume from this checkpoint")
+p.add_argument("--deterministic-secrets", action="store_true",
+               help="TESTS ONLY: each peer's MPRNG secrets derive from (peer, step), so that two runs draw the same validators")
 args = p.parse_args()
+
+if args.deterministic_secrets:
+    import hashlib
+
+    from lightning_btard.protocol import mprng
+
+    mprng.MPRNGSecret.fresh = classmethod(lambda cls, peer, step: cls(peer, step, hashlib.sha256(f"test/{peer}/{step}".encode()).digest()))
 
 
 class Stream(IterableDataset):
@@ -105,6 +114,7 @@ class Record(pl.Callback):
             trainer.save_checkpoint(args.save_ckpt)
         rank = trainer.global_rank
         torch.save({k: v.detach().clone() for k, v in pl_module.named_parameters()}, os.path.join(args.out_dir, f"params{rank}.pt"))
+        torch.save({k: v.detach().clone() for k, v in pl_module.named_buffers()}, os.path.join(args.out_dir, f"buffers{rank}.pt"))
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         bans = [b.as_dict() for b in getattr(trainer.strategy, "bans", [])]
         with open(os.path.join(args.out_dir, f"metrics{rank}.json"), "w") as f:
@@ -119,6 +129,12 @@ if __name__ == "__main__":
             validators=args.validators, start_method=args.start_method, data_split=json.loads(args.data_split),
             topology=args.topology, aggregator_options=json.loads(args.aggregator_options),
         )
+    elif args.strategy == "btard_sim":
+        strategy = BTARDSimStrategy(
+            num_peers=args.devices, tau=args.tau, aggregator=args.aggregator, check_params_every=args.check_every,
+            verify=args.verify, validators=args.validators, data_split=json.loads(args.data_split), topology=args.topology,
+            aggregator_options=json.loads(args.aggregator_options),
+        )
     else:
         strategy = args.strategy.replace("ddp", "ddp_fork", 1) if args.start_method == "fork" else args.strategy
     rec = Record()
@@ -131,7 +147,7 @@ if __name__ == "__main__":
     trainer = pl.Trainer(
         default_root_dir=args.out_dir,  # run outputs (the peers' event files) in the test's directory
         accelerator="cpu",
-        devices=args.devices,
+        devices=1 if args.strategy == "btard_sim" else args.devices,
         strategy=strategy,
         max_steps=args.steps,
         accumulate_grad_batches=args.accumulate if not args.manual else 1,
