@@ -27,6 +27,15 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_btard.lightning_package import pl
 
 
+def round_metrics(strategy) -> dict:
+    """The last step's engine metrics: BTARDStrategy's engine, or the reporting peer's of BTARDSimStrategy."""
+    engine = getattr(strategy, "engine", None)
+    reporter = getattr(strategy, "reporter", None)
+    if engine is None and reporter is not None:
+        engine = reporter.engine
+    return dict(getattr(engine, "metrics", {}) or {})
+
+
 class StepTimer(pl.Callback):
     def __init__(self, out: str) -> None:
         self.out, self.times, self.phases, self._t = out, [], [], 0.0
@@ -36,7 +45,7 @@ class StepTimer(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.times.append(time.perf_counter() - self._t)
-        metrics = getattr(trainer.strategy, "_round_metrics", {})
+        metrics = round_metrics(trainer.strategy)
         self.phases.append({k[5:]: v for k, v in metrics.items() if k.startswith("time_")})
 
     def on_train_end(self, trainer, pl_module):

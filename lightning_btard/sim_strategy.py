@@ -65,11 +65,11 @@ from lightning_btard.recomputation import Recomputer, TrainingData
 from lightning_btard.round_logging import ban_summary, log_round
 from lightning_btard.simulated_peers import (
     PeerBatches,
+    PeerThreads,
     PeerView,
     ReporterOnly,
     SimulatedPeer,
     peer_batches_loader,
-    run_peers_in_threads,
 )
 from lightning_btard.strategy import verified
 from lightning_btard.transports.in_process import InProcessHub
@@ -135,6 +135,7 @@ class BTARDSimStrategy(SingleDeviceStrategy):
         self.peers: list[SimulatedPeer] = []
         self.events = EventLog()
         self._hub: Optional[InProcessHub] = None
+        self._threads: Optional[PeerThreads] = None
         self._recomputer: Optional[Recomputer] = None
         self._current: Optional[SimulatedPeer] = None
         self._recomputed: dict[tuple[Any, ...], Tensor] = {}
@@ -206,6 +207,7 @@ class BTARDSimStrategy(SingleDeviceStrategy):
     def _make_peers(self, trainer: "pl.Trainer") -> None:
         n = self.num_peers
         self._hub = hub = InProcessHub(n, self._timeout)
+        self._threads = threads = PeerThreads(hub)
         registry = InProcessRegistry()
         identities = [Identity.generate() for _ in range(n)] if self.verify else [None] * n
         keys = [i.public for i in identities if i is not None]
@@ -232,9 +234,9 @@ class BTARDSimStrategy(SingleDeviceStrategy):
         attach_run_sinks(self.events, trainer, 0)
         self._log_filter.install()
         seed = os.environ.get("PL_GLOBAL_SEED")
-        seeds = run_peers_in_threads(self.peers, lambda p: agree_run_seed(p.engine.transport, seed) if self.verify else 0, hub)
+        seeds = threads.run(self.peers, lambda p: agree_run_seed(p.engine.transport, seed) if self.verify else 0)
         self.run_seed = seeds[0]
-        run_peers_in_threads(self.peers, lambda p: self._channels_of(p)(), hub)
+        threads.run(self.peers, lambda p: self._channels_of(p)())
         if self.validators:
             self._recomputer = Recomputer(self.run_seed, 1, [self.root_device])
         if self._resume is not None:
@@ -353,7 +355,7 @@ class BTARDSimStrategy(SingleDeviceStrategy):
     def _aggregate(self, optimizer: Optimizer) -> None:
         """Every peer's attacks and engine step, in threads; the honest peers' aggregate becomes the gradient."""
         module = self.lightning_module
-        assert module is not None and self._hub is not None
+        assert module is not None and self._threads is not None
         params = trainable_params(optimizer.param_groups)
         rows = self._buffers.get("rows", (self.num_peers, sum(p.numel() for p in params)), torch.float32, self.root_device)
         trainer, step = module.trainer, module.trainer.global_step
@@ -378,14 +380,17 @@ class BTARDSimStrategy(SingleDeviceStrategy):
             return None if peer.left else out
 
         self._log_filter.reporter = self.reporter.rank if self.reporter is not None else None
-        aggregates = dict(zip([p.rank for p in active], run_peers_in_threads(active, peer_step, self._hub)))
+        aggregates = dict(zip([p.rank for p in active], self._threads.run(active, peer_step)))
         reporter = self.reporter
         if reporter is None:
             raise UserError("btard_sim: every simulated peer was banned")
         byzantine = {r for a in reporter.attacks for r in a.byzantine}
         agreed = aggregates[reporter.rank]
         assert agreed is not None
-        for rank, aggregate in aggregates.items():
+        # every check_params_every steps (a full comparison per peer costs as much as the gather), as BTARDStrategy
+        # compares the peers' parameters
+        checked = aggregates.items() if step % self.check_params_every == 0 else []
+        for rank, aggregate in checked:
             if rank not in byzantine and aggregate is not None and not torch.equal(aggregate, agreed):
                 raise RuntimeError(f"btard_sim: honest peers {reporter.rank} and {rank} got different aggregates at step {step}")
         self._attack_counts = reporter.counts
@@ -434,17 +439,20 @@ class BTARDSimStrategy(SingleDeviceStrategy):
         return checkpoint
 
     def _load_peers(self, state: dict[str, Any]) -> None:
-        assert self._hub is not None
+        assert self._threads is not None
         for peer, buffers, attacks in zip(self.peers, state["buffers"], state["attacks"]):
             peer.buffers = [b.to(self.root_device) for b in buffers] if buffers is not None else None
             for attack, attack_state in zip(peer.attacks, attacks):
                 attack.load_state_dict(attack_state)
-        run_peers_in_threads(self.peers, lambda p: p.engine.load_state_dict(state["engines"][p.rank]), self._hub)
+        self._threads.run(self.peers, lambda p: p.engine.load_state_dict(state["engines"][p.rank]))
         rank_zero_info(f"BTARD (simulated): resumed with the checkpoint's ban list: {[b.peer for b in self.bans]}")
 
     @override
     def teardown(self) -> None:
         self._log_filter.remove()
+        if self._threads is not None:
+            self._threads.close()
+            self._threads = None
         super().teardown()
 
     @override

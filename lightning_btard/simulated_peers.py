@@ -9,7 +9,7 @@ What :class:`~lightning_btard.sim_strategy.BTARDSimStrategy` runs inside one Lig
   group (the same aggregation code, verification, validation and bans as a process of its own), its own copies of
   the run's attack callbacks (an attack's state, e.g. a delayed gradient's store, is per peer, as in a process of
   its own), and its own module buffers (BatchNorm statistics are each peer's, as in a process of its own);
-- **the aggregation phase** (:func:`run_peers_in_threads`): every peer's collectives need the others, so each peer
+- **the aggregation phase** (:class:`PeerThreads`): every peer's collectives need the others, so each peer
   runs its attacks and its engine's step in a thread of its own; the gradients before it are computed one peer after
   the other on the one module.
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Optional
@@ -38,7 +39,7 @@ from lightning_btard.verifiable_batches import (
     worker_options,
 )
 
-__all__ = ["PeerBatches", "PeerView", "SimulatedPeer", "ReporterOnly", "peer_batches_loader", "run_peers_in_threads"]
+__all__ = ["PeerBatches", "PeerView", "SimulatedPeer", "ReporterOnly", "PeerThreads", "peer_batches_loader"]
 
 THREAD_PREFIX = "btard-sim-peer-"
 
@@ -168,32 +169,67 @@ def peer_batches_loader(dataloader: DataLoader, run_seed: int, peers: int, step_
     )
 
 
-def run_peers_in_threads(peers: Sequence[SimulatedPeer], fn: Callable[[SimulatedPeer], Any], hub: InProcessHub) -> list[Any]:
-    """``fn(peer)`` for every peer, each in its own thread (their collectives meet in ``hub``); results in order.
+class PeerThreads:
+    """One long-lived thread per simulated peer, which runs that peer's part of every step: the peers' collectives need
+    each other, and a peer's thread-local workspaces (``ops/workspace.py``) stay allocated from one step to the next.
 
-    An error on one peer breaks the others' collectives (they stop at once instead of waiting out the timeout); the
-    first error that is not such a consequence is raised."""
-    results: list[Any] = [None] * len(peers)
-    errors: list[Optional[BaseException]] = [None] * len(peers)
+    :meth:`run` calls ``fn(peer)`` for the given peers, each in its own thread, and returns their results in order. An
+    error on one peer breaks the others' collectives (they stop at once instead of waiting out the timeout); the first
+    error that is not such a consequence is raised."""
 
-    def target(i: int) -> None:
-        try:
-            results[i] = fn(peers[i])
-        except BaseException as e:  # noqa: BLE001 - re-raised below, in the caller's thread
-            errors[i] = e
-            _abort(hub)
+    def __init__(self, hub: InProcessHub) -> None:
+        self.hub = hub
+        self._queues: dict[int, queue.SimpleQueue] = {}
+        self._threads: list[threading.Thread] = []
 
-    threads = [threading.Thread(target=target, args=(i,), name=f"{THREAD_PREFIX}{p.rank}", daemon=True)
-               for i, p in enumerate(peers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    raised = [e for e in errors if e is not None]
-    if raised:
-        cause = next((e for e in raised if not isinstance(e, TransportError)), raised[0])
-        raise cause
-    return results
+    def run(self, peers: Sequence[SimulatedPeer], fn: Callable[[SimulatedPeer], Any]) -> list[Any]:
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        # the peers' threads share the cores: each runs its tensor ops on its share of the intra-op threads (a
+        # per-thread setting), not on all of them (N times the cores' threads, fighting)
+        threads_each = max(1, torch.get_num_threads() // max(1, len(peers)))
+        for i, peer in enumerate(peers):
+            self._queue_of(peer.rank).put((i, peer, fn, threads_each, done))
+        results: list[Any] = [None] * len(peers)
+        errors: list[BaseException] = []
+        for _ in peers:
+            i, ok, value = done.get()
+            if ok:
+                results[i] = value
+            else:
+                errors.append(value)
+        if errors:
+            raise next((e for e in errors if not isinstance(e, TransportError)), errors[0])
+        return results
+
+    def close(self) -> None:
+        for q in self._queues.values():
+            q.put(None)
+        for t in self._threads:
+            t.join(timeout=10)
+        self._queues.clear()
+        self._threads.clear()
+
+    def _queue_of(self, rank: int) -> queue.SimpleQueue:
+        if rank not in self._queues:
+            q: queue.SimpleQueue = queue.SimpleQueue()
+            t = threading.Thread(target=self._serve, args=(q,), name=f"{THREAD_PREFIX}{rank}", daemon=True)
+            self._queues[rank] = q
+            self._threads.append(t)
+            t.start()
+        return self._queues[rank]
+
+    def _serve(self, q: queue.SimpleQueue) -> None:
+        while True:
+            job = q.get()
+            if job is None:
+                return
+            i, peer, fn, threads_each, done = job
+            try:
+                torch.set_num_threads(threads_each)
+                done.put((i, True, fn(peer)))
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                _abort(self.hub)
+                done.put((i, False, e))
 
 
 def _abort(hub: InProcessHub) -> None:
