@@ -25,10 +25,18 @@ from lightning_btard.lightning_package import pl, rank_zero_only, rank_zero_warn
 if TYPE_CHECKING:
     from torchvision import transforms as T
 
-__all__ = ["CIFAR10DataModule", "CIFAR10_MEAN", "CIFAR10_STD"]
+__all__ = ["CIFAR10DataModule", "CIFAR10_MEAN", "CIFAR10_STD", "NORMALIZATIONS"]
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+"""The training set's per-channel mean and standard deviation (over all pixels)."""
+NORMALIZATIONS = {
+    "standard": (CIFAR10_MEAN, CIFAR10_STD),
+    # the released BTARD code's (and many CIFAR repositories'): the same mean, with a standard deviation that is the
+    # mean of the per-image standard deviations, about 0.8 times the dataset's
+    "released": (CIFAR10_MEAN, (0.2023, 0.1994, 0.2010)),
+}
+"""``CIFAR10DataModule(normalization=...)``: the constants of ``transforms.Normalize``."""
 SYNTHETIC_SIZE = {"n_train": 8000, "n_test": 1000, "seed": 0}
 """The stand-in ``synthetic=True``/``"auto"`` writes (the demo's)."""
 
@@ -71,7 +79,8 @@ class CIFAR10DataModule(pl.LightningDataModule):
     ``download=None`` downloads only when the files are missing, ``False`` never downloads. ``synthetic``: see the
     module's docstring (``False``, ``True`` or ``"auto"``). Validation and test
     both use the CIFAR-10 test split (the BTARD paper reports test accuracy during training); ``val_subset``
-    keeps only its first N samples for quick periodic evaluation.
+    keeps only its first N samples for quick periodic evaluation. ``normalization="released"`` uses the released BTARD
+    code's constants (:data:`NORMALIZATIONS`) instead of the dataset's standard deviation, for exact reproduction.
     """
 
     def __init__(
@@ -84,8 +93,11 @@ class CIFAR10DataModule(pl.LightningDataModule):
         eval_batch_size: int = 256,
         val_subset: Optional[int] = None,
         synthetic: Union[bool, Literal["auto"]] = False,
+        normalization: Literal["standard", "released"] = "standard",
     ) -> None:
         super().__init__()
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {sorted(NORMALIZATIONS)}, got {normalization!r}")
         _torchvision()  # the [examples] extra: say so now, not at prepare_data
         if synthetic not in (True, False, "auto"):
             raise ValueError(f"synthetic must be true, false or 'auto', got {synthetic!r}")
@@ -106,6 +118,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.val_subset = val_subset
         self.synthetic = synthetic
+        self.normalization = normalization
         self.train_set: Optional[Dataset] = None
         self.test_set: Optional[Dataset] = None
         self._warned_synthetic = False
@@ -135,12 +148,12 @@ class CIFAR10DataModule(pl.LightningDataModule):
         """Random crop with 4-pixel padding and horizontal flip (when ``augment``), then normalisation."""
         T = _torchvision().transforms
         steps: list = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if self.augment else []
-        return T.Compose([*steps, T.ToTensor(), T.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
+        return T.Compose([*steps, T.ToTensor(), T.Normalize(*NORMALIZATIONS[self.normalization])])
 
     def eval_transform(self) -> T.Compose:
         """Normalisation only."""
         T = _torchvision().transforms
-        return T.Compose([T.ToTensor(), T.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
+        return T.Compose([T.ToTensor(), T.Normalize(*NORMALIZATIONS[self.normalization])])
 
     def _files_present(self) -> bool:
         return _present(self.folder)

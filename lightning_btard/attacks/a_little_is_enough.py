@@ -6,14 +6,13 @@ From Baruch et al., 2019, "A Little Is Enough: Circumventing Defenses For Distri
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from statistics import NormalDist
 from typing import Any, ClassVar, Optional
 
 import torch
 from torch import Tensor
 
-from lightning_btard.attacks.base import Attack, AttackContext
+from lightning_btard.attacks.base import Attack, AttackContext, Byzantine
 
 __all__ = ["ALittleIsEnough", "alie_z_max"]
 
@@ -49,7 +48,7 @@ class ALittleIsEnough(Attack):
 
     def __init__(
         self,
-        byzantine: Sequence[int],
+        byzantine: Byzantine,
         z: Optional[float] = None,
         omniscient: bool = False,
         **kwargs: Any,

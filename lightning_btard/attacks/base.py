@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Optional, Union
 
 import torch
 from torch import Tensor
@@ -31,7 +31,28 @@ if TYPE_CHECKING:
     from lightning_btard.protocol.round import Behaviour
     from lightning_btard.transports.base import Transport
 
-__all__ = ["Attack", "AttackContext", "ProtocolAttack", "honest_norm", "seeded_direction"]
+__all__ = ["Attack", "AttackContext", "Byzantine", "ProtocolAttack", "draw_byzantine", "honest_norm", "seeded_direction"]
+
+Byzantine = Union[Sequence[int], Mapping[str, int]]
+"""Who attacks: a list of ranks, or ``{"sample": k, "peers": n, "seed": s}`` for the released code's draw
+(:func:`draw_byzantine`)."""
+
+
+def draw_byzantine(sample: int, peers: int, seed: int) -> list[int]:
+    """The released code's attackers: ``random.Random(seed).sample(range(1, peers), sample)`` (peer 0, which evaluated,
+    never attacks), sorted."""
+    if not 0 <= sample < peers:
+        raise ValueError(f"cannot draw {sample} attackers among peers 1..{peers - 1}")
+    return sorted(random.Random(seed).sample(range(1, peers), sample))
+
+
+def _ranks(byzantine: Byzantine) -> list[int]:
+    if isinstance(byzantine, Mapping):
+        keys = {"sample", "peers", "seed"}
+        if set(byzantine) != keys:
+            raise ValueError(f"byzantine as a draw needs exactly the keys {sorted(keys)}, got {sorted(byzantine)}")
+        return draw_byzantine(int(byzantine["sample"]), int(byzantine["peers"]), int(byzantine["seed"]))
+    return sorted({int(r) for r in byzantine})
 
 log = logging.getLogger("lightning_btard.attacks")
 
@@ -57,8 +78,12 @@ class Attack(pl.Callback):
         byzantine: ranks of the attacking peers (the same list on every peer).
         attack_start: first step at which the attack fires.
         attack_every: fire every this many steps from ``attack_start``.
-        ban_prob: the released code's simulated detection (``None``: no simulation).
+        ban_prob: the released code's simulated detection (``None``: no simulation); ``"released"``: the released
+            ResNet runs' value, ``1/N * (N - B)/N`` for ``N`` peers and ``B`` attackers (the chance that the one
+            validator of a step is honest and checks this attacker).
         seed: seed of the simulation's coin flips and of any shared random choice of the colluders.
+        schedule: ``"ours"``: fire at ``attack_start, attack_start + attack_every, ...``; ``"released"``: as the
+            released code, at steps ``t > attack_start`` with ``t % attack_every == 0``.
     """
 
     colluding: ClassVar[bool] = False
@@ -68,18 +93,22 @@ class Attack(pl.Callback):
 
     def __init__(
         self,
-        byzantine: Sequence[int],
+        byzantine: Byzantine,
         attack_start: int = 0,
         attack_every: int = 1,
-        ban_prob: Optional[float] = None,
+        ban_prob: Union[float, Literal["released"], None] = None,
         seed: int = 0,
+        schedule: Literal["ours", "released"] = "ours",
     ) -> None:
         super().__init__()
         if attack_every < 1:
             raise ValueError(f"attack_every must be >= 1, got {attack_every}")
-        if ban_prob is not None and not 0.0 <= ban_prob <= 1.0:
-            raise ValueError(f"ban_prob must be in [0, 1] or None, got {ban_prob}")
-        self.byzantine = sorted({int(r) for r in byzantine})
+        if ban_prob is not None and ban_prob != "released" and not 0.0 <= float(ban_prob) <= 1.0:
+            raise ValueError(f"ban_prob must be in [0, 1], 'released' or None, got {ban_prob}")
+        if schedule not in ("ours", "released"):
+            raise ValueError(f"schedule must be 'ours' or 'released', got {schedule!r}")
+        self.byzantine = _ranks(byzantine)
+        self.schedule = schedule
         self.attack_start = int(attack_start)
         self.attack_every = int(attack_every)
         self.ban_prob = ban_prob
@@ -101,6 +130,8 @@ class Attack(pl.Callback):
 
     def scheduled(self, step: int) -> bool:
         """Whether the schedule fires at ``step`` (for any attacker, caught or not)."""
+        if self.schedule == "released":
+            return step > self.attack_start and step % self.attack_every == 0
         return step >= self.attack_start and (step - self.attack_start) % self.attack_every == 0
 
     def is_attacking(self, step: int, rank: int) -> bool:
@@ -109,6 +140,9 @@ class Attack(pl.Callback):
 
     def on_before_aggregate(self, gradient: Tensor, ctx: AttackContext) -> Tensor:
         """Called by the strategy on every peer, once per step; returns the gradient this peer sends."""
+        if self.ban_prob == "released":  # fixed at the first step this peer takes part in, from the run's peers
+            n = ctx.world_size
+            self.ban_prob = 1.0 / n * (n - len(self.byzantine)) / n
         if self.omniscient and self.scheduled(ctx.step):  # the same decision on every peer
             self._learn_every_gradient(gradient)  # a collective of every peer of the step
         if ctx.rank not in self.byzantine or not self.scheduled(ctx.step):
@@ -151,7 +185,7 @@ class Attack(pl.Callback):
         if self.ban_prob is not None:
             if self._coin is None:
                 self._coin = random.Random(f"{self.seed}/{ctx.rank}/{self.name}")
-            if self._coin.random() < self.ban_prob:
+            if self._coin.random() < float(self.ban_prob):
                 self.caught = True
                 log.warning("peer %d: %s simulated ban at step %d (ban_prob=%s): honest from now on", ctx.rank, self.name, ctx.step, self.ban_prob)
 

@@ -6,13 +6,12 @@ From the released BTARD code (``DelayedGradientAttacker``): a stale but genuine 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_btard.attacks.base import Attack, AttackContext
+from lightning_btard.attacks.base import Attack, AttackContext, Byzantine
 
 __all__ = ["DelayedGradient"]
 
@@ -37,7 +36,7 @@ class DelayedGradient(Attack):
 
     def __init__(
         self,
-        byzantine: Sequence[int],
+        byzantine: Byzantine,
         delay: int = 1000,
         attack_length: int = 500,
         **kwargs: Any,

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import Tensor
 
-from lightning_btard.attacks.base import AttackContext, ProtocolAttack
+from lightning_btard.attacks.base import AttackContext, Byzantine, ProtocolAttack
 from lightning_btard.protocol.round import Behaviour
 
 __all__ = ["EquivocatingAggregate"]
@@ -22,7 +22,7 @@ class EquivocatingAggregate(ProtocolAttack):
 
     def __init__(
         self,
-        byzantine: Sequence[int],
+        byzantine: Byzantine,
         victims: Sequence[int] = (0,),
         shift: float = 0.01,
         **kwargs: Any,

@@ -8,12 +8,11 @@ gradient does not recompute; every peer recomputes it, finds it honest, and bans
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 
-from lightning_btard.attacks.base import AttackContext, ProtocolAttack
+from lightning_btard.attacks.base import AttackContext, Byzantine, ProtocolAttack
 from lightning_btard.protocol.round import Behaviour
 
 __all__ = ["FalseAccusation"]
@@ -25,7 +24,7 @@ class FalseAccusation(ProtocolAttack):
 
     def __init__(
         self,
-        byzantine: Sequence[int],
+        byzantine: Byzantine,
         victim: int = 0,
         kind: Literal["round", "validation"] = "round",
         **kwargs: Any,

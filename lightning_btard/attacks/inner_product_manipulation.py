@@ -5,13 +5,12 @@ From Xie et al., 2020, "Fall of Empires: Breaking Byzantine-tolerant SGD by Inne
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from lightning_btard.attacks.base import Attack, AttackContext
+from lightning_btard.attacks.base import Attack, AttackContext, Byzantine
 
 __all__ = ["InnerProductManipulation"]
 
@@ -29,7 +28,7 @@ class InnerProductManipulation(Attack):
 
     def __init__(
         self,
-        byzantine: Sequence[int],
+        byzantine: Byzantine,
         epsilon: float = 0.1,
         omniscient: bool = False,
         **kwargs: Any,

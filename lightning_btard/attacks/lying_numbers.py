@@ -6,10 +6,9 @@ signed part) lets every peer recompute them too.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
-from lightning_btard.attacks.base import AttackContext, ProtocolAttack
+from lightning_btard.attacks.base import AttackContext, Byzantine, ProtocolAttack
 from lightning_btard.protocol.round import Behaviour
 
 __all__ = ["LyingNumbers"]
@@ -20,7 +19,7 @@ class LyingNumbers(ProtocolAttack):
 
     def __init__(
         self,
-        byzantine: Sequence[int],
+        byzantine: Byzantine,
         factor: float = 2.0,
         **kwargs: Any,
     ) -> None:

@@ -7,13 +7,12 @@ with the expected one), so ``kind="oversized"`` and ``"dtype"`` are for the in-p
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_btard.attacks.base import AttackContext, ProtocolAttack
+from lightning_btard.attacks.base import AttackContext, Byzantine, ProtocolAttack
 from lightning_btard.protocol.round import Behaviour
 
 __all__ = ["MalformedPart"]
@@ -26,7 +25,7 @@ class MalformedPart(ProtocolAttack):
 
     def __init__(
         self,
-        byzantine: Sequence[int],
+        byzantine: Byzantine,
         kind: str = "nan",
         **kwargs: Any,
     ) -> None:

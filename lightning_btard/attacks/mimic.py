@@ -10,13 +10,12 @@ principal direction of the honest gradients, from their ``[h, h]`` Gram matrix) 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
-from lightning_btard.attacks.base import Attack, AttackContext
+from lightning_btard.attacks.base import Attack, AttackContext, Byzantine
 
 __all__ = ["Mimic", "mimic_target"]
 
@@ -44,7 +43,7 @@ class Mimic(Attack):
         warmup: attacked steps during which the target is chosen afresh; after them it is kept (0: always afresh).
     """
 
-    def __init__(self, byzantine: Sequence[int], warmup: int = 0, **kwargs: Any) -> None:
+    def __init__(self, byzantine: Byzantine, warmup: int = 0, **kwargs: Any) -> None:
         super().__init__(byzantine, **kwargs)
         if warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {warmup}")

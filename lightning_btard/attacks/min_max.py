@@ -16,13 +16,12 @@ largest root). Full knowledge (the honest gradients) is what the papers assume: 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from lightning_btard.attacks.base import Attack, AttackContext
+from lightning_btard.attacks.base import Attack, AttackContext, Byzantine
 
 __all__ = ["MinMax", "MinSum", "max_gamma", "perturbation"]
 
@@ -75,7 +74,7 @@ class MinMax(Attack):
 
     rule: Literal["min_max", "min_sum"] = "min_max"
 
-    def __init__(self, byzantine: Sequence[int], perturbation: Perturbation = "std", **kwargs: Any) -> None:
+    def __init__(self, byzantine: Byzantine, perturbation: Perturbation = "std", **kwargs: Any) -> None:
         super().__init__(byzantine, **kwargs)
         if perturbation not in ("std", "unit", "sign"):
             raise ValueError(f"perturbation must be 'std', 'unit' or 'sign', got {perturbation!r}")

@@ -5,12 +5,11 @@ From the released BTARD code (``SignFlipper``, which multiplied the gradient by 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor
 
-from lightning_btard.attacks.base import Attack, AttackContext
+from lightning_btard.attacks.base import Attack, AttackContext, Byzantine
 
 __all__ = ["SignFlipping"]
 
@@ -24,7 +23,7 @@ class SignFlipping(Attack):
 
     def __init__(
         self,
-        byzantine: Sequence[int],
+        byzantine: Byzantine,
         scale: float = -1000.0,
         **kwargs: Any,
     ) -> None:

@@ -6,12 +6,11 @@ not the committed one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor
 
-from lightning_btard.attacks.base import AttackContext, ProtocolAttack
+from lightning_btard.attacks.base import AttackContext, Byzantine, ProtocolAttack
 from lightning_btard.protocol.round import Behaviour
 
 __all__ = ["UncommittedPart"]
@@ -22,7 +21,7 @@ class UncommittedPart(ProtocolAttack):
 
     def __init__(
         self,
-        byzantine: Sequence[int],
+        byzantine: Byzantine,
         shift: float = 0.5,
         **kwargs: Any,
     ) -> None:

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from torch import Tensor
 
-from lightning_btard.attacks.base import AttackContext, ProtocolAttack
+from lightning_btard.attacks.base import AttackContext, Byzantine, ProtocolAttack
 from lightning_btard.errors import UserError
 from lightning_btard.protocol.round import Behaviour
 
@@ -23,9 +23,9 @@ class Withholding(ProtocolAttack):
     """Peers among ``byzantine`` send nothing to ``victims`` (peer ids; default: every other peer) in ``phase``
     (``"scatter"`` or ``"gather"``) when the attack fires."""
 
-    def __init__(self, byzantine: Sequence[int], victims: Optional[Sequence[int]] = None, phase: str = "scatter",
-                 attack_start: int = 0, attack_every: int = 1, ban_prob: Optional[float] = None, seed: int = 0) -> None:
-        super().__init__(byzantine, attack_start=attack_start, attack_every=attack_every, ban_prob=ban_prob, seed=seed)
+    def __init__(self, byzantine: Byzantine, victims: Optional[Sequence[int]] = None, phase: str = "scatter",
+                 **kwargs: Any) -> None:
+        super().__init__(byzantine, **kwargs)
         if phase not in ("scatter", "gather"):
             raise ValueError(f"phase must be 'scatter' or 'gather', got {phase!r}")
         self.victims = None if victims is None else {int(v) for v in victims}

@@ -6,12 +6,11 @@ it could blame lied, so every honest peer bans it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor
 
-from lightning_btard.attacks.base import AttackContext, ProtocolAttack
+from lightning_btard.attacks.base import AttackContext, Byzantine, ProtocolAttack
 from lightning_btard.protocol.round import Behaviour
 
 __all__ = ["WrongAggregate"]
@@ -22,7 +21,7 @@ class WrongAggregate(ProtocolAttack):
 
     def __init__(
         self,
-        byzantine: Sequence[int],
+        byzantine: Byzantine,
         scale: float = 1.01,
         **kwargs: Any,
     ) -> None:

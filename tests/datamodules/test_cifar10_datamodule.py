@@ -217,3 +217,13 @@ def test_synthetic_true_writes_the_stand_in_and_bad_switches_are_refused(tmp_pat
     # synthetic=False never falls back: the missing data is an error that names the way out
     with pytest.raises(FileNotFoundError, match="CIFAR-10 not found.*write_synthetic_cifar10"):
         _setup(tmp_path / "empty", synthetic=False, download=False)
+
+
+@pytest.mark.parametrize(("normalization", "std"), [("standard", (0.2470, 0.2435, 0.2616)), ("released", (0.2023, 0.1994, 0.2010))])
+def test_normalization_constants(normalization, std) -> None:
+    dm = CIFAR10DataModule(normalization=normalization)
+    for transform in (dm.train_transform(), dm.eval_transform()):
+        normalize = transform.transforms[-1]
+        assert tuple(normalize.mean) == (0.4914, 0.4822, 0.4465) and tuple(normalize.std) == std
+    with pytest.raises(ValueError, match="normalization"):
+        CIFAR10DataModule(normalization="imagenet")  # type: ignore[arg-type]
