@@ -391,7 +391,7 @@ class BTARDSimStrategy(SingleDeviceStrategy):
         # compares the peers' parameters
         checked = aggregates.items() if step % self.check_params_every == 0 else []
         for rank, aggregate in checked:
-            if rank not in byzantine and aggregate is not None and not torch.equal(aggregate, agreed):
+            if rank not in byzantine and aggregate is not None and not _bitwise_equal(aggregate, agreed):
                 raise RuntimeError(f"btard_sim: honest peers {reporter.rank} and {rank} got different aggregates at step {step}")
         self._attack_counts = reporter.counts
         assign_grads(params, agreed)
@@ -465,6 +465,11 @@ class BTARDSimStrategy(SingleDeviceStrategy):
     @override
     def register_strategies(cls, strategy_registry: Any) -> None:
         strategy_registry.register("btard_sim", cls, description="BTARD-SGD with N peers simulated in one process")
+
+
+def _bitwise_equal(a: Tensor, b: Tensor) -> bool:
+    """The same bits (a diverged run's NaNs included, which ``torch.equal`` calls different)."""
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
 
 
 BTARDSimStrategy.register_strategies(StrategyRegistry)

@@ -160,7 +160,9 @@ def byzantine_of(cell_dir: Path) -> set[int]:
         return set()
     trainer = (yaml.safe_load(saved.read_text()) or {}).get("trainer", {})
     callbacks = trainer.get("callbacks") or []
-    return {int(r) for cb in callbacks if isinstance(cb, dict) for r in (cb.get("init_args") or {}).get("byzantine", []) or []}
+    from lightning_btard.attacks.base import byzantine_ranks
+
+    return {r for cb in callbacks if isinstance(cb, dict) for r in byzantine_ranks((cb.get("init_args") or {}).get("byzantine") or [])}
 
 
 def summarize(cell: Cell, cell_dir: Path, status: str, seconds: float) -> Result:

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from lightning_btard.protocol.round import Behaviour
     from lightning_btard.transports.base import Transport
 
-__all__ = ["Attack", "AttackContext", "Byzantine", "ProtocolAttack", "draw_byzantine", "honest_norm", "seeded_direction"]
+__all__ = ["Attack", "AttackContext", "Byzantine", "ProtocolAttack", "byzantine_ranks", "draw_byzantine", "honest_norm", "seeded_direction"]
 
 Byzantine = Union[Sequence[int], Mapping[str, int]]
 """Who attacks: a list of ranks, or ``{"sample": k, "peers": n, "seed": s}`` for the released code's draw
@@ -46,7 +46,8 @@ def draw_byzantine(sample: int, peers: int, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(1, peers), sample))
 
 
-def _ranks(byzantine: Byzantine) -> list[int]:
+def byzantine_ranks(byzantine: Byzantine) -> list[int]:
+    """The attacking ranks a ``byzantine`` argument names (a list, or a draw)."""
     if isinstance(byzantine, Mapping):
         keys = {"sample", "peers", "seed"}
         if set(byzantine) != keys:
@@ -107,7 +108,7 @@ class Attack(pl.Callback):
             raise ValueError(f"ban_prob must be in [0, 1], 'released' or None, got {ban_prob}")
         if schedule not in ("ours", "released"):
             raise ValueError(f"schedule must be 'ours' or 'released', got {schedule!r}")
-        self.byzantine = _ranks(byzantine)
+        self.byzantine = byzantine_ranks(byzantine)
         self.schedule = schedule
         self.attack_start = int(attack_start)
         self.attack_every = int(attack_every)

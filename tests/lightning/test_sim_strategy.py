@@ -86,8 +86,9 @@ def test_simulated_run_resumes_from_its_checkpoint(tmp_path) -> None:
 
 
 class _Tiny(pl.LightningModule):
-    def __init__(self, manual: bool = False) -> None:
+    def __init__(self, manual: bool = False, lr: float = 0.1) -> None:
         super().__init__()
+        self.lr = lr
         self.automatic_optimization = not manual
         self.layer = torch.nn.Linear(4, 2)
 
@@ -95,18 +96,19 @@ class _Tiny(pl.LightningModule):
         return torch.nn.functional.cross_entropy(self.layer(batch[0]), batch[1])
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
 
     def train_dataloader(self):
         data = torch.utils.data.TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,)))
         return torch.utils.data.DataLoader(data, batch_size=4)
 
 
-def _fit(strategy, devices: int = 1, accumulate: int = 1, manual: bool = False, precision: str = "32-true") -> pl.Trainer:
-    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=2, logger=False,
+def _fit(strategy, devices: int = 1, accumulate: int = 1, manual: bool = False, precision: str = "32-true", lr: float = 0.1,
+         steps: int = 2) -> pl.Trainer:
+    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          accumulate_grad_batches=accumulate, precision=precision)
-    trainer.fit(_Tiny(manual))
+    trainer.fit(_Tiny(manual, lr))
     return trainer
 
 
@@ -128,6 +130,20 @@ def test_registered_by_name_and_trains_in_process() -> None:
 def test_clear_errors_for_what_the_simulation_cannot_do(kwargs, message) -> None:
     with pytest.raises(UserError, match=message):
         _fit(BTARDSimStrategy(num_peers=3), **kwargs)
+
+
+def test_bf16_mixed_precision_trains() -> None:
+    trainer = _fit(BTARDSimStrategy(num_peers=3), precision="bf16-mixed")
+    assert trainer.global_step == 2
+    assert all(torch.isfinite(p).all() for p in trainer.lightning_module.parameters())
+
+
+def test_an_unverified_run_that_diverges_goes_on_as_n_processes_do() -> None:
+    """No defence and a huge learning rate: the parameters become NaN, and every honest peer's aggregate is the same
+    NaN-filled vector (the honest peers' agreement is checked bit for bit, NaNs included)."""
+    trainer = _fit(BTARDSimStrategy(num_peers=3, aggregator="mean", check_params_every=1), lr=float("inf"), steps=4)
+    assert trainer.global_step == 4
+    assert not all(torch.isfinite(p).all() for p in trainer.lightning_module.parameters())
 
 
 def test_bad_arguments() -> None:

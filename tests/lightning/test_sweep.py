@@ -32,6 +32,17 @@ def test_cells_are_the_product_of_the_axes_in_order(tmp_path) -> None:
         Sweep(write(tmp_path / "bad2.yaml", {"axes": {"a": ["x"]}}))
 
 
+def test_attackers_of_a_cell_from_its_saved_config_list_or_draw(tmp_path) -> None:
+    from lightning_btard.sweep import byzantine_of
+
+    callbacks = [{"class_path": "lightning_btard.attacks.SignFlipping", "init_args": {"byzantine": {"sample": 7, "peers": 16, "seed": 0}}},
+                 {"class_path": "lightning_btard.attacks.LabelFlipping", "init_args": {"byzantine": [2]}},
+                 {"class_path": "pytorch_lightning.callbacks.ModelCheckpoint", "init_args": {}}]
+    (tmp_path / "v0").mkdir()
+    (tmp_path / "v0" / "config.yaml").write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
+    assert byzantine_of(tmp_path) == {1, 5, 7, 9, 13, 14, 15, 2}
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_small_sweep_writes_the_table_and_figures_and_resumes(tmp_path) -> None:
