@@ -49,7 +49,9 @@ def test_a_small_sweep_writes_the_table_and_figures_and_resumes(tmp_path) -> Non
     config = write(tmp_path / "tiny.yaml", {
         "name": "tiny",
         "configs": ["configs/demo.yaml"],
-        "options": ["--trainer.devices=3", "--trainer.max_steps=6", "--trainer.val_check_interval=3", "--data.val_subset=100",
+        # 3 peers simulated in each cell's one process (the sweep's machinery is the subject; btard_sim is as N processes)
+        "options": ["--trainer.devices=1", "--trainer.strategy=lightning_btard.BTARDSimStrategy", "--trainer.strategy.num_peers=3",
+                    "--trainer.max_steps=6", "--trainer.val_check_interval=3", "--data.val_subset=100",
                     f"--data.data_dir={tmp_path / 'data'}"],
         "attack_start": 2,
         "axes": {

@@ -1,4 +1,4 @@
-"""End to end through the `btard` CLI: sign flipping ruins plain averaging; BTARD stays close to the attack-free run.
+"""End to end through the `btard` CLI: sign flipping ruins plain averaging; BTARD bans the flipper and keeps most accuracy.
 
 Small CNN, 4 peers (one attacker), the synthetic stand-in for CIFAR-10 written in its real on-disk format.
 """
@@ -59,15 +59,15 @@ def fit(tmp: Path, data_dir: Path, aggregator: str, attack: bool) -> tuple[dict[
 @pytest.mark.timeout(900)
 def test_sign_flipping_ruins_mean_but_not_btard(tmp_path, data_dir) -> None:
     runs, outputs = {}, {}
-    for name, aggregator, attack in [("clean", "centered_clip", False), ("mean", "mean", True), ("btard", "centered_clip", True)]:
+    for name, aggregator, attack in [("mean", "mean", True), ("btard", "centered_clip", True)]:
         (tmp_path / name).mkdir()
         runs[name], outputs[name] = fit(tmp_path / name, data_dir, aggregator, attack)
     final = {name: acc[max(acc)] for name, acc in runs.items()}
     print("final test accuracy:", final)
-    assert final["clean"] > 0.5, final  # the task is learnable in this many steps
     assert final["mean"] <= 0.2, final  # one sign-flipper (x -1000) destroys plain averaging
-    # BTARD keeps most of the attack-free accuracy (measured: clean 0.91, BTARD 0.79, mean 0.10)
-    assert final["btard"] >= max(0.6, final["clean"] - 0.2), final
+    # BTARD keeps most of the attack-free accuracy (measured: without attack 0.91, BTARD 0.79, mean 0.10; the run
+    # without attack is not repeated here, to save a minute of CI: 0.6 is well above chance, 0.1)
+    assert final["btard"] >= 0.6, final
     # verification is on by default with CenteredClip: a validator catches the sign-flipper, nobody else is banned
     assert "BTARD: 1 peer(s) banned during the run" in outputs["btard"]
     # and every peer's event file says the same: peer 2 banned by recomputation, once
@@ -79,5 +79,3 @@ def test_sign_flipping_ruins_mean_but_not_btard(tmp_path, data_dir) -> None:
             continue
         assert [(e["peers"], e["evidence"]) for e in bans] == [([2], "recomputation")], bans
         assert "is not the one its batch gives" in bans[0]["reason"]
-    assert read_events(str(tmp_path / "clean" / "btard_events" / "rank0.jsonl"), "ban") == []
-    assert "BTARD: 0 peer(s) banned during the run." in outputs["clean"]
