@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -53,12 +54,14 @@ def random_directions(
     """``[k, size]`` random directions for part ``part``, uniform on ``[-sqrt(3), sqrt(3)]`` per coordinate (see the
     module doc for why not signs), the same on every peer for the same ``seed`` (written into ``out`` when given: a
     float32 ``[k, size]`` buffer)."""
-    derived = hashlib.blake2b(seed + part.to_bytes(8, "little"), digest_size=8).digest()
-    gen = torch.Generator(device="cpu").manual_seed(int.from_bytes(derived, "little") & ((1 << 63) - 1))
+    derived = hashlib.blake2b(seed + part.to_bytes(8, "little"), digest_size=16).digest()
+    # numpy's SFC64 draws float32 uniforms in ~2/3 of the time of torch's CPU generator (2.7 ns per float there), and
+    # every peer draws k x (all parameters) of them each verified step
+    rng = np.random.Generator(np.random.SFC64(int.from_bytes(derived, "little")))
     uniform = _WORK.get("direction_uniform", (k, size), torch.float32, torch.device("cpu"))
-    uniform.uniform_(-_SQRT3, _SQRT3, generator=gen)
+    rng.random(out=uniform.numpy().reshape(-1), dtype=np.float32)  # [0, 1), 24 random bits each
     z = out if out is not None else torch.empty(k, size, dtype=torch.float32, device=device)
-    return z.copy_(uniform)
+    return torch.add(uniform.mul_(2 * _SQRT3), -_SQRT3, out=z) if z.device == uniform.device else z.copy_(uniform.mul_(2 * _SQRT3).sub_(_SQRT3))
 
 
 def clipped_projections(z: Tensor, g: Tensor, aggregate: Tensor, tau: float) -> tuple[Tensor, Any, Tensor]:
