@@ -134,7 +134,8 @@ class BTARDSimStrategy(SingleDeviceStrategy):
         self.run_seed = 0
         self.peers: list[SimulatedPeer] = []
         self.events = EventLog()
-        self._hub: Optional[InProcessHub] = None
+        self._byzantine: set[int] = set()
+        """Every rank an attack callback names (fixed at set-up)."""
         self._threads: Optional[PeerThreads] = None
         self._recomputer: Optional[Recomputer] = None
         self._current: Optional[SimulatedPeer] = None
@@ -167,20 +168,18 @@ class BTARDSimStrategy(SingleDeviceStrategy):
     def reporter(self) -> Optional[SimulatedPeer]:
         """The peer whose view is logged and reported: the first active peer that no attack callback names (rank 0 of an
         N-process run, unless that one attacks)."""
-        byzantine = {r for a in (self.peers[0].attacks if self.peers else []) for r in a.byzantine}
         active = [p for p in self.peers if not p.left]
-        return next((p for p in active if p.rank not in byzantine), active[0] if active else None)
+        return next((p for p in active if p.rank not in self._byzantine), active[0] if active else None)
+
+    def reporter_rank(self) -> int:
+        """The reporter at set-up: the first rank no attack names (0 if every rank attacks)."""
+        return next((r for r in range(self.num_peers) if r not in self._byzantine), 0)
 
     @property
     def bans(self) -> list[Ban]:
         """Every ban so far (peer = simulated rank, step, reason, evidence kind), as the honest peers agree on them."""
         peer = self.reporter
         return list(peer.engine.membership.bans) if peer is not None else []
-
-    @property
-    def current_peer(self) -> Optional[int]:
-        """The simulated peer whose gradient is being computed (``None`` between peers)."""
-        return self._current.rank if self._current is not None else None
 
     # ----------------------------------------------------------------- set-up
     @override
@@ -206,7 +205,7 @@ class BTARDSimStrategy(SingleDeviceStrategy):
 
     def _make_peers(self, trainer: "pl.Trainer") -> None:
         n = self.num_peers
-        self._hub = hub = InProcessHub(n, self._timeout)
+        hub = InProcessHub(n, self._timeout)
         self._threads = threads = PeerThreads(hub)
         registry = InProcessRegistry()
         identities = [Identity.generate() for _ in range(n)] if self.verify else [None] * n
@@ -214,8 +213,8 @@ class BTARDSimStrategy(SingleDeviceStrategy):
         attacks = attacks_of(trainer)
         # the peers' own copies are the attacks; the callbacks themselves would see every peer's batches at once
         trainer.callbacks = [cb for cb in trainer.callbacks if cb not in attacks]
-        byzantine = {r for a in attacks for r in a.byzantine}
-        first = next((r for r in range(n) if r not in byzantine), 0)  # whose events go to the run's files and loggers
+        self._byzantine = {r for a in attacks for r in a.byzantine}
+        first = self.reporter_rank()  # whose events go to the run's files and loggers
         self.peers = []
         for rank in range(n):
             group = InProcessGroup(Membership(peers=list(range(n))), rank, hub, registry, window=self._timeout)
@@ -384,14 +383,13 @@ class BTARDSimStrategy(SingleDeviceStrategy):
         reporter = self.reporter
         if reporter is None:
             raise UserError("btard_sim: every simulated peer was banned")
-        byzantine = {r for a in reporter.attacks for r in a.byzantine}
         agreed = aggregates[reporter.rank]
         assert agreed is not None
         # every check_params_every steps (a full comparison per peer costs as much as the gather), as BTARDStrategy
         # compares the peers' parameters
         checked = aggregates.items() if step % self.check_params_every == 0 else []
         for rank, aggregate in checked:
-            if rank not in byzantine and aggregate is not None and not _bitwise_equal(aggregate, agreed):
+            if rank not in self._byzantine and aggregate is not None and not _bitwise_equal(aggregate, agreed):
                 raise RuntimeError(f"btard_sim: honest peers {reporter.rank} and {rank} got different aggregates at step {step}")
         self._attack_counts = reporter.counts
         assign_grads(params, agreed)
