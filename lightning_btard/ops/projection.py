@@ -55,13 +55,17 @@ def random_directions(
     module doc for why not signs), the same on every peer for the same ``seed`` (written into ``out`` when given: a
     float32 ``[k, size]`` buffer)."""
     derived = hashlib.blake2b(seed + part.to_bytes(8, "little"), digest_size=16).digest()
-    # numpy's SFC64 draws float32 uniforms in ~2/3 of the time of torch's CPU generator (2.7 ns per float there), and
-    # every peer draws k x (all parameters) of them each verified step
-    rng = np.random.Generator(np.random.SFC64(int.from_bytes(derived, "little")))
-    uniform = _WORK.get("direction_uniform", (k, size), torch.float32, torch.device("cpu"))
-    rng.random(out=uniform.numpy().reshape(-1), dtype=np.float32)  # [0, 1), 24 random bits each
+    # 32 random bits per coordinate as a signed integer, scaled: uniform on [-sqrt(3), sqrt(3)) (float32 rounding
+    # leaves atoms of at most 2^-24 of the mass, as float32 uniforms have). numpy's PCG64DXSM makes the raw bits at
+    # ~0.35 ns per 32-bit value, and the scaling is one vectorised pass: 8 ms per 5.6M coordinates here, against 10.5
+    # for numpy's float32 uniforms and 14 for torch's CPU generator; every peer draws k x (all parameters) of them in
+    # each verified step
+    raw = np.random.PCG64DXSM(int.from_bytes(derived, "little")).random_raw((k * size + 1) // 2)
+    bits = torch.from_numpy(raw.view(np.int32)[: k * size]).view(k, size)
     z = out if out is not None else torch.empty(k, size, dtype=torch.float32, device=device)
-    return torch.add(uniform.mul_(2 * _SQRT3), -_SQRT3, out=z) if z.device == uniform.device else z.copy_(uniform.mul_(2 * _SQRT3).sub_(_SQRT3))
+    staged = z if z.device.type == "cpu" else _WORK.get("direction_staging", (k, size), torch.float32, torch.device("cpu"))
+    staged.copy_(bits).mul_(_SQRT3 / 2.0**31)
+    return z if staged is z else z.copy_(staged)
 
 
 def clipped_projections(z: Tensor, g: Tensor, aggregate: Tensor, tau: float) -> tuple[Tensor, Any, Tensor]:
