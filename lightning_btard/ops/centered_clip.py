@@ -111,7 +111,7 @@ _START_ACCURACY = 1e-3
 to be used (a float32 chunk product errs by ~3e-7 of ``|x_i| |x_j|``; 1e-6 is assumed)."""
 
 
-def _start(x: Tensor, w: Tensor, tau: float, eps: float, budget: int, v: Tensor) -> Optional[int]:
+def _start(x: Tensor, w: Tensor, tau: float, eps: float, rel_eps: float, budget: int, v: Tensor) -> Optional[int]:
     """Write the start into ``v`` (see the module's docstring) and return the solve's iterations (-1: ``v`` is a row,
     the first pass solves from the mean); ``None`` when the rows' squared norms are outside float32's comfortable range
     (the caller starts from the coordinate median). Raises on non-finite rows."""
@@ -134,18 +134,22 @@ def _start(x: Tensor, w: Tensor, tau: float, eps: float, budget: int, v: Tensor)
     if not accurate:
         v.copy_(x[k])
         return -1
-    beta, spent = _solve_in_span(centred, w, tau, eps, budget, from_mean=True)  # weights over the rows: sum(beta) = 1
+    # at most 100 iterations here: the passes certify (and finish) what an inexact derived matrix leaves
+    beta, spent = _solve_in_span(centred, w, tau, eps, min(budget, 100), from_mean=True, rel_eps=rel_eps, raw=gram)  # weights over the rows: sum(beta) = 1
     torch.mv(x.T, beta.to(x.dtype), out=v)
     return spent
 
 
-def _solve_in_span(gram: Tensor, w: Tensor, tau: float, eps: float, budget: int, from_mean: bool = False) -> tuple[Tensor, int]:
+def _solve_in_span(gram: Tensor, w: Tensor, tau: float, eps: float, budget: int, from_mean: bool = False,
+                   rel_eps: float = 0.0, raw: Optional[Tensor] = None) -> tuple[Tensor, int]:
     """Reweighting iterations in the coordinates ``u = sum_j beta_j d_j`` of the centred rows ``d_j``.
 
     ``gram`` is ``[m, m]`` float64 (``d_i . d_j``). Starts at ``u = 0`` (the centre), or at the weighted mean of the
     rows when the centre is one of them: reweighting from a row converges slowly where the rows' fixed points form a
-    segment ending a distance ``tau`` from that row. Stops when a step moves ``u`` by less than ``eps / 100`` (the
-    full-vector residual, measured by the caller, is what certifies the result).
+    segment ending a distance ``tau`` from that row. Stops when a step moves ``u`` by less than ``target / 100`` (the
+    full-vector residual, measured by the caller, is what certifies the result), where ``target`` is
+    ``max(eps, rel_eps * ||v||)`` and ``||v||`` comes from ``raw``, the Gram matrix of the rows themselves, when the
+    iterate is ``v = sum_j beta_j x_j`` (the start; a pass states its target in ``eps``).
     """
     diag = gram.diagonal()
     beta = w / w.sum() if from_mean else torch.zeros_like(w)
@@ -156,7 +160,8 @@ def _solve_in_span(gram: Tensor, w: Tensor, tau: float, eps: float, budget: int,
         new_beta = wc / wc.sum()
         delta = new_beta - beta
         beta = new_beta
-        if float(delta @ gram @ delta) <= (eps * 1e-2) ** 2:
+        target = max(eps, rel_eps * max(float(beta @ raw @ beta), 0.0) ** 0.5) if raw is not None and rel_eps else eps
+        if float(delta @ gram @ delta) <= (target * 1e-2) ** 2:
             return beta, it
     return beta, budget
 
@@ -214,7 +219,7 @@ def centered_clip_with_stats(
 
     work = _workspace.get("centered_clip.rows", (n, d), x.dtype, x.device)
     vec = _workspace.get("centered_clip.vector", (d,), x.dtype, x.device)
-    started = _start(x, w, tau, eps, max_iters, v)
+    started = _start(x, w, tau, eps, rel_eps, max_iters, v)
     if started is None:
         _check_finite(x)
         coordinate_median(x, workspace=work, out=v)  # the released code's starting point

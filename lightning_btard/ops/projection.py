@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import numpy as np
 import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from torch import Tensor
 
 from lightning_btard.ops.accurate_sums import accurate_dots, accurate_norms
@@ -54,18 +55,40 @@ def random_directions(
     """``[k, size]`` random directions for part ``part``, uniform on ``[-sqrt(3), sqrt(3)]`` per coordinate (see the
     module doc for why not signs), the same on every peer for the same ``seed`` (written into ``out`` when given: a
     float32 ``[k, size]`` buffer)."""
-    derived = hashlib.blake2b(seed + part.to_bytes(8, "little"), digest_size=16).digest()
-    # 32 random bits per coordinate as a signed integer, scaled: uniform on [-sqrt(3), sqrt(3)) (float32 rounding
-    # leaves atoms of at most 2^-24 of the mass, as float32 uniforms have). numpy's PCG64DXSM makes the raw bits at
-    # ~0.35 ns per 32-bit value, and the scaling is one vectorised pass: 8 ms per 5.6M coordinates here, against 10.5
-    # for numpy's float32 uniforms and 14 for torch's CPU generator; every peer draws k x (all parameters) of them in
-    # each verified step
-    raw = np.random.PCG64DXSM(int.from_bytes(derived, "little")).random_raw((k * size + 1) // 2)
-    bits = torch.from_numpy(raw.view(np.int32)[: k * size]).view(k, size)
+    key = hashlib.blake2b(seed + part.to_bytes(8, "little"), digest_size=16).digest()
     z = out if out is not None else torch.empty(k, size, dtype=torch.float32, device=device)
-    staged = z if z.device.type == "cpu" else _WORK.get("direction_staging", (k, size), torch.float32, torch.device("cpu"))
-    staged.copy_(bits).mul_(_SQRT3 / 2.0**31)
-    return z if staged is z else z.copy_(staged)
+    flat = z.view(-1)
+    # AES-128 in counter mode (a keyed stream of 32 random bits per coordinate, the same everywhere for the same key),
+    # as signed integers scaled onto [-sqrt(3), sqrt(3)): float32 rounding leaves atoms of at most 2^-24 of the mass,
+    # as float32 uniforms have. With AES-NI, 4.5 ms per 5.6M coordinates here, against 9 for numpy's fastest float32
+    # uniforms and 14 for torch's CPU generator; every peer draws k x (all parameters) of them in each verified step.
+    # Chunks of 1 MB stay in cache and need no buffer of the directions' size.
+    encryptor = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+    bits, scaled = _chunk_buffers()
+    for start in range(0, flat.numel(), _CHUNK):
+        m = min(_CHUNK, flat.numel() - start)
+        encryptor.update_into(_ZEROS[: 4 * m], bits[1])
+        if flat.device.type == "cpu":
+            flat[start : start + m].copy_(bits[0][:m]).mul_(_SCALE)
+        else:
+            flat[start : start + m].copy_(scaled[:m].copy_(bits[0][:m]).mul_(_SCALE))
+    return z
+
+
+_CHUNK = 1 << 18  # coordinates per chunk (1 MB)
+_ZEROS = memoryview(bytes(4 * _CHUNK))
+_SCALE = _SQRT3 / 2.0**31
+
+
+_LOCAL = threading.local()
+
+
+def _chunk_buffers() -> tuple[tuple[Tensor, bytearray], Tensor]:
+    """This thread's chunk buffers (simulated peers draw directions in parallel threads)."""
+    if not hasattr(_LOCAL, "buffers"):
+        raw = bytearray(4 * _CHUNK + 16)  # update_into wants room for a block beyond the input
+        _LOCAL.buffers = (torch.frombuffer(raw, dtype=torch.int32)[:_CHUNK], raw), torch.empty(_CHUNK, dtype=torch.float32)
+    return _LOCAL.buffers
 
 
 def clipped_projections(z: Tensor, g: Tensor, aggregate: Tensor, tau: float) -> tuple[Tensor, Any, Tensor]:

@@ -1,0 +1,120 @@
+"""One verified round (commit, scatter, aggregate, gather, reveal, verify) against one unverified ButterflyClip round
+of the same tensors, over gloo, in one run: what verification adds to the aggregation alone, phase by phase.
+
+    ./run bench verified_round                      # 11.2M floats (a ResNet18), 4 processes, tau=1
+    ./run bench verified_round --profile 25         # and rank 0's 25 costliest functions in the verified rounds
+
+No model and no validators: the training step's other costs are in ``strategy_step``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import socket
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lightning_btard.aggregators import resolve_aggregator
+from lightning_btard.protocol.butterfly import butterfly_aggregate
+from lightning_btard.protocol.engine import round_config_of
+from lightning_btard.protocol.identity import Identity
+from lightning_btard.protocol.round import verified_round
+from lightning_btard.transports import TorchDistributedTransport
+
+
+def worker(rank: int, world: int, port: int, numel: int, repeat: int, tau: float, profile: int, queue) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    transport = TorchDistributedTransport()
+    identity = Identity.generate()
+    keys = transport.all_gather_object(identity.public)
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(numel, generator=g) * 1e-3 + torch.randn(numel, generator=torch.Generator().manual_seed(99)) * 1e-3
+    agg = resolve_aggregator("centered_clip", tau=tau)
+    config = round_config_of(agg)
+    out = torch.empty_like(x)
+    phases: dict[str, dict[str, list[float]]] = {"unverified": {}, "verified": {}}
+    totals: dict[str, list[float]] = {"unverified": [], "verified": []}
+    profiler = cProfile.Profile() if profile and rank == 0 else None
+
+    def unverified() -> None:
+        _, stats = butterfly_aggregate(x, transport, agg, out=out)
+        for k, v in stats.seconds.items():
+            phases["unverified"].setdefault(k, []).append(v)
+
+    def verified(i: int) -> None:
+        outcome = verified_round(x, transport, identity, keys, list(range(world)), i, config, out=out,
+                                 context=i.to_bytes(8, "little"))
+        assert outcome.aggregate is not None and not outcome.bans, outcome.bans
+        for k, v in outcome.stats.items():
+            if k.startswith("time_"):
+                phases["verified"].setdefault(k[5:], []).append(v)
+
+    for i in range(repeat + 1):  # interleaved; the first of each is a warm-up
+        for name in ("unverified", "verified"):
+            dist.barrier()
+            if profiler is not None and name == "verified" and i:
+                profiler.enable()
+            t = time.perf_counter()
+            unverified() if name == "unverified" else verified(i)
+            elapsed = time.perf_counter() - t
+            if profiler is not None and name == "verified" and i:
+                profiler.disable()
+            if i:
+                totals[name].append(elapsed)
+    if rank == 0:
+        report = ""
+        if profiler is not None:
+            s = io.StringIO()
+            pstats.Stats(profiler, stream=s).sort_stats("tottime").print_stats(profile)
+            report = s.getvalue()
+        queue.put(({k: statistics.median(v) for k, v in totals.items()},
+                   {name: {k: statistics.median(v) for k, v in p.items()} for name, p in phases.items()}, report))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--world", type=int, default=4)
+    p.add_argument("--numel", type=int, default=11_200_000)
+    p.add_argument("--repeat", type=int, default=7)
+    p.add_argument("--tau", type=float, default=1.0)
+    p.add_argument("--profile", type=int, default=0, help="print rank 0's N costliest functions (cProfile, own time)")
+    a = p.parse_args()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=worker, args=(r, a.world, port, a.numel, a.repeat, a.tau, a.profile, queue))
+             for r in range(a.world)]
+    for proc in procs:
+        proc.start()
+    try:
+        totals, phases, report = queue.get(timeout=900)
+    finally:
+        for proc in procs:
+            proc.join(60)
+            if proc.is_alive():
+                proc.kill()
+    print(f"A verified round against an unverified one: {a.numel:,} floats, {a.world} processes, tau={a.tau}, "
+          f"median of {a.repeat} interleaved rounds on rank 0\n")
+    print("| round | time | ratio |\n|---|---|---|")
+    print(f"| unverified (scatter, CenteredClip, gather) | {totals['unverified'] * 1e3:,.1f} ms | 1.00x |")
+    print(f"| verified (no validators) | {totals['verified'] * 1e3:,.1f} ms | {totals['verified'] / totals['unverified']:.2f}x |")
+    for name, p_ in phases.items():
+        print(f"\n{name} phases: " + ", ".join(f"{k} {v * 1e3:,.1f} ms" for k, v in p_.items()))
+    if report:
+        print("\nrank 0, verified rounds, by own time:\n" + report)
+
+
+if __name__ == "__main__":
+    main()
