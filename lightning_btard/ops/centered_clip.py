@@ -43,7 +43,7 @@ from lightning_btard.ops.accurate_sums import accurate_dots
 from lightning_btard.ops.finite import finite_rows
 from lightning_btard.ops.median import coordinate_median
 from lightning_btard.ops.norms import safe_norm
-from lightning_btard.ops.workspace import Workspace
+from lightning_btard.ops.workspace import SCRATCH, Workspace
 
 __all__ = ["CenteredClipResult", "centered_clip", "centered_clip_with_stats", "clip_coefficients"]
 
@@ -217,7 +217,7 @@ def centered_clip_with_stats(
         torch.mv(x.T, (w / w_total).to(x.dtype), out=v)  # a gemv: faster on a CPU than a weighted sum
         return CenteredClipResult(value=v, iterations=0, residual=0.0, clipped=0, converged=True)
 
-    work = _workspace.get("centered_clip.rows", (n, d), x.dtype, x.device)
+    work = SCRATCH.view("rows", (n, d), x.dtype, x.device)
     vec = _workspace.get("centered_clip.vector", (d,), x.dtype, x.device)
     started = _start(x, w, tau, eps, rel_eps, max_iters, v)
     if started is None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -34,9 +35,10 @@ from torch import Tensor
 
 from lightning_btard.ops.accurate_sums import accurate_dots, accurate_norms
 from lightning_btard.ops.centered_clip import clip_coefficients
-from lightning_btard.ops.workspace import Workspace
+from lightning_btard.ops.workspace import SCRATCH
 
 __all__ = [
+    "LazyDirections",
     "ProjectionCheck",
     "aggregate_norm_bound",
     "accurate_dots",
@@ -45,7 +47,6 @@ __all__ = [
     "random_directions",
 ]
 
-_WORK = Workspace()
 _SQRT3 = math.sqrt(3.0)
 
 
@@ -91,6 +92,35 @@ def _chunk_buffers() -> tuple[tuple[Tensor, bytearray], Tensor]:
     return _LOCAL.buffers
 
 
+class LazyDirections(Sequence[Tensor]):
+    """A round's directions per part (``[k, size_j]`` for part ``j``), drawn when asked for into one buffer of the
+    largest part's size: a peer holds ``k x (largest part)`` floats instead of ``k x (all parameters)``.
+
+    ``directions[j]`` is valid until another part's is asked for (then ``j``'s is redrawn when asked again): read it
+    right before use."""
+
+    def __init__(self, seed: bytes, sizes: Sequence[int], k: int, device: torch.device | str, buffer: Tensor) -> None:
+        self.seed, self.sizes, self.k, self.device = seed, list(sizes), int(k), device
+        if buffer.numel() < self.k * max(self.sizes, default=0):
+            raise ValueError("the buffer is smaller than k x the largest part")
+        self._buffer, self._held = buffer, -1
+        self.draws = 0
+        """How many parts were drawn (a part asked for again after another is drawn again)."""
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, j):  # type: ignore[override]
+        if not isinstance(j, int):
+            raise TypeError("directions are indexed by one part")
+        size = self.sizes[j]
+        view = self._buffer[: self.k * size].view(self.k, size)
+        if self._held != j:
+            random_directions(self.seed, j, size, self.k, self.device, out=view)
+            self._held, self.draws = j, self.draws + 1
+        return view
+
+
 def clipped_projections(z: Tensor, g: Tensor, aggregate: Tensor, tau: float) -> tuple[Tensor, Any, Tensor]:
     """A peer's published numbers for one part: ``s = c <z, g - G>`` (``[k]``), ``||g - G||`` and ``p = <z, g>``.
 
@@ -98,7 +128,7 @@ def clipped_projections(z: Tensor, g: Tensor, aggregate: Tensor, tau: float) -> 
     shape ``[n, k]`` and the norms as a float64 ``[n]`` tensor."""
     single = g.dim() == 1
     gs = (g[None] if single else g).float()
-    diff = torch.sub(gs, aggregate.float(), out=_WORK.get("diff", tuple(gs.shape), torch.float32, g.device))
+    diff = torch.sub(gs, aggregate.float(), out=SCRATCH.view("rows", tuple(gs.shape), torch.float32, g.device))
     norms = accurate_norms(diff)
     c = clip_coefficients(norms, tau)
     s = accurate_dots(z, diff).T * c[:, None]

@@ -13,7 +13,7 @@ from collections import OrderedDict
 
 import torch
 
-__all__ = ["Workspace"]
+__all__ = ["SCRATCH", "Workspace"]
 
 
 class Workspace(threading.local):
@@ -39,3 +39,21 @@ class Workspace(threading.local):
             buf = self.buffers[key] = torch.empty(shape, dtype=dtype, device=device)
         self.buffers.move_to_end(key)
         return buf
+
+    def view(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """An uninitialised ``shape`` view of one buffer per ``name`` (and dtype, device), grown to the largest shape
+        asked for: callers of different shapes that never hold it at the same time share its memory."""
+        numel = 1
+        for size in shape:
+            numel *= int(size)
+        key = (name, "view", dtype, torch.device(device))
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            self.buffers.pop(key, None)  # free the smaller one first
+            buf = self.buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel].view(shape)
+
+
+SCRATCH = Workspace()
+"""Row scratch shared by the ops that fill it and are done with it within one call, and never call each other:
+CenteredClip's centred rows and the projections' differences (one buffer of ``[n, part]`` per peer, not two)."""

@@ -355,7 +355,7 @@ class PeerEngine:
                                      outcome.aggregate.device).copy_(outcome.aggregate) if outcome.aggregate is not None else None,
             tau=self.round_config.tau,
             contributors=contributors, batch_idx=int(batch_idx), directions=self.round_config.directions,
-            micro_batches=int(micro_batches), grad_scale=grad_scale, direction_cache=list(outcome.directions),
+            micro_batches=int(micro_batches), grad_scale=grad_scale,
         )
         record.assignments = assign_validators(outcome.seed, active, self.validators, contributors)
         self.record = record

@@ -36,8 +36,8 @@ from lightning_btard.ops.centered_clip import centered_clip_with_stats, clip_coe
 from lightning_btard.ops.finite import well_formed_part
 from lightning_btard.ops.norms import redo_unsure_norms, rounding_floor, safe_norm
 from lightning_btard.ops.partition import part_sizes
-from lightning_btard.ops.projection import ProjectionCheck, aggregate_norm_bound, clipped_projections, random_directions
-from lightning_btard.ops.workspace import Workspace
+from lightning_btard.ops.projection import LazyDirections, ProjectionCheck, aggregate_norm_bound, clipped_projections
+from lightning_btard.ops.workspace import SCRATCH, Workspace
 from lightning_btard.protocol import records
 from lightning_btard.protocol.digest import digest
 from lightning_btard.protocol.identity import Identity, verify_signature
@@ -48,7 +48,7 @@ from lightning_btard.transports.base import Transport
 __all__ = ["Behaviour", "RoundConfig", "RoundOutcome", "verified_round"]
 
 _SIG = 64  # bytes in an Ed25519 signature
-_WORK = Workspace()  # received parts and secret directions: tens of MB, the same shapes every round
+_WORK = Workspace()  # received parts: tens of MB, the same shapes every round
 
 
 @dataclass(frozen=True)
@@ -124,8 +124,6 @@ class RoundOutcome:
     numbers: list[list] = field(default_factory=list)
     """Every member's published ``[s, ||g - G||, p]`` per part (the projections validators check later)."""
     sizes: list[int] = field(default_factory=list)
-    directions: list[Tensor] = field(default_factory=list)
-    """The round's secret directions per part (valid until the next round: reused buffers)."""
     refuted: list[tuple[int, int]] = field(default_factory=list)
     """``(claimant, accused)`` for every unprovable claim the accused refuted with a valid copy."""
     checkers: list[int] = field(default_factory=list)
@@ -224,7 +222,8 @@ class _Round:
         self.aggregates: list[Tensor] = list(torch.split(self.out, self.sizes))
         self.part_hashes: list[bytes] = []
         self.numbers: list[list] = []
-        self.directions: list[Tensor] = []
+        self.directions: Sequence[Tensor] = []
+        """The round's secret directions per part, once the seed is known (drawn on demand: see ``LazyDirections``)."""
         self.refuted: list[tuple[int, int]] = []
 
     # ------------------------------------------------------------------ helpers
@@ -240,7 +239,7 @@ class _Round:
     def outcome(self, stats: dict[str, float], aggregate: Optional[Tensor] = None, seed: Optional[bytes] = None) -> RoundOutcome:
         return RoundOutcome(
             None if self.bans else aggregate, list(self.bans.values()), seed, dict(stats),
-            numbers=self.numbers, sizes=self.sizes, directions=self.directions, refuted=list(self.refuted),
+            numbers=self.numbers, sizes=self.sizes, refuted=list(self.refuted),
             checkers=list(self.checkers[self.me]),
         )
 
@@ -396,14 +395,20 @@ class _Round:
 
     def verify(self, seed: bytes) -> None:
         k, device = self.config.directions, self.flat.device
-        self.directions = [
-            random_directions(seed, j, size, k, device, out=_WORK.get(f"directions{j}", (k, size), torch.float32, device))
-            for j, size in enumerate(self.sizes)
-        ]
-        mine = [
-            list(self.behaviour.numbers(self.step, j, *self.my_numbers(j, self.parts[j]))) + [float(safe_norm(self.parts[j]))]
-            for j in range(self.n)
-        ]
+        self.directions = LazyDirections(seed, self.sizes, k, device,
+                                         SCRATCH.view("directions", (k * max(self.sizes),), torch.float32, device))
+        # one pass over the parts, each part's directions drawn once: my numbers for it, and where I hold other
+        # members' copies of it (as its aggregator, or as a checker of its aggregator's own part) their recomputation
+        mine: list[list] = []
+        recomputed: Any = None
+        own_recomputed: dict[int, tuple[list, float]] = {}
+        for j in range(self.n):
+            numbers = self.my_numbers(j, self.parts[j])
+            mine.append(list(self.behaviour.numbers(self.step, j, *numbers)) + [float(safe_norm(self.parts[j]))])
+            if j == self.me:  # every sender's part I aggregated, all at once
+                recomputed = clipped_projections(self.directions[j], self.received, self.aggregates[j], self.config.tau)
+            if j in self.own_parts:
+                own_recomputed[j] = (self.my_numbers(j, self.own_parts[j]), float(safe_norm(self.own_parts[j])))
         board = self.signed_board("numbers", mine, _numbers_statement(self.context, self.peers[self.me], mine))
         for i, entry in enumerate(board):
             try:
@@ -417,20 +422,19 @@ class _Round:
                 self.ban(i, "malformed or missing verification numbers", "missing-record")
         if self.bans:
             return
-        # as aggregator of part `me`, I hold every sender's signed part: recompute their numbers (all at once)
-        s_all, norms, p_all = clipped_projections(self.directions[self.me], self.received, self.aggregates[self.me], self.config.tau)
+        # as aggregator of part `me`, I hold every sender's signed part: their numbers, recomputed above
+        s_all, norms, p_all = recomputed
         part_norms = self.received_norms
         accusations = []
         for i in range(self.n):
             if i == self.me:
                 continue  # my own numbers are mine: nobody accuses itself
             r = self.row[i]
-            recomputed = [s_all[r].tolist(), float(norms[r]), p_all[r].tolist()]
-            if not self.numbers_agree(i, self.me, recomputed, float(part_norms[r])):
+            if not self.numbers_agree(i, self.me, [s_all[r].tolist(), float(norms[r]), p_all[r].tolist()], float(part_norms[r])):
                 accusations.append(("lying-numbers", i, (self.received[r].clone(), self.part_sigs[i])))
-        # as a checker of another aggregator's own part, I recompute its numbers for it too
+        # as a checker of another aggregator's own part, I recomputed its numbers for it too
         for i, own in self.own_parts.items():
-            if not self.numbers_match(i, i, own):
+            if not self.numbers_agree(i, i, *own_recomputed[i]):
                 accusations.append(("lying-own-numbers", i, (own.clone(), self.own_sigs.get(i, bytes(_SIG)))))
         accusers = self.resolve(accusations)
         check = ProjectionCheck(tau=self.config.tau)

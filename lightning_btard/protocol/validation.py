@@ -30,7 +30,7 @@ from torch import Tensor
 from lightning_btard.ops.finite import all_finite
 from lightning_btard.ops.norms import rounding_floor, safe_norm
 from lightning_btard.ops.projection import accurate_dots, clipped_projections, random_directions
-from lightning_btard.ops.workspace import Workspace
+from lightning_btard.ops.workspace import SCRATCH
 from lightning_btard.protocol import records
 from lightning_btard.protocol.digest import digest
 from lightning_btard.protocol.membership import Ban
@@ -38,7 +38,6 @@ from lightning_btard.transports.base import Transport
 
 __all__ = ["Assignment", "RecomputationDisagrees", "StepRecord", "ValidationCheck", "assign_validators", "resolve_validations"]
 
-_WORK = Workspace()
 
 
 @dataclass(frozen=True)
@@ -74,16 +73,12 @@ class StepRecord:
     """The step's aggregate ``G`` (all parts), against which ``s`` and ``||g - G||`` are recomputed."""
     tau: float = 1.0
     """The round's CenteredClip radius (``s = min(1, tau / ||g - G||) <z, g - G>``)."""
-    direction_cache: list[Tensor] = field(default_factory=list)
-    """The round's directions per part if still in memory (the next round overwrites them; validation runs before)."""
 
     def direction(self, j: int, device: torch.device) -> Tensor:
-        """Part ``j``'s ``[k, size]`` directions: the round's own if still held, else regenerated from the seed."""
+        """Part ``j``'s ``[k, size]`` directions, drawn again from the seed (a round holds one part's at a time)."""
         shape = (self.directions, self.sizes[j])
-        if j < len(self.direction_cache) and tuple(self.direction_cache[j].shape) == shape:
-            return self.direction_cache[j].to(device)
         return random_directions(self.seed, j, self.sizes[j], self.directions, device,
-                                 out=_WORK.get("directions", shape, torch.float32, device))
+                                 out=SCRATCH.view("directions", shape, torch.float32, device))
 
 
 def assign_validators(seed: bytes, peers: Sequence[int], count: int, targets: Sequence[int]) -> list[Assignment]:

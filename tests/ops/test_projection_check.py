@@ -10,6 +10,7 @@ import torch
 
 from lightning_btard.ops.centered_clip import centered_clip_with_stats
 from lightning_btard.ops.projection import (
+    LazyDirections,
     ProjectionCheck,
     accurate_dots,
     aggregate_norm_bound,
@@ -129,3 +130,43 @@ def test_a_structured_bias_chosen_before_the_draw_is_caught(shape: str) -> None:
         s, norms = published(parts, biased, 1.0, z)
         misses += check.passes(torch.ones(n), s, norms, bound)
     assert misses == 0, f"{misses} of {trials} shifted aggregates passed"
+
+
+def test_lazy_directions_equal_each_parts_own_draw_and_hold_one_part() -> None:
+    sizes = [7, 5, 7]
+    buffer = torch.empty(2 * 7)
+    lazy = LazyDirections(b"seed", sizes, 2, "cpu", buffer)
+    assert len(lazy) == 3
+    for j in (0, 1, 1, 2, 0):
+        assert torch.equal(lazy[j], random_directions(b"seed", j, sizes[j], 2))
+        assert lazy[j].data_ptr() == buffer.data_ptr()  # one buffer, the largest part's size
+    assert lazy.draws == 4  # part 1 asked twice in a row is drawn once
+    with pytest.raises(ValueError):
+        LazyDirections(b"seed", sizes, 3, "cpu", buffer)
+
+
+def test_scratch_views_share_one_buffer_grown_to_the_largest() -> None:
+    from lightning_btard.ops.workspace import Workspace
+
+    w = Workspace()
+    a = w.view("rows", (3, 4), torch.float32, torch.device("cpu"))
+    b = w.view("rows", (2, 5), torch.float32, torch.device("cpu"))
+    assert a.data_ptr() == b.data_ptr() and b.shape == (2, 5)
+    c = w.view("rows", (4, 5), torch.float32, torch.device("cpu"))
+    assert c.shape == (4, 5) and w.view("rows", (3, 4), torch.float32, torch.device("cpu")).data_ptr() == c.data_ptr()
+
+
+def test_directions_are_the_aes_ctr_stream_as_signed_integers_scaled_to_unit_variance() -> None:
+    """An independent computation of the whole stream in one call (the implementation works in 1 MB chunks)."""
+    import hashlib
+
+    import numpy as np
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    k, size = 2, 300_001  # 600,002 coordinates: three chunks, the last partial
+    key = hashlib.blake2b(b"seed" + (5).to_bytes(8, "little"), digest_size=16).digest()
+    stream = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update(bytes(4 * k * size))
+    expected = np.frombuffer(stream, dtype="<i4").astype(np.float64) * (3**0.5 / 2**31)
+    z = random_directions(b"seed", 5, size, k)
+    np.testing.assert_allclose(z.double().numpy().reshape(-1), expected, rtol=2.5e-7, atol=0)  # two float32 roundings
+    assert float(z.abs().max()) <= 3**0.5 and abs(float(z.double().var()) - 1.0) < 0.01
