@@ -506,9 +506,7 @@ class BTARDStrategy(Processes, Joining, PeerCollectives, Leaving, ParallelStrate
             # fp16 overflow on a majority: every peer skips this step together (the scalers see inf and back off)
             assign_grads(params, torch.full_like(flat, float("inf")))
             return
-        if scale is not None:
-            aggregate.mul_(scale)
-        assign_grads(params, aggregate)
+        assign_grads(params, aggregate, scale=scale)  # the aggregate itself is read-only (the next validators read it)
 
     def _grad_scale(self) -> Optional[float]:
         scaler = getattr(self.precision_plugin, "scaler", None)

@@ -55,8 +55,9 @@ def flatten_grads(
     return torch.cat(pieces) if out is None else torch.cat(pieces, out=out)
 
 
-def assign_grads(params: Sequence[torch.nn.Parameter], flat: Tensor) -> None:
-    """Write ``flat`` back into the parameters' ``.grad`` (created where missing), in each gradient's dtype."""
+def assign_grads(params: Sequence[torch.nn.Parameter], flat: Tensor, scale: Optional[float] = None) -> None:
+    """Write ``flat`` (times ``scale``, if given) back into the parameters' ``.grad`` (created where missing), in each
+    gradient's dtype. ``flat`` is only read."""
     offset = 0
     for p in params:
         chunk = flat[offset : offset + p.numel()].view(p.shape)
@@ -65,5 +66,7 @@ def assign_grads(params: Sequence[torch.nn.Parameter], flat: Tensor) -> None:
             p.grad = chunk.to(p.dtype).clone()
         else:
             p.grad.copy_(chunk)
+        if scale is not None:
+            p.grad.mul_(scale)
     if offset != flat.numel():
         raise ValueError(f"flat gradient has {flat.numel()} elements, the parameters {offset}")

@@ -216,7 +216,8 @@ class PeerEngine:
         ``computed`` is the gradient this peer computed (``sent`` before any attack; on a validator's fast path, its
         recomputation of its target's gradient). Returns the aggregate (a buffer reused by the next step), ``None``
         when the step is skipped by every peer (``overflow_vote``: a majority's gradients were not finite), or ``sent``
-        itself once this peer has left. ``after()`` runs inside the step's attempt (a collective of the glue's)."""
+        itself once this peer has left. ``after()`` runs inside the step's attempt (a collective of the glue's).
+        The aggregate is read-only: the next step's validators read it as this step's record."""
         computed = sent if computed is None else computed
         self.metrics = {}
         started = time.perf_counter()
@@ -351,8 +352,9 @@ class PeerEngine:
             step=step, peers=list(active), sizes=list(outcome.sizes), seed=outcome.seed,
             projections={p: [list(nums[2]) for nums in outcome.numbers[i]] for i, p in enumerate(active)},
             numbers={p: outcome.numbers[i] for i, p in enumerate(active)},
-            aggregate=self._work.get("validated_aggregate", tuple(outcome.aggregate.shape), outcome.aggregate.dtype,
-                                     outcome.aggregate.device).copy_(outcome.aggregate) if outcome.aggregate is not None else None,
+            # not a copy: the round's output buffer is written again only by the next step's round, after the next
+            # step's validation has read it (callers treat the returned aggregate as read-only)
+            aggregate=outcome.aggregate,
             tau=self.round_config.tau,
             contributors=contributors, batch_idx=int(batch_idx), directions=self.round_config.directions,
             micro_batches=int(micro_batches), grad_scale=grad_scale,

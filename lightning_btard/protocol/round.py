@@ -332,9 +332,11 @@ class _Round:
         rows = self.received[: self.contributing]
         weights = self.weights[self.order[: self.contributing]]
         uniform = bool((weights == weights[0]).all())
+        slot = self.aggregates[self.me]  # my part of the output: no fresh buffer each round (gather copies it onto itself)
         self.result = result = centered_clip_with_stats(
             rows, self.config.tau, weights=None if uniform else weights.to(rows.dtype),
             max_iters=self.config.max_iters, eps=self.config.eps, rel_eps=self.config.rel_eps,
+            out=slot if slot.dtype == rows.dtype else None,
         )
         self.mine = self.behaviour.published_aggregate(self.step, result.value)
         self.mine_hash = h = digest(self.mine)
