@@ -5,8 +5,8 @@ Phases, each closed by a board round (``all_gather_object``: every peer sees the
 1. **commit** — signed hashes of every part of my gradient and my MPRNG commitment;
 2. **scatter** — part ``j`` to aggregator ``j``, with my signature over its hash;
 3. **aggregate** — CenteredClip of my part; its hash published, signed;
-4. **gather** — my aggregate to every peer, signed;
-5. **reveal** — MPRNG secrets, checked against the commitments; the shared seed;
+4. **gather** — my aggregate to every peer, signed (its accusations go on the reveal board);
+5. **reveal** — MPRNG secrets, checked against the commitments, and the gather accusations; the shared seed;
 6. **verify** — every peer publishes its projections of every part on the secret directions; the
    aggregator of each part recomputes its senders' numbers from the parts it holds; everybody runs
    the CenteredClip check, and a failed part whose aggregator raised no valid accusation bans it.
@@ -105,8 +105,9 @@ class Behaviour:
         return message
 
     def record(self, step: int, phase: str, record: Any) -> Any:
-        """What this peer publishes on the board in ``phase`` (``commit``, ``aggregate``, ``numbers``,
-        ``publication``), signature included where the phase signs it (an attacker may publish anything)."""
+        """What this peer publishes on the board in ``phase`` (``commit``, ``aggregate``, ``reveal``: the MPRNG reveal
+        and the gather accusations, ``numbers``, ``publication``), signature included where the phase signs it (an
+        attacker may publish anything)."""
         return record
 
     def validation_claims(self, step: int, target: int, agrees: bool) -> list[int]:
@@ -225,6 +226,7 @@ class _Round:
         self.directions: Sequence[Tensor] = []
         """The round's secret directions per part, once the seed is known (drawn on demand: see ``LazyDirections``)."""
         self.refuted: list[tuple[int, int]] = []
+        self.gather_accusations: list[tuple] = []
 
     # ------------------------------------------------------------------ helpers
     def ban(self, member: int, reason: str, evidence: str) -> None:
@@ -379,16 +381,27 @@ class _Round:
                     self.aggregates[i].copy_(got)  # the published aggregate in a malformed message: it stands
                 else:
                     accusations.append(("missing-aggregate", i, None))  # its published copy must have the right shape
-        self.resolve(accusations)
+        self.gather_accusations = accusations  # published with the reveals: one board round for both
 
     def reveal(self) -> Optional[bytes]:
-        reveals = self.t.all_gather_object(self.behaviour.reveal(self.step, self.secret.secret))
-        valid = {}
-        for i, reveal in enumerate(reveals):
+        """The MPRNG reveals and, on the same board, the gather phase's accusations. Knowing the seed cannot change
+        what those accusations are about: every aggregate was bound by its signed hash on the aggregate board before
+        the first reveal, so an accuser that waits for the others' reveals learns nothing it can use against them."""
+        mine = [self.behaviour.reveal(self.step, self.secret.secret), self.behaviour.accusations(self.step, self.gather_accusations)]
+        board = self.t.all_gather_object(self.behaviour.record(self.step, "reveal", mine))
+        valid: dict[int, bytes] = {}
+        published: list[Any] = []
+        for i, entry in enumerate(board):
+            reveal: Any = None
+            items: Any = None
+            if type(entry) in (tuple, list) and len(entry) == 2:
+                reveal, items = entry
+            published.append(items)
             if check_reveal(self.commitments[i], reveal, self.peers[i], self.step):
                 valid[self.peers[i]] = reveal
             else:
                 self.ban(i, "withheld or wrong MPRNG reveal", "missing-record")
+        self.judge(published)
         return shared_seed(self.step, valid) if not self.bans else None
 
     def my_numbers(self, part_index: int, part: Tensor) -> list:
@@ -487,10 +500,12 @@ class _Round:
 
     # ------------------------------------------------------------------ accusations
     def resolve(self, accusations: list[tuple]) -> set[int]:
-        """Publish my accusations; judge everybody's from the evidence. Returns the members whose
-        accusations held (an aggregator that caught a liar is not blamed for its failed check)."""
-        mine = self.behaviour.accusations(self.step, accusations)
-        board = self.t.all_gather_object(mine)
+        """Publish my accusations on their own board round; judge everybody's (:meth:`judge`)."""
+        return self.judge(self.t.all_gather_object(self.behaviour.accusations(self.step, accusations)))
+
+    def judge(self, board: list[Any]) -> set[int]:
+        """Judge every member's published accusations from the evidence. Returns the members whose accusations held
+        (an aggregator that caught a liar is not blamed for its failed check)."""
         upheld: set[int] = set()
         disputes: list[tuple[int, str, int]] = []  # (accuser, kind, accused)
         for accuser, items in enumerate(board):

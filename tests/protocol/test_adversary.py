@@ -164,6 +164,13 @@ class Publishes(Behaviour):
     ("aggregate", lambda r: ([1, 2], r[1])),  # a list where a digest is
     ("aggregate", lambda r: (r[0], torch.zeros(64))),
     ("aggregate", lambda r: None),
+    ("reveal", lambda r: None),
+    ("reveal", lambda r: [r[0]]),  # the accusations left out
+    ("reveal", lambda r: [r[0], r[1], r[1]]),
+    ("reveal", lambda r: [bytes(32), r[1]]),  # not the committed secret
+    ("reveal", lambda r: [r[0], "accuse"]),
+    ("reveal", lambda r: [r[0], [("equivocation", 0, None)]]),  # evidence missing
+    ("reveal", lambda r: [r[0], [("equivocation", 0, (bytes(32), bytes(64)))]]),  # a false accusation
     ("numbers", lambda r: (r[0][:1], r[1])),
     ("numbers", lambda r: ([[[float("nan")] * 2, 1.0, [0.0] * 2, 1.0]] * N, r[1])),
 ])
