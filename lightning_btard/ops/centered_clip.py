@@ -43,7 +43,7 @@ from lightning_btard.ops.accurate_sums import accurate_dots
 from lightning_btard.ops.finite import finite_rows
 from lightning_btard.ops.median import coordinate_median
 from lightning_btard.ops.norms import safe_norm
-from lightning_btard.ops.workspace import SCRATCH, Workspace
+from lightning_btard.ops.workspace import SCRATCH
 
 __all__ = ["CenteredClipResult", "centered_clip", "centered_clip_with_stats", "clip_coefficients"]
 
@@ -71,9 +71,6 @@ def clip_coefficients(distances: Tensor, tau: float) -> Tensor:
     if math.isinf(tau):
         return torch.ones_like(distances)
     return torch.where(distances > tau, tau / distances.clamp_min(torch.finfo(distances.dtype).tiny), 1.0)
-
-
-_workspace = Workspace()
 
 
 def _validate(x: Tensor, tau: float, weights: Optional[Tensor]) -> tuple[Tensor, Tensor]:
@@ -218,7 +215,7 @@ def centered_clip_with_stats(
         return CenteredClipResult(value=v, iterations=0, residual=0.0, clipped=0, converged=True)
 
     work = SCRATCH.view("rows", (n, d), x.dtype, x.device)
-    vec = _workspace.get("centered_clip.vector", (d,), x.dtype, x.device)
+    vec = SCRATCH.view("vector", (d,), x.dtype, x.device)
     started = _start(x, w, tau, eps, rel_eps, max_iters, v)
     if started is None:
         _check_finite(x)

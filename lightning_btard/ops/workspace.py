@@ -55,5 +55,7 @@ class Workspace(threading.local):
 
 
 SCRATCH = Workspace()
-"""Row scratch shared by the ops that fill it and are done with it within one call, and never call each other:
-CenteredClip's centred rows and the projections' differences (one buffer of ``[n, part]`` per peer, not two)."""
+"""Scratch shared by uses that never overlap in one thread: ``"rows"``, CenteredClip's centred rows and the
+projections' differences (``[n, part]``: each fills it and is done with it within one call); ``"vector"``, CenteredClip's
+``[part]`` vector (within one call) and a round's or a validation's secret directions (``[k, part]``, held through the
+verify phase or the validation check, where no CenteredClip runs). One buffer of each per peer, not two or three."""

@@ -352,15 +352,22 @@ class PeerEngine:
             step=step, peers=list(active), sizes=list(outcome.sizes), seed=outcome.seed,
             projections={p: [list(nums[2]) for nums in outcome.numbers[i]] for i, p in enumerate(active)},
             numbers={p: outcome.numbers[i] for i, p in enumerate(active)},
-            # not a copy: the round's output buffer is written again only by the next step's round, after the next
-            # step's validation has read it (callers treat the returned aggregate as read-only)
-            aggregate=outcome.aggregate,
+            aggregate=self._kept_aggregate(outcome.aggregate),
             tau=self.round_config.tau,
             contributors=contributors, batch_idx=int(batch_idx), directions=self.round_config.directions,
             micro_batches=int(micro_batches), grad_scale=grad_scale,
         )
         record.assignments = assign_validators(outcome.seed, active, self.validators, contributors)
         self.record = record
+
+    def _kept_aggregate(self, aggregate: Optional[Tensor]) -> Optional[Tensor]:
+        """The aggregate the next step's validators check. Where a failed collective is fatal (a static group), the
+        round's own output buffer: the next step's round writes it only after the next step's validation has read it
+        (callers treat the returned aggregate as read-only). Where a group regroups and redoes a step, that redo judges
+        the previous step again after a round of the step began writing the buffer: then a copy."""
+        if aggregate is None or not self.group.recoverable:
+            return aggregate
+        return self._work.get("validated_aggregate", tuple(aggregate.shape), aggregate.dtype, aggregate.device).copy_(aggregate)
 
     # ------------------------------------------------------------------ metrics (one schema on both paths)
     def _unverified_metrics(self, stats: ButterflyStats) -> dict[str, float]:

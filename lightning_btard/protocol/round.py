@@ -411,7 +411,7 @@ class _Round:
     def verify(self, seed: bytes) -> None:
         k, device = self.config.directions, self.flat.device
         self.directions = LazyDirections(seed, self.sizes, k, device,
-                                         SCRATCH.view("directions", (k * max(self.sizes),), torch.float32, device))
+                                         SCRATCH.view("vector", (k * max(self.sizes),), torch.float32, device))
         # one pass over the parts, each part's directions drawn once: my numbers for it, and where I hold other
         # members' copies of it (as its aggregator, or as a checker of its aggregator's own part) their recomputation
         mine: list[list] = []

@@ -78,7 +78,7 @@ class StepRecord:
         """Part ``j``'s ``[k, size]`` directions, drawn again from the seed (a round holds one part's at a time)."""
         shape = (self.directions, self.sizes[j])
         return random_directions(self.seed, j, self.sizes[j], self.directions, device,
-                                 out=SCRATCH.view("directions", shape, torch.float32, device))
+                                 out=SCRATCH.view("vector", shape, torch.float32, device))
 
 
 def assign_validators(seed: bytes, peers: Sequence[int], count: int, targets: Sequence[int]) -> list[Assignment]:

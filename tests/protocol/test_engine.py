@@ -180,8 +180,8 @@ def test_a_gradient_liar_is_banned_by_its_validator_and_the_rest_retrain_without
     def flip(step: int, g: torch.Tensor) -> torch.Tensor:
         return -10 * g if step >= 2 else g
 
-    # peer 3 escapes a step's draw with probability 2/5 + 3/5 * (2/3)^2 = 2/3 (a validator itself, or not picked by
-    # either validator among 3 contributors): over the 27 steps whose targets are validated, ~2e-5 (14 steps: 1.2%)
+    # peer 3 escapes a step's draw with probability ~0.69 (a validator itself, or not picked by either validator; the
+    # exact chain over assign_validators): over the steps to 30, ~4e-5 (14 steps: 1.6%)
     peers = run(make_peers(5, validators=2, lie={3: flip}), 30)
     honest = [p for p in peers if p.engine.me != 3]
     for p in honest:
