@@ -6,14 +6,13 @@
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import sys
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from common import spawn_ranks
 
 from lightning_btard.aggregators import resolve_aggregator
 from lightning_btard.protocol.butterfly import butterfly_aggregate
@@ -62,17 +61,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=11)
     p.add_argument("--tau", type=float, default=float("inf"))
     a = p.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(r, a.world, port, a.numel, a.repeat, a.tau, queue)) for r in range(a.world)]
-    for proc in procs:
-        proc.start()
-    t_allreduce, t_butterfly, phases = queue.get(timeout=600)
-    for proc in procs:
-        proc.join(60)
+    t_allreduce, t_butterfly, phases = spawn_ranks(worker, a.world, a.numel, a.repeat, a.tau, timeout=600)
     print(f"ButterflyClip round vs gloo all_reduce: {a.numel:,} floats, {a.world} processes, tau={a.tau}\n")
     print("| what | time (median) | ratio |\n|---|---|---|")
     print(f"| gloo all_reduce (sum) | {t_allreduce * 1e3:,.1f} ms | 1.00x |")

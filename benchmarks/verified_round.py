@@ -13,13 +13,12 @@ import argparse
 import cProfile
 import io
 import pstats
-import socket
 import statistics
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from common import spawn_ranks
 
 from lightning_btard.aggregators import resolve_aggregator
 from lightning_btard.protocol.butterfly import butterfly_aggregate
@@ -89,22 +88,7 @@ def main() -> None:
     p.add_argument("--tau", type=float, default=1.0)
     p.add_argument("--profile", type=int, default=0, help="print rank 0's N costliest functions (cProfile, own time)")
     a = p.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(r, a.world, port, a.numel, a.repeat, a.tau, a.profile, queue))
-             for r in range(a.world)]
-    for proc in procs:
-        proc.start()
-    try:
-        totals, phases, report = queue.get(timeout=900)
-    finally:
-        for proc in procs:
-            proc.join(60)
-            if proc.is_alive():
-                proc.kill()
+    totals, phases, report = spawn_ranks(worker, a.world, a.numel, a.repeat, a.tau, a.profile)
     print(f"A verified round against an unverified one: {a.numel:,} floats, {a.world} processes, tau={a.tau}, "
           f"median of {a.repeat} interleaved rounds on rank 0\n")
     print("| round | time | ratio |\n|---|---|---|")
