@@ -8,6 +8,7 @@ synthetic stand-ins (CIFAR-10: ``synthetic: auto`` with its banner; WikiText: ``
 
 from __future__ import annotations
 
+import re
 import sys
 
 import pytest
@@ -34,7 +35,9 @@ def test_demo_config_with_an_attack_callback_trains_offline_on_the_announced_sta
     assert BANNER in out.stdout
     assert (tmp_path / "data" / "synthetic" / "cifar-10-batches-py" / "SYNTHETIC").is_file()
     assert "SignFlipping" in out.stdout and "fired at step" in out.stdout
-    assert "peer   1" in out.stdout or "peer 1" in out.stdout  # banned by recomputation
+    # in 8 steps a validator draws the attacker about 2 times in 3, so its ban is checked by the demo test (36 steps);
+    # here: whoever is banned is the attacker, never an honest peer
+    assert {int(p) for p in re.findall(r"step\s+\d+\s+peer\s+(\d+)\s", out.stdout)} <= {1}
 
 
 def test_demo_config_with_wandb_offline_under_lightning_pytorch(tmp_path) -> None:
