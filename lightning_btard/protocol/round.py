@@ -546,6 +546,9 @@ class _Round:
         if kind in ("lying-numbers", "lying-own-numbers"):
             # the part is the accused's if its signed commitment names it: no part signature needed (a part that came as
             # a published copy after a refuted dispute has none, and its aggregator must still be able to prove a lie)
+            # before the numbers board (an accusation on the scatter or reveal board) there are no numbers to lie in
+            if not self.numbers:
+                return False
             index = accuser if kind == "lying-numbers" else accused
             content, _ = evidence
             return digest(content) == self.committed[accused][index] and not self.numbers_match(accused, index, content)

@@ -383,3 +383,27 @@ def test_a_liar_whose_part_came_by_a_refuted_dispute_is_still_caught_and_frames_
 
     outcomes = run_round({4: DisputedLiar()}, wrap=lambda me, t: Mangler(t, unsigned) if me == 4 else t)
     assert banned(outcomes, [0, 1, 2, 3]) == {4}
+
+
+class EarlyLyingAccusation(Behaviour):
+    """Accuses a sender of lying numbers on a board before any numbers exist (the scatter board, or the reveal board
+    with gather's accusations), with that sender's real committed part as the evidence: it digests right."""
+
+    def __init__(self, board: int) -> None:
+        self.board, self.calls = board, 0
+
+    def observe(self, state: Any) -> None:
+        self.r = state
+
+    def accusations(self, step: int, honest: list[tuple]) -> list[tuple]:
+        self.calls += 1
+        if self.calls != self.board:
+            return honest
+        r, sender = self.r, 0
+        return honest + [("lying-numbers", sender, (r.received[r.row[sender]].clone(), r.part_sigs[sender]))]
+
+
+@pytest.mark.parametrize("board", [1, 2], ids=["scatter-board", "reveal-board"])
+def test_a_lying_numbers_accusation_before_the_numbers_bans_the_accuser_and_crashes_nobody(board: int) -> None:
+    outcomes = run_round({2: EarlyLyingAccusation(board)})
+    assert banned(outcomes, [0, 1, 3, 4]) == {2}
