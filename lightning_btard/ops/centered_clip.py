@@ -19,14 +19,21 @@ Speed: every iterate is an affine combination of the rows, so the iterations run
    least median distance to the others: an honest row while most are honest), the Gram matrix
    centred on it, and a first solve there. When that centred matrix is accurate (the rows' norms
    are not too large against their distances: it is derived by differences), the start is the
-   solve's combination of the rows (one ``gemv``); otherwise it is the medoid itself.
-2. Each pass centres the rows on the current ``v`` (``d_i = x_i - v``), takes their Gram matrix,
-   measures the residual on the full vectors, and if it is above the target solves in the span of
-   the ``d_i`` and moves ``v``. Its float32 rounding is relative to the distances from ``v``, so a
-   pass centred near the fixed point certifies it.
+   solve's combination of the rows; otherwise it is the medoid itself.
+2. Each pass reads the rows once, in column chunks that stay in the core's cache: it writes ``v``
+   (the start's combination, or the previous pass's move), centres the chunk on it (``d_i = x_i -
+   v``), and takes all products of the ``d_i`` and of ``r' = sum_i g_i d_i``, where ``g`` are the
+   coefficients the last solve predicts at ``v``. The Gram matrix gives the true coefficients
+   ``a``, and ``|sum_i a_i d_i|^2 = |r'|^2 + 2 (a - g) . (d r') + (a - g)^T G (a - g)`` the
+   residual, stated as an upper bound with every product's rounding error added (small when the
+   prediction was good, which is when the residual is small). Its float32 rounding is relative to
+   the distances from ``v``, so a pass at the fixed point certifies it. Above the target, the pass
+   solves in the span of the ``d_i`` and the next pass moves ``v`` as it reads.
 
-About 10 reads of the input when the start is accurate, 16 otherwise; the released code's start, the
-coordinate-wise median, alone cost 25 (it is kept for rows beyond float32's comfortable range).
+Usually 1.3 reads of the input for the start and one pass of about 5 (the pass is bound by the
+arithmetic on its cached chunk, not by memory): about 8 in all at ``[4, 2.8M]``, 15 at ``[16, 700k]``
+(the Gram matrix grows with the rows). The released code's start, the coordinate-wise median, alone
+cost 25; it is kept for rows beyond float32's comfortable range.
 """
 
 from __future__ import annotations
@@ -59,7 +66,8 @@ class CenteredClipResult:
     iterations: int
     """Reweighting iterations in all passes (0 for ``tau=inf``)."""
     residual: float
-    """``||sum_i w_i c_i (x_i - v)|| / sum_i w_i`` at the returned ``v``, measured on the full vectors."""
+    """An upper bound on ``||sum_i w_i c_i (x_i - v)|| / sum_i w_i`` at the returned ``v``, from products over the full
+    vectors (``inf`` when none was measured)."""
     clipped: int
     """How many rows (with a positive weight) lie farther than ``tau`` from ``v``."""
     converged: bool
@@ -106,19 +114,41 @@ _START_ACCURACY = 1e-3
 """The largest error, relative to a centred squared distance, the start's derived Gram matrix may carry for its solve
 to be used (a float32 chunk product errs by ~3e-7 of ``|x_i| |x_j|``; 1e-6 is assumed)."""
 
+_PRODUCT_ERROR = 6.2e-5
+"""A bound on the relative error of one of the pass's products ``a . b`` (float32 over 1024 elements, the chunks summed
+in float64): ``1024 * 2**-24`` of ``sum |a_k b_k| <= |a| |b|``, whatever order the additions take and whatever the
+rows are. The residual the pass states is an upper bound built with it."""
 
-def _start(x: Tensor, w: Tensor, tau: float, eps: float, rel_eps: float, budget: int, v: Tensor) -> Optional[int]:
-    """Write the start into ``v`` (see the module's docstring) and return the solve's iterations (-1: ``v`` is a row,
-    the first pass solves from the mean); ``None`` when the rows' squared norms are outside float32's comfortable range
-    (the caller starts from the coordinate median). Raises on non-finite rows."""
+_CHUNK_BYTES = 1 << 20
+"""The pass works on column chunks of the rows this large (the centred rows and their residual, on a CPU), which stay in
+the core's cache between the few operations on them; on a GPU, one chunk of the whole rows."""
+
+
+@dataclass
+class _Start:
+    """Where the passes start: ``v = sum_j beta_j x_j`` (``beta``, not yet written into ``v``; ``guess``, the
+    coefficients the start's solve predicts at it) or, with ``beta`` ``None``, ``v`` as written; ``iterations`` spent;
+    ``from_mean``: the first solve in the span starts from the mean (``v`` is a row, or the median)."""
+
+    beta: Optional[Tensor]
+    guess: Optional[Tensor]
+    iterations: int
+    from_mean: bool
+
+
+def _start(x: Tensor, w: Tensor, tau: float, eps: float, rel_eps: float, budget: int, v: Tensor) -> _Start:
+    """The start (see the module's docstring): the solve's combination of the rows, or the medoid written into ``v``
+    when the derived matrix is inexact, or the coordinate median when the rows' squared norms are outside float32's
+    comfortable range. Raises on non-finite rows."""
     gram = accurate_dots(x, x)
     sq = gram.diagonal()
     if not bool(torch.isfinite(sq).all()):
         _check_finite(x)  # raises, unless float32 squares overflowed
-        return None
     top = float(sq.max())
     if not 1e-30 < top < 1e30:
-        return None
+        _check_finite(x)
+        coordinate_median(x, workspace=SCRATCH.view("rows", tuple(x.shape), x.dtype, x.device), out=v)  # the released start
+        return _Start(None, None, 0, True)
     n = x.shape[0]
     dist2 = (sq[:, None] + sq[None, :] - 2 * gram).clamp_min(0)
     k = int(dist2.sqrt().median(dim=1).values.argmin())  # the medoid (lower median over the n distances, self's 0 included)
@@ -129,11 +159,27 @@ def _start(x: Tensor, w: Tensor, tau: float, eps: float, rel_eps: float, budget:
     accurate = bool((error.diagonal()[others] <= _START_ACCURACY * centred.diagonal()[others]).all())
     if not accurate:
         v.copy_(x[k])
-        return -1
+        return _Start(None, None, 0, True)
     # at most 100 iterations here: the passes certify (and finish) what an inexact derived matrix leaves
     beta, spent = _solve_in_span(centred, w, tau, eps, min(budget, 100), from_mean=True, rel_eps=rel_eps, raw=gram)  # weights over the rows: sum(beta) = 1
-    torch.mv(x.T, beta.to(x.dtype), out=v)
-    return spent
+    return _Start(beta, _coefficients(centred, beta, w, tau), spent, False)
+
+
+def _distances(gram: Tensor, beta: Tensor) -> Tensor:
+    """``|d_i - u|`` at ``u = sum_j beta_j d_j``, for rows ``d_i`` of Gram matrix ``gram``."""
+    g_beta = gram @ beta
+    return (gram.diagonal() - 2 * g_beta + beta @ g_beta).clamp_min(0).sqrt()
+
+
+def _coefficients(gram: Tensor, beta: Tensor, w: Tensor, tau: float) -> Tensor:
+    """``w_i * min(1, tau / |d_i - u|)`` at ``u = sum_j beta_j d_j``."""
+    return w * clip_coefficients(_distances(gram, beta), tau)
+
+
+def _objective(gram: Tensor, beta: Tensor, w: Tensor, tau: float) -> float:
+    """The Huber objective ``sum_i w_i huber_tau(|d_i - u|)`` that CenteredClip's fixed point minimises."""
+    dist = _distances(gram, beta)
+    return float(w @ torch.where(dist <= tau, dist.square() / 2, tau * dist - tau**2 / 2))
 
 
 def _solve_in_span(gram: Tensor, w: Tensor, tau: float, eps: float, budget: int, from_mean: bool = False,
@@ -146,15 +192,26 @@ def _solve_in_span(gram: Tensor, w: Tensor, tau: float, eps: float, budget: int,
     full-vector residual, measured by the caller, is what certifies the result), where ``target`` is
     ``max(eps, rel_eps * ||v||)`` and ``||v||`` comes from ``raw``, the Gram matrix of the rows themselves, when the
     iterate is ``v = sum_j beta_j x_j`` (the start; a pass states its target in ``eps``).
+
+    Each reweighting step is stretched (over-relaxed) by a factor that doubles while the stretched point lowers the
+    Huber objective below the plain step's, and falls back to the plain step when it does not: plain steps crawl where
+    the fixed point sits near a row (all rows clipped, a hostile row far away: the geometric median case), which let
+    a sender's choice of row keep an honest aggregator short of the residual the check demands. The objective only
+    decreases, so the fixed point is the same.
     """
-    diag = gram.diagonal()
     beta = w / w.sum() if from_mean else torch.zeros_like(w)
+    stretch = 1.0
     for it in range(1, budget + 1):
-        g_beta = gram @ beta
-        dist = (diag - 2 * g_beta + beta @ g_beta).clamp_min(0).sqrt()
-        wc = w * clip_coefficients(dist, tau)
-        new_beta = wc / wc.sum()
-        delta = new_beta - beta
+        wc = _coefficients(gram, beta, w, tau)
+        plain = wc / wc.sum()
+        delta = plain - beta
+        new_beta = plain
+        if it > 1:  # (the first step from u = 0 fixes the scale: every later beta sums to 1)
+            stretched = beta + 2 * stretch * delta
+            if _objective(gram, stretched, w, tau) < _objective(gram, plain, w, tau):
+                new_beta, stretch = stretched, min(2 * stretch, 2.0**20)
+            else:
+                stretch = 1.0
         beta = new_beta
         target = max(eps, rel_eps * max(float(beta @ raw @ beta), 0.0) ** 0.5) if raw is not None and rel_eps else eps
         if float(delta @ gram @ delta) <= (target * 1e-2) ** 2:
@@ -162,25 +219,93 @@ def _solve_in_span(gram: Tensor, w: Tensor, tau: float, eps: float, budget: int,
     return beta, budget
 
 
-def _gram(work: Tensor) -> tuple[Tensor, float]:
-    """The float64 Gram matrix of the rows ``d_i`` of ``work``, and the unit they are left in.
+@dataclass
+class _Pass:
+    """What one pass measured at its ``v``: the Gram matrix of ``d_i = x_i - v`` (float64, original units), and for
+    the residual ``r' = sum_i guess_i d_i`` of the guessed coefficients, the products ``d_i . r'`` and ``|r'|^2``, with
+    ``floor``, what float32 underflow may have dropped from ``|r'|^2`` (squares below ``FLT_MIN``)."""
 
-    Its products are float32 chunks summed in float64 (:func:`accurate_dots`): one float32 product over millions
-    of elements errs by ~1e-4 relative, enough to leave the in-span solve short of the fixed point (two far-apart
-    rows, whose fixed points form a segment, were 12x short of the residual target and the check failed them).
+    gram: Tensor
+    guess: Tensor
+    guess_dots: Tensor
+    guess_square: float
+    floor: float
 
-    Squared distances outside float32's comfortable range (rows closer than ~1e-15 to ``v``, say the
-    gradients of a confidently fitted model, or farther than ~1e15) would underflow or overflow in a
-    float32 product: then ``work`` is divided by its largest row norm (``unit``) first."""
-    gram = accurate_dots(work, work)
-    top = float(gram.diagonal().max())
+
+def _pass(x: Tensor, v: Tensor, guess: Tensor, start: Optional[Tensor], move: Optional[Tensor], unit: float) -> _Pass:
+    """One read of the rows, chunk by chunk: first ``v = start @ x`` or ``v += move @ (x - v)`` (the previous pass's
+    solve), then the centred rows ``d = (x - v) / unit`` and ``r' = guess @ d`` in a cached buffer, and all their
+    products in one batched product of 1024-element pieces (summed in float64)."""
+    n, d = x.shape
+    columns = d if x.device.type != "cpu" else max(1024, _CHUNK_BYTES // (x.element_size() * (n + 1)) // 1024 * 1024)
+    buf = SCRATCH.view("rows", (n + 1, min(columns, d)), x.dtype, x.device)
+    pieces = torch.empty(d // 1024, n + 1, n + 1, dtype=x.dtype, device=x.device)
+    tail = torch.zeros(n + 1, n + 1, dtype=torch.float64, device=x.device)
+    guess_row = guess.to(x.dtype)[None]
+    start_row = start.to(x.dtype)[None] if start is not None else None
+    move_row = move.to(x.dtype)[None] if move is not None else None
+    for s in range(0, d, columns):
+        e = min(d, s + columns)
+        xc, vc, b = x[:, s:e], v[s:e], buf[:, : e - s]
+        rows = b[:n]
+        if start_row is not None:
+            torch.mm(start_row, xc, out=vc[None])
+        torch.sub(xc, vc, out=rows)
+        if move_row is not None:
+            step = torch.mm(move_row, rows)
+            vc.add_(step[0])
+            rows.sub_(step)
+        if unit != 1.0:
+            rows.div_(unit)
+        torch.mm(guess_row, rows, out=b[n:])
+        m = (e - s) // 1024
+        if m:
+            whole = b[:, : m * 1024].view(n + 1, m, 1024).transpose(0, 1)
+            torch.bmm(whole, whole.transpose(1, 2), out=pieces[s // 1024 : s // 1024 + m])
+        if m * 1024 < e - s:
+            rest = b[:, m * 1024 :].double()
+            tail += rest @ rest.T
+    products = (pieces.sum(0, dtype=torch.float64) + tail) * unit**2
+    return _Pass(gram=products[:n, :n], guess=guess, guess_dots=products[:n, n], guess_square=float(products[n, n]),
+                 floor=d * torch.finfo(x.dtype).tiny * unit**2)
+
+
+def _measure(x: Tensor, v: Tensor, guess: Tensor, start: Optional[Tensor], move: Optional[Tensor]) -> _Pass:
+    """:func:`_pass`, repeated on rows divided by their largest distance from ``v`` when the squared distances are
+    outside float32's comfortable range (rows closer than ~1e-15 to ``v``, say the gradients of a confidently fitted
+    model, or farther than ~1e15), where the float32 products would underflow or overflow."""
+    measured = _pass(x, v, guess, start, move, 1.0)
+    top = float(measured.gram.diagonal().max())
     if 1e-30 < top < 1e30:
-        return gram, 1.0
-    unit = float(safe_norm(work, dim=1).max())
-    if not 0.0 < unit < math.inf:
-        return gram, 1.0  # every row is v (nothing to scale), or the inputs are beyond float32 anyway
-    work.div_(unit)
-    return accurate_dots(work, work) * unit**2, unit
+        return measured
+    if not 0.0 < top < math.inf:  # every row is v (nothing to scale), or overflowed: the rows' own norms
+        work = torch.sub(x, v, out=SCRATCH.view("rows", tuple(x.shape), x.dtype, x.device))
+        top = float(safe_norm(work, dim=1).max()) ** 2
+        if not 0.0 < top < math.inf:
+            return measured
+    return _pass(x, v, guess, None, None, top**0.5)
+
+
+def _residual(measured: _Pass, coef: Tensor, floor: bool = True) -> float:
+    """An upper bound on ``|sum_i coef_i d_i|`` from the measured ``r' = sum_i guess_i d_i``: with ``delta = coef -
+    guess``, ``|r|^2 = |r'|^2 + 2 delta . (d r') + delta^T G delta``. Each product may err by :data:`_PRODUCT_ERROR`
+    of its factors' norms, and ``|r'|^2`` may have lost ``floor`` to underflow: both are added. The bound is tight when
+    the guess is close (then ``delta`` is small) and the result is near the fixed point (then ``r'`` is)."""
+    delta = coef - measured.guess
+    norms = measured.gram.diagonal().clamp_min(0).sqrt()
+    spread = float(delta.abs() @ norms)
+    rho = max(measured.guess_square, 0.0) ** 0.5
+    square = measured.guess_square + 2 * float(delta @ measured.guess_dots) + float(delta @ measured.gram @ delta)
+    slack = _PRODUCT_ERROR * (rho**2 + 2 * rho * spread + spread**2) + (measured.floor if floor else 0.0)
+    return max(square, 0.0) ** 0.5 + slack**0.5 if math.isfinite(square) else math.inf
+
+
+def _direct_residual(x: Tensor, v: Tensor, coef: Tensor) -> float:
+    """``|sum_i coef_i (x_i - v)|`` itself, its norm exact at any scale (:func:`safe_norm`): for when the underflow
+    floor of the pass's ``|r'|^2`` is all that keeps its bound above the target (rows at very different distances,
+    where the pass's scaling to the farthest leaves the others' residual below float32's smallest squares)."""
+    work = torch.sub(x, v, out=SCRATCH.view("rows", tuple(x.shape), x.dtype, x.device))
+    return float(safe_norm(torch.mv(work.T, coef.to(x.dtype))))
 
 
 def centered_clip_with_stats(
@@ -213,29 +338,27 @@ def centered_clip_with_stats(
         torch.mv(x.T, (w / w_total).to(x.dtype), out=v)  # a gemv: faster on a CPU than a weighted sum
         return CenteredClipResult(value=v, iterations=0, residual=0.0, clipped=0, converged=True)
 
-    work = SCRATCH.view("rows", (n, d), x.dtype, x.device)
-    vec = SCRATCH.view("vector", (d,), x.dtype, x.device)
     started = _start(x, w, tau, eps, rel_eps, max_iters, v)
-    if started is None:
-        _check_finite(x)
-        coordinate_median(x, workspace=work, out=v)  # the released code's starting point
-    iterations = max(started or 0, 0)
-    from_mean = started == -1
+    iterations, from_mean = started.iterations, started.from_mean
+    start, move = started.beta, None
+    guess = (started.guess if started.guess is not None else w) / w_total
     residual = math.inf
     clipped = 0
-    for _ in range(_MAX_PASSES):
-        torch.sub(x, v, out=work)  # d_i = x_i - v
-        gram, unit = _gram(work)  # work now holds d_i / unit
-        coef = clip_coefficients(gram.diagonal().clamp_min(0).sqrt(), tau)
+    for attempt in range(_MAX_PASSES):
+        measured = _measure(x, v, guess, start, move)
+        start = move = None
+        coef = clip_coefficients(measured.gram.diagonal().clamp_min(0).sqrt(), tau)
         clipped = int((coef < 1).sum())
-        r = torch.mv(work.T, ((w * coef) / w_total).to(x.dtype), out=vec)
-        residual = float(safe_norm(r)) * unit  # a float32 reduction (~1e-7 relative), float64 only where float32 underflows
+        a = w * coef / w_total
+        residual = _residual(measured, a)
         target = max(eps, rel_eps * float(safe_norm(v))) if rel_eps else eps
-        if residual <= target or iterations >= max_iters:
+        if residual > target >= _residual(measured, a, floor=False):
+            residual = _direct_residual(x, v, a)
+        if residual <= target or iterations >= max_iters or attempt == _MAX_PASSES - 1:
             break
-        beta, spent = _solve_in_span(gram, w, tau, target, max_iters - iterations, from_mean)
+        move, spent = _solve_in_span(measured.gram, w, tau, target, max_iters - iterations, from_mean)
         iterations, from_mean = iterations + spent, False
-        v.add_(torch.mv(work.T, (beta * unit).to(x.dtype), out=vec))
+        guess = _coefficients(measured.gram, move, w, tau) / w_total
     converged = residual <= target
     if not converged:
         warnings.warn(
