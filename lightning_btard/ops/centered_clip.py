@@ -23,17 +23,19 @@ Speed: every iterate is an affine combination of the rows, so the iterations run
 2. Each pass reads the rows once, in column chunks that stay in the core's cache: it writes ``v``
    (the start's combination, or the previous pass's move), centres the chunk on it (``d_i = x_i -
    v``), and takes all products of the ``d_i`` and of ``r' = sum_i g_i d_i``, where ``g`` are the
-   coefficients the last solve predicts at ``v``. The Gram matrix gives the true coefficients
+   coefficients the last solve predicts at ``v`` (the Gram matrix from 1024-element pieces,
+   the products with ``r'`` per chunk, all summed in float64). The Gram matrix gives the true coefficients
    ``a``, and ``|sum_i a_i d_i|^2 = |r'|^2 + 2 (a - g) . (d r') + (a - g)^T G (a - g)`` the
    residual, stated as an upper bound with every product's rounding error added (small when the
    prediction was good, which is when the residual is small). Its float32 rounding is relative to
    the distances from ``v``, so a pass at the fixed point certifies it. Above the target, the pass
    solves in the span of the ``d_i`` and the next pass moves ``v`` as it reads.
 
-Usually 1.3 reads of the input for the start and one pass of about 5 (the pass is bound by the
-arithmetic on its cached chunk, not by memory): about 8 in all at ``[4, 2.8M]``, 15 at ``[16, 700k]``
-(the Gram matrix grows with the rows). The released code's start, the coordinate-wise median, alone
-cost 25; it is kept for rows beyond float32's comfortable range.
+Measured on one thread (``./run bench centered_clip`` uses two): about 9 reads of the input at ``[4, 2.8M]`` and 12
+at ``[16, 700k]`` (the start's Gram matrix 1.2 and 3 of them), against 13 and 14 when each pass wrote the centred
+rows out in full; on two threads 12 and 16, as a cached chunk's arithmetic does not spread across threads. The
+released code's start, the coordinate-wise median, alone cost 25; it is kept for rows beyond float32's comfortable
+range.
 """
 
 from __future__ import annotations
@@ -230,24 +232,30 @@ class _Pass:
     guess_dots: Tensor
     guess_square: float
     floor: float
+    chunk_error: float
+    """A bound on the relative error of ``d_i . r'`` and ``|r'|^2`` (float32 over a chunk, the chunks summed in
+    float64)."""
 
 
 def _pass(x: Tensor, v: Tensor, guess: Tensor, start: Optional[Tensor], move: Optional[Tensor], unit: float) -> _Pass:
     """One read of the rows, chunk by chunk: first ``v = start @ x`` or ``v += move @ (x - v)`` (the previous pass's
-    solve), then the centred rows ``d = (x - v) / unit`` and ``r' = guess @ d`` in a cached buffer, and all their
-    products in one batched product of 1024-element pieces (summed in float64)."""
+    solve), then the centred rows ``d = (x - v) / unit`` and ``r' = guess @ d`` in a cached buffer; the Gram matrix of
+    the ``d_i`` from 1024-element pieces, ``d_i . r'`` and ``|r'|^2`` per chunk (all summed in float64)."""
     n, d = x.shape
     columns = d if x.device.type != "cpu" else max(1024, _CHUNK_BYTES // (x.element_size() * (n + 1)) // 1024 * 1024)
-    buf = SCRATCH.view("rows", (n + 1, min(columns, d)), x.dtype, x.device)
-    pieces = torch.empty(d // 1024, n + 1, n + 1, dtype=x.dtype, device=x.device)
-    tail = torch.zeros(n + 1, n + 1, dtype=torch.float64, device=x.device)
+    columns = min(columns, d)
+    buf = SCRATCH.view("rows", (n + 1, columns), x.dtype, x.device)
+    pieces = torch.empty(d // 1024, n, n, dtype=x.dtype, device=x.device)
+    chunks = -(-d // columns)
+    residual_products = torch.empty(chunks, n + 1, dtype=x.dtype, device=x.device)
+    tail = torch.zeros(n, n, dtype=torch.float64, device=x.device)
     guess_row = guess.to(x.dtype)[None]
     start_row = start.to(x.dtype)[None] if start is not None else None
     move_row = move.to(x.dtype)[None] if move is not None else None
-    for s in range(0, d, columns):
+    for c, s in enumerate(range(0, d, columns)):
         e = min(d, s + columns)
         xc, vc, b = x[:, s:e], v[s:e], buf[:, : e - s]
-        rows = b[:n]
+        rows, r = b[:n], b[n]
         if start_row is not None:
             torch.mm(start_row, xc, out=vc[None])
         torch.sub(xc, vc, out=rows)
@@ -258,16 +266,18 @@ def _pass(x: Tensor, v: Tensor, guess: Tensor, start: Optional[Tensor], move: Op
         if unit != 1.0:
             rows.div_(unit)
         torch.mm(guess_row, rows, out=b[n:])
+        torch.mv(b, r, out=residual_products[c])
         m = (e - s) // 1024
         if m:
-            whole = b[:, : m * 1024].view(n + 1, m, 1024).transpose(0, 1)
+            whole = rows[:, : m * 1024].view(n, m, 1024).transpose(0, 1)
             torch.bmm(whole, whole.transpose(1, 2), out=pieces[s // 1024 : s // 1024 + m])
         if m * 1024 < e - s:
-            rest = b[:, m * 1024 :].double()
+            rest = rows[:, m * 1024 :].double()
             tail += rest @ rest.T
-    products = (pieces.sum(0, dtype=torch.float64) + tail) * unit**2
-    return _Pass(gram=products[:n, :n], guess=guess, guess_dots=products[:n, n], guess_square=float(products[n, n]),
-                 floor=d * torch.finfo(x.dtype).tiny * unit**2)
+    gram = (pieces.sum(0, dtype=torch.float64) + tail) * unit**2
+    products = residual_products.sum(0, dtype=torch.float64) * unit**2
+    return _Pass(gram=gram, guess=guess, guess_dots=products[:n], guess_square=float(products[n]),
+                 floor=d * torch.finfo(x.dtype).tiny * unit**2, chunk_error=1.01 * columns * 2.0**-24)
 
 
 def _measure(x: Tensor, v: Tensor, guess: Tensor, start: Optional[Tensor], move: Optional[Tensor]) -> _Pass:
@@ -296,7 +306,7 @@ def _residual(measured: _Pass, coef: Tensor, floor: bool = True) -> float:
     spread = float(delta.abs() @ norms)
     rho = max(measured.guess_square, 0.0) ** 0.5
     square = measured.guess_square + 2 * float(delta @ measured.guess_dots) + float(delta @ measured.gram @ delta)
-    slack = _PRODUCT_ERROR * (rho**2 + 2 * rho * spread + spread**2) + (measured.floor if floor else 0.0)
+    slack = measured.chunk_error * (rho**2 + 2 * rho * spread) + _PRODUCT_ERROR * spread**2 + (measured.floor if floor else 0.0)
     return max(square, 0.0) ** 0.5 + slack**0.5 if math.isfinite(square) else math.inf
 
 
