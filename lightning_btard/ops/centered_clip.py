@@ -242,7 +242,7 @@ def _pass(x: Tensor, v: Tensor, guess: Tensor, start: Optional[Tensor], move: Op
     solve), then the centred rows ``d = (x - v) / unit`` and ``r' = guess @ d`` in a cached buffer; the Gram matrix of
     the ``d_i`` from 1024-element pieces, ``d_i . r'`` and ``|r'|^2`` per chunk (all summed in float64)."""
     n, d = x.shape
-    columns = d if x.device.type != "cpu" else max(1024, _CHUNK_BYTES // (x.element_size() * (n + 1)) // 1024 * 1024)
+    columns = d if x.device.type != "cpu" else max(1024, _CHUNK_BYTES * torch.get_num_threads() // (x.element_size() * (n + 1)) // 1024 * 1024)
     columns = min(columns, d)
     buf = SCRATCH.view("rows", (n + 1, columns), x.dtype, x.device)
     pieces = torch.empty(d // 1024, n, n, dtype=x.dtype, device=x.device)

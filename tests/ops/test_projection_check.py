@@ -4,6 +4,7 @@ honest aggregate's norm that the senders' parts give, against fixed points compu
 from __future__ import annotations
 
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -33,6 +34,35 @@ def test_accurate_dots_match_float64() -> None:
         x = torch.randn(d, generator=g) * 0.01 + 2.0  # a large mean: the hard case for float32 sums
         exact = z.double() @ x.double()
         assert torch.allclose(accurate_dots(z, x), exact, rtol=0, atol=1e-6 * float(x.double().norm()))
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+def test_clipped_projections_over_chunks_match_float64(rows: int) -> None:
+    """The numbers, computed chunk by chunk (chunks shrunk to 16 KiB here: several chunks, 1024-element pieces and a
+    remainder), against float64 on the whole vectors: a part equal to the aggregate, parts 1e-25 from a tiny one
+    (float32 loses their squares: the norm is redone) and a large common component (float32's hard case)."""
+    from lightning_btard.ops import projection
+
+    g = torch.Generator().manual_seed(1)
+    d, k, tau = 9 * 1024 + 77, 2, 0.7
+    z = torch.randn(k, d, generator=g)
+    large = torch.randn(d, generator=g) * 0.01 + 3.0
+    tiny = torch.randn(d, generator=g) * 1e-20
+    cases = [(large, large + torch.randn(4, d, generator=g) * torch.tensor([[0.0], [1e-3], [1.0], [5.0]])),
+             (tiny, tiny + torch.randn(4, d, generator=g) * torch.tensor([[1e-25], [1e-24], [1e-21], [1.0]]))]
+    for (aggregate, parts), chosen in [(case, [i]) for case in cases for i in range(4)] if rows == 1 else [(case, [0, 1, 2, 3]) for case in cases]:
+        gs = parts[chosen]
+        with mock.patch.object(projection, "_PROJECTION_CHUNK_BYTES", 1 << 14):
+            s, norms, p = clipped_projections(z, gs[0] if rows == 1 else gs, aggregate, tau)
+        diff = gs.double() - aggregate.double()
+        exact_norms = diff.norm(dim=1)
+        c = torch.clamp(tau / exact_norms.clamp_min(1e-300), max=1.0)
+        exact_s = (diff @ z.double().T) * c[:, None]
+        exact_p = gs.double() @ z.double().T
+        got_norms = torch.tensor([norms], dtype=torch.float64) if rows == 1 else norms
+        assert torch.allclose(got_norms, exact_norms, rtol=1e-6, atol=0)
+        assert torch.allclose(s.reshape(exact_s.shape), exact_s, rtol=0, atol=1e-6 * float((c * exact_norms).max()) + 1e-30)
+        assert torch.allclose(p.reshape(exact_p.shape), exact_p, rtol=0, atol=1e-6 * float(gs.double().norm(dim=1).max()))
 
 
 def test_directions_are_shared_and_seed_dependent() -> None:
