@@ -404,9 +404,10 @@ class _Round:
         self.judge(published)
         return shared_seed(self.step, valid) if not self.bans else None
 
-    def my_numbers(self, part_index: int, part: Tensor) -> list:
+    def my_numbers(self, part_index: int, part: Tensor) -> tuple[list, float]:
+        """The numbers a holder of ``part`` (part ``part_index``) publishes, ``[s, ||g - G||, p]``, and ``||g||``."""
         s, norm, p = clipped_projections(self.directions[part_index], part, self.aggregates[part_index], self.config.tau)
-        return [s.tolist(), norm, p.tolist()]
+        return [s.tolist(), norm, p.tolist()], float(safe_norm(part))
 
     def verify(self, seed: bytes) -> None:
         k, device = self.config.directions, self.flat.device
@@ -418,12 +419,12 @@ class _Round:
         recomputed: Any = None
         own_recomputed: dict[int, tuple[list, float]] = {}
         for j in range(self.n):
-            numbers = self.my_numbers(j, self.parts[j])
-            mine.append(list(self.behaviour.numbers(self.step, j, *numbers)) + [float(safe_norm(self.parts[j]))])
+            numbers, part_norm = self.my_numbers(j, self.parts[j])
+            mine.append(list(self.behaviour.numbers(self.step, j, *numbers)) + [part_norm])
             if j == self.me:  # every sender's part I aggregated, all at once
                 recomputed = clipped_projections(self.directions[j], self.received, self.aggregates[j], self.config.tau)
             if j in self.own_parts:
-                own_recomputed[j] = (self.my_numbers(j, self.own_parts[j]), float(safe_norm(self.own_parts[j])))
+                own_recomputed[j] = self.my_numbers(j, self.own_parts[j])
         board = self.signed_board("numbers", mine, _numbers_statement(self.context, self.peers[self.me], mine))
         for i, entry in enumerate(board):
             try:
@@ -481,7 +482,7 @@ class _Round:
                 "residual": max(res for _, res in self.solver_stats)}
 
     def numbers_match(self, member: int, part_index: int, part: Tensor) -> bool:
-        return self.numbers_agree(member, part_index, self.my_numbers(part_index, part), float(safe_norm(part)))
+        return self.numbers_agree(member, part_index, *self.my_numbers(part_index, part))
 
     def numbers_agree(self, member: int, part_index: int, recomputed: list, part_norm: float) -> bool:
         """Whether ``member``'s published numbers for a part match ``recomputed`` ``[s, norm, p]`` and the part's norm
