@@ -121,6 +121,10 @@ _PRODUCT_ERROR = 6.2e-5
 in float64): ``1024 * 2**-24`` of ``sum |a_k b_k| <= |a| |b|``, whatever order the additions take and whatever the
 rows are. The residual the pass states is an upper bound built with it."""
 
+_CHUNKED_RESIDUAL = True
+"""On a CPU, the products with the pass's ``r'`` are taken per chunk (tests turn it off to run the per-piece products
+a GPU uses)."""
+
 _CHUNK_BYTES = 1 << 20
 """The pass works on column chunks of the rows this large (the centred rows and their residual, on a CPU), which stay in
 the core's cache between the few operations on them; on a GPU, one chunk of the whole rows."""
@@ -242,13 +246,17 @@ def _pass(x: Tensor, v: Tensor, guess: Tensor, start: Optional[Tensor], move: Op
     solve), then the centred rows ``d = (x - v) / unit`` and ``r' = guess @ d`` in a cached buffer; the Gram matrix of
     the ``d_i`` from 1024-element pieces, ``d_i . r'`` and ``|r'|^2`` per chunk (all summed in float64)."""
     n, d = x.shape
-    columns = d if x.device.type != "cpu" else max(1024, _CHUNK_BYTES * torch.get_num_threads() // (x.element_size() * (n + 1)) // 1024 * 1024)
+    chunked = x.device.type == "cpu"
+    columns = max(1024, _CHUNK_BYTES * torch.get_num_threads() // (x.element_size() * (n + 1)) // 1024 * 1024) if chunked else d
     columns = min(columns, d)
     buf = SCRATCH.view("rows", (n + 1, columns), x.dtype, x.device)
     pieces = torch.empty(d // 1024, n, n, dtype=x.dtype, device=x.device)
-    chunks = -(-d // columns)
-    residual_products = torch.empty(chunks, n + 1, dtype=x.dtype, device=x.device)
+    # the products with r': per chunk on a CPU (one gemv each, their error bounded by the chunk's length), per
+    # 1024-element piece where the chunk is the whole row (a GPU: one batched product, and a tight bound at any length)
+    by_piece = not chunked or not _CHUNKED_RESIDUAL
+    residual_products = torch.empty(d // 1024 if by_piece else -(-d // columns), n + 1, dtype=x.dtype, device=x.device)
     tail = torch.zeros(n, n, dtype=torch.float64, device=x.device)
+    tail_products = torch.zeros(n + 1, dtype=torch.float64, device=x.device)
     guess_row = guess.to(x.dtype)[None]
     start_row = start.to(x.dtype)[None] if start is not None else None
     move_row = move.to(x.dtype)[None] if move is not None else None
@@ -266,18 +274,25 @@ def _pass(x: Tensor, v: Tensor, guess: Tensor, start: Optional[Tensor], move: Op
         if unit != 1.0:
             rows.div_(unit)
         torch.mm(guess_row, rows, out=b[n:])
-        torch.mv(b, r, out=residual_products[c])
+        if not by_piece:
+            torch.mv(b, r, out=residual_products[c])
         m = (e - s) // 1024
         if m:
-            whole = rows[:, : m * 1024].view(n, m, 1024).transpose(0, 1)
-            torch.bmm(whole, whole.transpose(1, 2), out=pieces[s // 1024 : s // 1024 + m])
+            at = slice(s // 1024, s // 1024 + m)
+            whole = b[:, : m * 1024].view(n + 1, m, 1024).transpose(0, 1)
+            torch.bmm(whole[:, :n], whole[:, :n].transpose(1, 2), out=pieces[at])
+            if by_piece:
+                torch.bmm(whole, whole[:, n:].transpose(1, 2), out=residual_products[at, :, None])
         if m * 1024 < e - s:
-            rest = rows[:, m * 1024 :].double()
-            tail += rest @ rest.T
+            rest = b[:, m * 1024 :].double()
+            tail += rest[:n] @ rest[:n].T
+            if by_piece:
+                tail_products += rest @ rest[n]
     gram = (pieces.sum(0, dtype=torch.float64) + tail) * unit**2
-    products = residual_products.sum(0, dtype=torch.float64) * unit**2
+    products = (residual_products.sum(0, dtype=torch.float64) + tail_products) * unit**2
     return _Pass(gram=gram, guess=guess, guess_dots=products[:n], guess_square=float(products[n]),
-                 floor=d * torch.finfo(x.dtype).tiny * unit**2, chunk_error=1.01 * columns * 2.0**-24)
+                 floor=d * torch.finfo(x.dtype).tiny * unit**2,
+                 chunk_error=_PRODUCT_ERROR if by_piece else 1.01 * columns * 2.0**-24)
 
 
 def _measure(x: Tensor, v: Tensor, guess: Tensor, start: Optional[Tensor], move: Optional[Tensor]) -> _Pass:

@@ -228,14 +228,15 @@ def test_reaches_its_residual_target_on_real_resnet18_gradient_parts() -> None:
     shape=st.sampled_from(["random", "copies", "collinear", "one-far"]),
     seed=st.integers(0, 2**16),
     d=st.sampled_from([700, 5 * 1024 + 3]),
+    by_piece=st.booleans(),
 )
 def test_adversarial_rows_reach_the_stated_residual(n: int, bad: int, common: float, scale: float, tau: float, shape: str,
-                                                    seed: int, d: int) -> None:
+                                                    seed: int, d: int, by_piece: bool) -> None:
     """Whatever a minority sends (huge, tiny, copies of honest rows, along one line, one far away) and however large
     the honest rows' common component against their spread (the start's derived Gram matrix loses accuracy then),
     the solver reaches the residual the verification states, measured here in float64 on the full vectors. The
     longer rows run the solver's passes over several column chunks (their size shrunk to 16 KiB), 1024-element pieces
-    and a remainder."""
+    and a remainder; ``by_piece`` takes the residual's products per piece, as on a GPU."""
     bad = min(bad, (n - 1) // 2)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(d, generator=g) * (common / d**0.5) + torch.randn(n, d, generator=g) / d**0.5
@@ -249,7 +250,8 @@ def test_adversarial_rows_reach_the_stated_residual(n: int, bad: int, common: fl
     else:
         x[:bad] = x[n - 1] * scale
     rel = 5e-7
-    with mock.patch.object(centered_clip_module, "_CHUNK_BYTES", 1 << 14):
+    with mock.patch.object(centered_clip_module, "_CHUNK_BYTES", 1 << 14), \
+            mock.patch.object(centered_clip_module, "_CHUNKED_RESIDUAL", not by_piece):
         r = centered_clip_with_stats(x, tau, eps=0.0, rel_eps=rel)
     assert r.converged
     v = r.value.double().numpy()
