@@ -55,7 +55,8 @@ class Workspace(threading.local):
 
 
 SCRATCH = Workspace()
-"""Scratch shared by uses that never overlap in one thread: ``"rows"``, CenteredClip's centred rows and the
-projections' differences (``[n, part]``: each fills it and is done with it within one call); ``"vector"``, CenteredClip's
-``[part]`` vector (within one call) and a round's or a validation's secret directions (``[k, part]``, held through the
-verify phase or the validation check, where no CenteredClip runs). One buffer of each per peer, not two or three."""
+"""Scratch shared by uses that never overlap in one thread: ``"rows"``, CenteredClip's chunk of centred rows and the
+projections' chunk of differences (about 1 MB per thread on a CPU; the whole ``[n, part]`` only on CenteredClip's rare
+paths, rows beyond float32's range, and on a GPU, where a chunk is the whole row); ``"vector"``, a round's or a
+validation's secret directions (``[k, part]``, held through the verify phase or the validation check). One buffer of
+each per thread."""
