@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from lightning_btard.ops.accurate_sums import accurate_dots
-from lightning_btard.ops.finite import finite_rows
+from lightning_btard.ops.finite import all_finite, finite_rows
 from lightning_btard.ops.median import coordinate_median
 from lightning_btard.ops.norms import safe_norm
 from lightning_btard.ops.workspace import SCRATCH
@@ -359,8 +359,9 @@ def centered_clip_with_stats(
 
     v = torch.empty(d, dtype=x.dtype, device=x.device) if out is None else out
     if math.isinf(tau) or n == 1:
-        _check_finite(x)
         torch.mv(x.T, (w / w_total).to(x.dtype), out=v)  # a gemv: faster on a CPU than a weighted sum
+        if not all_finite(v):  # a NaN or Inf in a row shows in the mean (times 0 too): the rows are read only then
+            _check_finite(x)
         return CenteredClipResult(value=v, iterations=0, residual=0.0, clipped=0, converged=True)
 
     started = _start(x, w, tau, eps, rel_eps, max_iters, v)

@@ -124,12 +124,19 @@ def test_stopped_short_warns_and_reports_the_residual() -> None:
         assert centered_clip_with_stats(x, 0.05, eps=1e-9).converged
 
 
+@pytest.mark.parametrize("tau", [1.0, float("inf")])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_non_finite_inputs_raise(bad: float) -> None:
+def test_non_finite_inputs_raise(bad: float, tau: float) -> None:
+    """Whatever the radius (the mean's path checks its result, then the rows), and with one row, or a weight that
+    float32 rounds to 0 on the bad row."""
     x = torch.randn(5, 20)
     x[2, 7] = bad
     with pytest.raises(ValueError, match="non-finite"):
-        centered_clip(x, 1.0)
+        centered_clip(x, tau)
+    with pytest.raises(ValueError, match="non-finite"):
+        centered_clip(x[2:3], tau)
+    with pytest.raises(ValueError, match="non-finite"):
+        centered_clip(x, tau, weights=torch.tensor([1.0, 1.0, 1e-60, 1.0, 1.0], dtype=torch.float64))
 
 
 def test_bad_arguments_raise() -> None:
