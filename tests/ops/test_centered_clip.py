@@ -263,3 +263,21 @@ def test_adversarial_rows_reach_the_stated_residual(n: int, bad: int, common: fl
     assert r.converged
     v = r.value.double().numpy()
     assert residual64(x.double().numpy(), v, tau) <= 2 * rel * max(np.linalg.norm(v), 1e-30) + d * 2.0**-149
+
+
+@pytest.mark.parametrize("hostile", [1e15, 1e18])
+def test_a_sender_of_the_largest_legal_part_leaves_the_stated_residual_true(hostile: float) -> None:
+    """A part of norm up to 1e18 (``MAX_PART_NORM``, the largest the protocol accepts) among honest ones of norm 1, at
+    a real part's length: the start falls back to the coordinate median and the passes rescale by the far row's
+    distance, where the honest rows' squares underflow float32. The stated residual is still an upper bound on the
+    float64 one, and the result meets the target the check allows."""
+    g = torch.Generator().manual_seed(0)
+    d = 1_000_000
+    x = torch.randn(4, d, generator=g) / d**0.5
+    x[0] = torch.randn(d, generator=g) / d**0.5 * hostile
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # stopping short warns
+        r = centered_clip_with_stats(x, 1.0, eps=0.0, rel_eps=5e-7)
+    true = residual64(x.double().numpy(), r.value.double().numpy(), 1.0)
+    assert r.converged and true <= r.residual * (1 + 1e-6)
+    assert true <= 5e-7 * float(r.value.double().norm())
