@@ -18,16 +18,21 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["SUBNORMAL", "redo_unsure_norms", "rounding_floor", "safe_norm"]
+__all__ = ["SUBNORMAL", "redo_unsure_norms", "rounding_floor", "safe_norm", "unsure_norms"]
 
 SUBNORMAL = 2.0**-149
 """The smallest positive float32 (its spacing near zero): below it, float32 arithmetic rounds to 0."""
 
 
+def unsure_norms(norms: Tensor, size: int) -> Tensor:
+    """Which float32-computed norms of vectors of ``size`` elements may be wrong: not finite, or small enough that
+    squares may have underflowed (below ``sqrt(size) * 1e-15``)."""
+    return ~torch.isfinite(norms) | (norms < max(size, 1) ** 0.5 * 1e-15)
+
+
 def redo_unsure_norms(x: Tensor, norms: Tensor, dim: Optional[int] = None) -> Tensor:
     """``norms`` (float64), computed from ``x`` in float32, with those float32 may have got wrong redone in float64."""
-    d = x.numel() if dim is None else x.shape[dim]
-    unsure = ~torch.isfinite(norms) | (norms < max(d, 1) ** 0.5 * 1e-15)
+    unsure = unsure_norms(norms, x.numel() if dim is None else x.shape[dim])
     if not bool(unsure.any()):
         return norms
     return torch.where(unsure, torch.linalg.vector_norm(x, dim=dim, dtype=torch.float64), norms)

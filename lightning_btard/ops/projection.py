@@ -35,6 +35,7 @@ from torch import Tensor
 
 from lightning_btard.ops.accurate_sums import accurate_dots, accurate_norms
 from lightning_btard.ops.centered_clip import clip_coefficients
+from lightning_btard.ops.norms import unsure_norms
 from lightning_btard.ops.workspace import SCRATCH
 
 __all__ = [
@@ -167,8 +168,7 @@ def clipped_projections(z: Tensor, g: Tensor, aggregate: Tensor, tau: float) -> 
     s64 += s_pieces.sum(0, dtype=torch.float64)
     p64 += p_pieces.sum(0, dtype=torch.float64)
     norms = (sq64 + norm_pieces.double().square().sum(1)).sqrt()
-    unsure = ~torch.isfinite(norms) | (norms < max(size, 1) ** 0.5 * 1e-15)  # squares lost to float32: redo (rare)
-    for i in unsure.nonzero().flatten().tolist():
+    for i in unsure_norms(norms, size).nonzero().flatten().tolist():  # squares lost to float32: redo (rare)
         norms[i] = torch.linalg.vector_norm(gs[i].to(dtype) - aggregate.to(dtype), dtype=torch.float64)
     c = clip_coefficients(norms, tau)
     s = s64 * c[:, None]
