@@ -506,7 +506,10 @@ class BTARDStrategy(Processes, Joining, PeerCollectives, Leaving, ParallelStrate
             # fp16 overflow on a majority: every peer skips this step together (the scalers see inf and back off)
             assign_grads(params, torch.full_like(flat, float("inf")))
             return
-        assign_grads(params, aggregate, scale=scale)  # the aggregate itself is read-only (the next validators read it)
+        # verified, the aggregate is read-only (the next step's validators read it): the gradients get copies. Unverified,
+        # an aggregate in this step's own buffer is read by nobody else: the gradients become views of it (no copy)
+        views = not self.verify and aggregate.data_ptr() == flat.data_ptr() and aggregate.numel() == flat.numel()
+        assign_grads(params, aggregate, scale=scale, views=views)
 
     def _grad_scale(self) -> Optional[float]:
         scaler = getattr(self.precision_plugin, "scaler", None)

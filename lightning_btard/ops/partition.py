@@ -44,10 +44,15 @@ def trainable_params(param_groups: Iterable[dict]) -> list[torch.nn.Parameter]:
 def flatten_grads(
     params: Sequence[torch.nn.Parameter], dtype: torch.dtype = torch.float32, out: Optional[Tensor] = None
 ) -> Tensor:
-    """All gradients as one vector (zeros where a gradient is ``None``, so the layout is the same on every peer)."""
+    """All gradients as one vector (zeros where a gradient is ``None``, so the layout is the same on every peer).
+
+    Gradients that already are their own place in ``out`` (as :func:`assign_grads` with ``views=True`` leaves them,
+    and backward accumulates into them while ``zero_grad`` does not set them to ``None``) are not copied."""
     if not params:
         raise ValueError("no trainable parameters to aggregate")
     device = params[0].device
+    if out is not None and any(p.grad is not None and _shares_memory(p.grad, out) for p in params):
+        return _flatten_in_place(params, out)
     pieces = [
         (p.grad.detach().reshape(-1).to(dtype) if p.grad is not None else torch.zeros(p.numel(), dtype=dtype, device=device))
         for p in params
@@ -55,18 +60,58 @@ def flatten_grads(
     return torch.cat(pieces) if out is None else torch.cat(pieces, out=out)
 
 
-def assign_grads(params: Sequence[torch.nn.Parameter], flat: Tensor, scale: Optional[float] = None) -> None:
+def _shares_memory(a: Tensor, b: Tensor) -> bool:
+    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _flatten_in_place(params: Sequence[torch.nn.Parameter], out: Tensor) -> Tensor:
+    """:func:`flatten_grads` where some gradients live in ``out``: those in their own place stay, the others are
+    copied (a gradient elsewhere in ``out`` first out of it, so no copy reads what another wrote)."""
+    pieces, offset = [], 0
+    for p in params:
+        pieces.append((p, out[offset : offset + p.numel()]))
+        offset += p.numel()
+    misplaced = {id(p): p.grad.detach().clone() for p, piece in pieces
+                 if p.grad is not None and _shares_memory(p.grad, out) and not _is_view_at(p.grad, piece)}
+    for p, piece in pieces:
+        if p.grad is None:
+            piece.zero_()
+        elif id(p) in misplaced:
+            piece.copy_(misplaced[id(p)].reshape(-1))
+        elif not _is_view_at(p.grad, piece):
+            piece.copy_(p.grad.detach().reshape(-1))
+    return out
+
+
+def _is_view_at(grad: Tensor, piece: Tensor) -> bool:
+    return grad.dtype == piece.dtype and grad.is_contiguous() and grad.data_ptr() == piece.data_ptr() and _shares_memory(grad, piece)
+
+
+def assign_grads(
+    params: Sequence[torch.nn.Parameter], flat: Tensor, scale: Optional[float] = None, views: bool = False
+) -> None:
     """Write ``flat`` (times ``scale``, if given) back into the parameters' ``.grad`` (created where missing), in each
-    gradient's dtype. ``flat`` is only read."""
+    gradient's dtype. ``flat`` is only read, unless ``views``: then each gradient that can be (a contiguous float
+    parameter of ``flat``'s dtype and device) becomes a view of its place in ``flat`` instead of a copy (no copy at
+    all; what DDP's ``gradient_as_bucket_view`` does), and ``scale`` multiplies ``flat`` itself. ``flat`` must then
+    stay unread by anything else until the optimizer has stepped (the optimizer, clipping or a scaler may change
+    those gradients in place)."""
+    if sum(p.numel() for p in params) != flat.numel():
+        raise ValueError(f"flat gradient has {flat.numel()} elements, the parameters {sum(p.numel() for p in params)}")
     offset = 0
+    if views and scale is not None:
+        flat.mul_(scale)
+        scale = None
     for p in params:
         chunk = flat[offset : offset + p.numel()].view(p.shape)
         offset += p.numel()
+        if views and p.dtype == flat.dtype and p.device == flat.device and p.is_contiguous():
+            if p.grad is None or not _is_view_at(p.grad, chunk):
+                p.grad = chunk
+            continue
         if p.grad is None:
             p.grad = chunk.to(p.dtype).clone()
         else:
             p.grad.copy_(chunk)
         if scale is not None:
             p.grad.mul_(scale)
-    if offset != flat.numel():
-        raise ValueError(f"flat gradient has {flat.numel()} elements, the parameters {offset}")

@@ -29,10 +29,13 @@ def test_four_peers_stay_identical_with_accumulation_and_clipping(tmp_path) -> N
 
 
 @pytest.mark.timeout(300)
-def test_btard_with_mean_equals_lightning_ddp(tmp_path) -> None:
+@pytest.mark.parametrize("options", [(), ("--keep-grads", "--accumulate", "2", "--clip", "0.05")])
+def test_btard_with_mean_equals_lightning_ddp(tmp_path, options) -> None:
+    # unverified, the gradients become views of the aggregate (no copy); with zero_grad(set_to_none=False) backward
+    # then accumulates into those views, which the next step sends without a copy, and clipping scales them in place
     (tmp_path / "btard").mkdir()
     (tmp_path / "ddp").mkdir()
-    common = ["--devices", "2", "--steps", "8"]
+    common = ["--devices", "2", "--steps", "8", *options]
     run_script("train_tiny.py", [str(tmp_path / "btard"), "--aggregator", "mean", *common], timeout=200)
     run_script("train_tiny.py", [str(tmp_path / "ddp"), "--strategy", "ddp_find_unused_parameters_true", *common], timeout=200)
     btard, _ = load_run(tmp_path / "btard", 2)

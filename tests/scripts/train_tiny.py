@@ -43,6 +43,7 @@ p.add_argument("--dropout", type=float, default=0.0)
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--iterable", action="store_true", help="serve the training data from an IterableDataset")
 p.add_argument("--resume", default=None, help="resume from this checkpoint")
+p.add_argument("--keep-grads", action="store_true", help="zero_grad(set_to_none=False): gradients stay allocated across steps")
 p.add_argument("--deterministic-secrets", action="store_true",
                help="TESTS ONLY: each peer's MPRNG secrets derive from (peer, step), so that two runs draw the same validators")
 args = p.parse_args()
@@ -87,6 +88,9 @@ class Tiny(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=args.lr, momentum=args.momentum)
+
+    def optimizer_zero_grad(self, epoch, batch_idx, optimizer):
+        optimizer.zero_grad(set_to_none=not args.keep_grads)
 
     def train_dataloader(self):
         g = torch.Generator().manual_seed(0)
