@@ -91,3 +91,63 @@ def test_the_torch_board_never_unpickles_and_caps_record_sizes() -> None:
     assert second == [b"ok", None, None]
     assert third is None  # rank 1 broadcast a pickle: nothing runs, nothing decodes
     assert out[2][0] == [["rank", 0], None, ["rank", 2]]
+
+
+def _direct_board_rank(rank: int, port: int, out: dict) -> None:
+    import torch.distributed as dist
+
+    from lightning_btard.transports import torch_distributed as td
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=3)
+    transport = td.TorchDistributedTransport(max_record_bytes=10_000, board_slot=64)
+    short_and_long = transport.all_gather_object([b"s" * 10, b"L" * 300, b"z" * 5000][rank])
+    only_one_long = transport.all_gather_object(b"x" * (200 if rank == 1 else 3))
+    if rank == 1:  # hostile: a length no record has, then a different record for each member (equivocation)
+        send = transport._exchange
+        transport._exchange = lambda sends, recvs: send(
+            [[m.clone().fill_(0).index_fill_(0, torch.arange(8), 255)] for m in (s[0] for s in sends)], recvs)
+    negative = transport.all_gather_object(["honest", rank])
+    if rank == 1:
+        transport._exchange = lambda sends, recvs: send(
+            [[_first_message(td.encode_record(f"for {j}"), transport.board_slot)] for j in range(3)], recvs)
+    equivocated = transport.all_gather_object(["honest", rank])
+    if rank == 1:
+        transport._exchange = send
+    after = transport.all_gather_object(rank)
+    out[rank] = (short_and_long, only_one_long, negative, equivocated, after)
+    dist.destroy_process_group()
+
+
+def _first_message(data: bytes, slot: int):
+    first = torch.zeros(8 + slot, dtype=torch.uint8)
+    first[:8] = torch.frombuffer(bytearray(len(data).to_bytes(8, "little")), dtype=torch.uint8)
+    first[8 : 8 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return first
+
+
+def test_the_torch_board_takes_each_record_straight_from_its_author() -> None:
+    # one message per pair for a record within the slot, a second one for the longer records only; a hostile length
+    # is no record; what one member sends never changes what another's record is anywhere (no relays: gloo's
+    # all_gather is a ring, where a hostile rank could alter the records it forwards); an author can still send
+    # different records to different members (equivocation: the README's "Not yet")
+    ctx = mp.get_context("fork")
+    manager = ctx.Manager()
+    out = manager.dict()
+    port = free_port()
+    procs = [ctx.Process(target=_direct_board_rank, args=(r, port, out)) for r in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    for rank in range(3):
+        short_and_long, only_one_long, negative, equivocated, after = out[rank]
+        assert short_and_long == [b"s" * 10, b"L" * 300, b"z" * 5000]
+        assert only_one_long == [b"xxx", b"x" * 200, b"xxx"]
+        assert negative == [["honest", 0], None if rank != 1 else ["honest", 1], ["honest", 2]]
+        assert equivocated[0] == ["honest", 0] and equivocated[2] == ["honest", 2]
+        assert equivocated[1] == (f"for {rank}" if rank != 1 else ["honest", 1])
+        assert after == [0, 1, 2]
