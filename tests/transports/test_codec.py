@@ -71,12 +71,12 @@ def _board_rank(rank: int, port: int, out: dict) -> None:
     dist.destroy_process_group()
 
 
-def test_the_torch_board_never_unpickles_and_caps_record_sizes() -> None:
+def _three_ranks(target) -> dict:
+    """Run ``target(rank, port, out)`` on 3 forked gloo ranks; every rank's ``out[rank]``."""
     ctx = mp.get_context("fork")
-    manager = ctx.Manager()
-    out = manager.dict()
+    out = ctx.Manager().dict()
     port = free_port()
-    procs = [ctx.Process(target=_board_rank, args=(r, port, out)) for r in range(3)]
+    procs = [ctx.Process(target=target, args=(r, port, out)) for r in range(3)]
     for p in procs:
         p.start()
     for p in procs:
@@ -85,6 +85,11 @@ def test_the_torch_board_never_unpickles_and_caps_record_sizes() -> None:
         if p.is_alive():
             p.kill()
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return dict(out)
+
+
+def test_the_torch_board_never_unpickles_and_caps_record_sizes() -> None:
+    out = _three_ranks(_board_rank)
     assert not os.path.exists("/tmp/btard-codec-pwned")
     first, second, third = out[0]
     assert first == [["rank", 0], None, ["rank", 2]]
@@ -130,19 +135,7 @@ def test_the_torch_board_takes_each_record_straight_from_its_author() -> None:
     # is no record; what one member sends never changes what another's record is anywhere (no relays: gloo's
     # all_gather is a ring, where a hostile rank could alter the records it forwards); an author can still send
     # different records to different members (equivocation: the README's "Not yet")
-    ctx = mp.get_context("fork")
-    manager = ctx.Manager()
-    out = manager.dict()
-    port = free_port()
-    procs = [ctx.Process(target=_direct_board_rank, args=(r, port, out)) for r in range(3)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    out = _three_ranks(_direct_board_rank)
     for rank in range(3):
         short_and_long, only_one_long, negative, equivocated, after = out[rank]
         assert short_and_long == [b"s" * 10, b"L" * 300, b"z" * 5000]
