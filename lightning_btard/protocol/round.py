@@ -227,6 +227,7 @@ class _Round:
         """The round's secret directions per part, once the seed is known (drawn on demand: see ``LazyDirections``)."""
         self.refuted: list[tuple[int, int]] = []
         self.gather_accusations: list[tuple] = []
+        self.sent_myself_my_part = False
 
     # ------------------------------------------------------------------ helpers
     def ban(self, member: int, reason: str, evidence: str) -> None:
@@ -271,6 +272,8 @@ class _Round:
         sends = []
         for j in range(self.n):
             content = self.behaviour.part(self.step, self.peers[j], self.parts[j])
+            if j == self.me:
+                self.sent_myself_my_part = content is self.parts[j]  # then its row of `received` is my part itself
             message = self.signed(content, j, self.part_hashes[j] if content is self.parts[j] else None)
             if j in self.checkers[self.me]:
                 mine = self.behaviour.own_part(self.step, self.peers[j], self.parts[self.me])
@@ -419,10 +422,14 @@ class _Round:
         recomputed: Any = None
         own_recomputed: dict[int, tuple[list, float]] = {}
         for j in range(self.n):
-            numbers, part_norm = self.my_numbers(j, self.parts[j])
-            mine.append(list(self.behaviour.numbers(self.step, j, *numbers)) + [part_norm])
             if j == self.me:  # every sender's part I aggregated, all at once
                 recomputed = clipped_projections(self.directions[j], self.received, self.aggregates[j], self.config.tau)
+            if j == self.me and self.sent_myself_my_part:  # my own part is one of those rows: its numbers are there
+                r = self.row[self.me]
+                numbers, part_norm = [recomputed[0][r].tolist(), float(recomputed[1][r]), recomputed[2][r].tolist()], float(self.received_norms[r])
+            else:
+                numbers, part_norm = self.my_numbers(j, self.parts[j])
+            mine.append(list(self.behaviour.numbers(self.step, j, *numbers)) + [part_norm])
             if j in self.own_parts:
                 own_recomputed[j] = self.my_numbers(j, self.own_parts[j])
         board = self.signed_board("numbers", mine, _numbers_statement(self.context, self.peers[self.me], mine))
