@@ -67,19 +67,20 @@ def _shares_memory(a: Tensor, b: Tensor) -> bool:
 def _flatten_in_place(params: Sequence[torch.nn.Parameter], out: Tensor) -> Tensor:
     """:func:`flatten_grads` where some gradients live in ``out``: those in their own place stay, the others are
     copied (a gradient elsewhere in ``out`` first out of it, so no copy reads what another wrote)."""
-    pieces, offset = [], 0
+    pieces: list[tuple[Tensor, Optional[Tensor]]] = []
+    offset = 0
     for p in params:
-        pieces.append((p, out[offset : offset + p.numel()]))
+        piece = out[offset : offset + p.numel()]
         offset += p.numel()
-    misplaced = {id(p): p.grad.detach().clone() for p, piece in pieces
-                 if p.grad is not None and _shares_memory(p.grad, out) and not _is_view_at(p.grad, piece)}
-    for p, piece in pieces:
         if p.grad is None:
+            pieces.append((piece, None))
+        elif not _is_view_at(p.grad, piece):  # misplaced in out: taken out of it before any copy writes there
+            pieces.append((piece, p.grad.detach().clone() if _shares_memory(p.grad, out) else p.grad.detach()))
+    for piece, grad in pieces:
+        if grad is None:
             piece.zero_()
-        elif id(p) in misplaced:
-            piece.copy_(misplaced[id(p)].reshape(-1))
-        elif not _is_view_at(p.grad, piece):
-            piece.copy_(p.grad.detach().reshape(-1))
+        else:
+            piece.copy_(grad.reshape(-1))
     return out
 
 

@@ -127,7 +127,7 @@ class TorchDistributedTransport(Transport):
 
         Not gloo's ``all_gather``: that is a ring, where each rank forwards the others' records, so a hostile rank
         could alter an honest member's record on its way to the members after it (and it costs two of them, sizes
-        then bytes: 7 ms per board round here against about 2 for one direct exchange). Straight from the author,
+        then bytes: 7.0 ms per board round here against 1.2 for one direct exchange). Straight from the author,
         nobody can alter another's record; an author can still send different records to different members
         (equivocation, as on hivemind's board: the README's "Not yet")."""
         data = encode_record(obj)
