@@ -35,6 +35,7 @@ def _processes_mentioning(text: str) -> list[int]:
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 @pytest.mark.timeout(500)
 def test_independent_peers_ban_the_attacker_survive_a_crash_and_stay_identical(tmp_path, cifar) -> None:
     """4 peers: rank 2 flips signs from step 5 (banned by recomputation), rank 3 is killed (SIGKILL) at step 12; the
@@ -74,6 +75,7 @@ def test_independent_peers_ban_the_attacker_survive_a_crash_and_stay_identical(t
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 @pytest.mark.timeout(500)
 def test_a_late_peer_joins_with_the_groups_state_and_the_banned_attacker_is_refused(tmp_path, cifar) -> None:
     """3 peers start; rank 2 flips signs from step 0 and is banned by recomputation, then starts again with its own key
@@ -130,6 +132,7 @@ def test_a_late_peer_joins_with_the_groups_state_and_the_banned_attacker_is_refu
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 @pytest.mark.timeout(400)
 def test_tiny_albert_runs_unchanged_on_independent_peers(tmp_path) -> None:
     """The ALBERT module and WikiText-103 datamodule of the torch-backend tests, between 3 hivemind peers (the data is

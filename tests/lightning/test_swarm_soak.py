@@ -16,6 +16,7 @@ from test_hivemind_training import _processes_mentioning
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 @pytest.mark.timeout(700)
 def test_a_short_soak_keeps_honest_peers_identical_under_churn_and_attacks(tmp_path) -> None:
     run_dir = tmp_path / "soak"
