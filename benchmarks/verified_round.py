@@ -102,9 +102,9 @@ def own_work(numel: int, world: int, directions: int = 2) -> dict[str, float]:
                         directions=directions, aggregate=aggregate, tau=1.0,
                         projections={0: []}, numbers={0: []})
     for j in range(world):  # what an honest peer 0 published: the check passes, so it reads every part
-        s_j, dist, p_j = clipped_projections(record.direction(j, g.device), parts[j], aggregates[j], 1.0)
+        s_j, distance, p_j = clipped_projections(record.direction(j, g.device), parts[j], aggregates[j], 1.0)
         record.projections[0].append(p_j.tolist())
-        record.numbers[0].append([s_j.tolist(), float(dist), p_j.tolist(), float(parts[j].norm())])
+        record.numbers[0].append([s_j.tolist(), float(distance), p_j.tolist(), float(parts[j].norm())])
 
     def draw() -> None:
         lazy = LazyDirections(b"s" * 32, sizes, directions, "cpu",

@@ -1,8 +1,8 @@
 # The test suite, as CI runs it:
 #   1. lint (ruff), types (mypy, on the framework-free layers), the locks against pyproject.toml (scripts/lock.py);
 #   2. pytest, in the project's virtualenv (the lock), with both Lightning packages installed: on
-#      $BTARD_TEST_WORKERS (default 2) pytest-xdist workers, then the `serial` tests alone (swarm runs whose peers
-#      judge each other by collective deadlines: a neighbouring test's load must not make an honest peer late);
+#      $BTARD_TEST_WORKERS (default 2) pytest-xdist workers, then the `serial` tests alone (swarm runs and regroups whose
+#      peers judge each other by short deadlines: a neighbouring test's load must not make an honest peer late);
 #   3. the Lightning-facing fast tests against the oldest Lightning release claimed (scripts/old_lightning.sh);
 #   4. the package as plain `pip install ".[all]"` and `pip install .` give it (scripts/install_check.sh).
 # Arguments go to pytest (step 2, one process, no markers chosen) and skip steps 3 and 4: `./run test tests/ops -k clip`.
