@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pathlib
 import pickle
+import time
 
 import pytest
 import torch
@@ -71,8 +72,9 @@ def _board_rank(rank: int, port: int, out: dict) -> None:
     dist.destroy_process_group()
 
 
-def _three_ranks(target) -> dict:
-    """Run ``target(rank, port, out)`` on 3 forked gloo ranks; every rank's ``out[rank]``."""
+def _three_ranks(target, check_exit: bool = True) -> dict:
+    """Run ``target(rank, port, out)`` on 3 forked gloo ranks; every rank's ``out[rank]`` (``check_exit``: each exited
+    cleanly)."""
     ctx = mp.get_context("fork")
     out = ctx.Manager().dict()
     port = free_port()
@@ -84,7 +86,7 @@ def _three_ranks(target) -> dict:
     for p in procs:
         if p.is_alive():
             p.kill()
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    assert not check_exit or all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
     return dict(out)
 
 
@@ -144,3 +146,40 @@ def test_the_torch_board_takes_each_record_straight_from_its_author() -> None:
         assert equivocated[0] == ["honest", 0] and equivocated[2] == ["honest", 2]
         assert equivocated[1] == (f"for {rank}" if rank != 1 else ["honest", 1])
         assert after == [0, 1, 2]
+
+
+def _withheld_rest_rank(rank: int, port: int, out: dict) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    from lightning_btard.transports import torch_distributed as td
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=3,
+                            timeout=datetime.timedelta(seconds=3))
+    transport = td.TorchDistributedTransport(max_record_bytes=10_000, board_slot=64)
+    if rank == 1:  # hostile: announces a record longer than the slot, then never sends its rest
+        send = transport._exchange
+        announced = _first_message(b"x" * 10, transport.board_slot)
+        announced[:8] = torch.tensor(list((200).to_bytes(8, "little")), dtype=torch.uint8)  # 200 > the 64-byte slot
+        transport._exchange = lambda sends, recvs: send([[announced] for _ in range(3)], recvs)
+        transport.all_gather_object(["honest", rank])  # its own second exchange sends and expects nothing
+        out[rank] = "withheld"
+        time.sleep(6)  # stays alive past the others' timeout: silent, not gone
+        return
+    started = time.monotonic()
+    try:
+        transport.all_gather_object(["honest", rank])
+        out[rank] = ("no error", time.monotonic() - started)
+    except Exception as e:  # gloo's timeout, as for any silent rank
+        out[rank] = (type(e).__name__, time.monotonic() - started)
+
+
+def test_a_record_whose_rest_is_withheld_fails_the_board_within_the_groups_timeout() -> None:
+    """A member that announces a record longer than the slot and never sends the rest: the members waiting for it fail
+    within the process group's timeout (a silent rank, as torch.distributed treats any), they do not hang."""
+    out = _three_ranks(_withheld_rest_rank, check_exit=False)
+    assert out[1] == "withheld"
+    for rank in (0, 2):
+        error, waited = out[rank]
+        assert error != "no error" and waited < 30, out
