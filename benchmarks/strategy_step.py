@@ -110,7 +110,8 @@ def child(a: argparse.Namespace) -> None:
     if a.strategy == "ddp":
         strategy = "ddp"
     else:
-        strategy = BTARDStrategy(tau=a.tau, check_params_every=10**9, verify=a.strategy == "btard-verified")
+        strategy = BTARDStrategy(tau=a.tau, check_params_every=10**9, verify=a.strategy == "btard-verified",
+                                 directions=a.directions)
     trainer = pl.Trainer(
         accelerator=a.accelerator, devices=a.world, strategy=strategy, max_steps=a.steps, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[StepTimer(a.out)],
@@ -121,7 +122,7 @@ def child(a: argparse.Namespace) -> None:
 def run_one(a: argparse.Namespace, model: str, strategy: str, tmp: str, round_: int) -> tuple[float, dict, int]:
     out = os.path.join(tmp, f"{model}-{strategy}-{round_}.json")
     cmd = [sys.executable, __file__, "--model", model, "--world", str(a.world), "--steps", str(a.steps),
-           "--batch", str(a.batch), "--tau", str(a.tau), "--accelerator", a.accelerator, "--strategy", strategy, "--out", out]
+           "--batch", str(a.batch), "--tau", str(a.tau), "--directions", str(a.directions), "--accelerator", a.accelerator, "--strategy", strategy, "--out", out]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONWARNINGS": "ignore"}
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=3600)
     run = json.loads(Path(out).read_text())
@@ -135,7 +136,8 @@ def report(a: argparse.Namespace, model: str, results: dict) -> None:
     ddp, plain, verified = (results[s][0] for s in STRATEGIES)
     mem = {s: results[s][2] / 2**20 for s in STRATEGIES}
     where = f"{a.world} {'GPUs' if a.accelerator == 'gpu' else 'CPU processes'}"
-    print(f"\n### {model}: {where}, batch {a.batch} per peer, tau={a.tau}, best of {a.rounds} interleaved round(s)\n")
+    print(f"\n### {model}: {where}, batch {a.batch} per peer, tau={a.tau}, {a.directions} direction(s) per part, "
+          f"best of {a.rounds} interleaved round(s)\n")
     print("| strategy | median step | vs DDP | vs unverified BTARD | peak memory per peer | vs DDP |\n|---|---|---|---|---|---|")
     print(f"| {LABELS['ddp']} | {ddp * 1e3:,.1f} ms | 1.00x | | {mem['ddp']:,.0f} MiB | 1.00x |")
     print(f"| {LABELS['btard']} | {plain * 1e3:,.1f} ms | **{plain / ddp:.2f}x** (target <= 1.10x) | 1.00x | "
@@ -157,6 +159,7 @@ def main(argv=None, accelerator: str = "cpu") -> None:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--tau", type=float, default=1.0)
+    p.add_argument("--directions", type=int, default=2, help="secret directions per part in the verified check (fewer: a cheaper, weaker check)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved runs of each strategy; the best counts")
     p.add_argument("--accelerator", default=accelerator, help=argparse.SUPPRESS)
     p.add_argument("--model", default=None, help=argparse.SUPPRESS)
