@@ -26,6 +26,6 @@ cd "$here"
 # manual optimization, sync_dist, lightning.pytorch), the CLI and the bundled modules: not the protocol (Lightning-free)
 # (the protocol-attack cases once each launcher, not three times: the rest is the protocol, Lightning-free; the
 # equality with DDP once, with Lightning's default zero_grad: kept gradients are the strategy's own path)
-python -m pytest -q -n "${BTARD_TEST_WORKERS:-2}" -m "not slow" -p no:cacheprovider tests/lightning/test_strategy.py tests/lightning/test_cli.py \
+python -m pytest -q -n "${BTARD_TEST_WORKERS:-2}" --dist worksteal -m "not slow" -p no:cacheprovider tests/lightning/test_strategy.py tests/lightning/test_cli.py \
   tests/lightning/test_sim_strategy.py tests/models/test_models.py tests/datamodules/test_cifar10_datamodule.py \
   -k "not (leaves_cleanly and (EquivocatingAggregate or WrongAggregate)) and not match_processes and not run_resumes_from and not options1" "$@"
