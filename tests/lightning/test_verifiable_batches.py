@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from datamodules import CIFAR10DataModule, write_synthetic_cifar10
 from lightning_btard.verifiable_batches import (
+    SampleKey,
     VerifiableBatchSampler,
     VerifiableDataset,
     batch_keys,
@@ -87,6 +88,60 @@ def test_global_rngs_are_left_as_they_were(augmented_train_set) -> None:
     np.random.seed(5)
     ds[batch_keys(len(ds), 1, 1, 0, 0)[0]]
     assert (torch.rand(1), random.random(), np.random.rand()) == expected
+
+
+class _ThreeRngs(torch.utils.data.Dataset):
+    """Each sample draws from torch's, Python's and NumPy's global RNGs (as augmentations do); index 13 fails."""
+
+    def __len__(self) -> int:
+        return 20
+
+    def __getitem__(self, i: int):
+        if i == 13:
+            raise KeyError("a broken sample")
+        return i, torch.rand(2), random.random(), float(np.random.rand())
+
+
+def test_a_batch_is_its_samples_each_seeded_as_torch_manual_seed_would() -> None:
+    """The batched path (what the loader and a validator use) gives each sample exactly what the RNGs seeded from its
+    key by torch's own ``manual_seed``, ``random.seed`` and ``np.random.seed`` give, and the one-sample path agrees."""
+    from lightning_btard.verifiable_batches import _seed
+
+    ds = VerifiableDataset(_ThreeRngs(), run_seed=9)
+    keys = [k for k in batch_keys(len(ds), 16, 9, step=4, peer=1) if k.index != 13]
+    batch = ds.__getitems__(keys)
+    for key, (got_key, (i, t, r, n)) in zip(keys, batch):
+        seed = _seed("sample", 9, key.step, key.peer, key.micro, key.position, key.index)
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed & 0xFFFFFFFF)
+        assert got_key == key and i == key.index
+        assert torch.equal(t, torch.rand(2)) and r == random.random() and n == float(np.random.rand())
+        one_key, (_, t1, r1, n1) = ds[key]
+        assert torch.equal(t1, t) and (r1, n1) == (r, n)
+    assert len({float(b[1][1][0]) for b in batch}) == len(batch)  # the draws really differ from sample to sample
+
+
+def test_a_batch_leaves_the_global_rngs_as_they_were_even_when_a_sample_fails() -> None:
+    ds = VerifiableDataset(_ThreeRngs(), run_seed=9)
+    keys = [SampleKey(0, 0, 0, 0, 3), SampleKey(0, 0, 0, 1, 13)]
+
+    def draws():
+        return torch.rand(1), random.random(), np.random.rand()
+
+    for run in (lambda: ds.__getitems__(keys[:1]), lambda: ds.__getitems__(keys)):
+        torch.manual_seed(5)
+        random.seed(5)
+        np.random.seed(5)
+        expected = draws()
+        torch.manual_seed(5)
+        random.seed(5)
+        np.random.seed(5)
+        try:
+            run()
+        except KeyError:
+            pass
+        assert draws() == expected
 
 
 def test_iterable_datasets_are_refused_with_a_clear_error() -> None:
