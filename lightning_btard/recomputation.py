@@ -61,6 +61,7 @@ class Recomputer:
         self._snapshots: dict[int, list[Tensor]] = {}  # step -> parameter copies (two buffers, reused)
         self._spare: list[list[Tensor]] = []
         self._stash: list[Tensor] = []
+        self._back: list[Tensor] = []  # what restore() copies back: a kept snapshot, or the stash
         self.loaded = False
         """Whether the parameters hold a kept copy (until :meth:`restore`)."""
 
@@ -68,6 +69,8 @@ class Recomputer:
     def snapshot(self, step: int, params: Sequence[Tensor]) -> None:
         """Keep the parameters as they are now as ``x_step``; forget all but the previous step's copy."""
         for old in [s for s in self._snapshots if s < step - 1 or s == step]:
+            if self.loaded and self._snapshots[old] is self._back:
+                raise RuntimeError("the parameters to restore are this kept copy: restore them before the next snapshot")
             self._spare.append(self._snapshots.pop(old))
         buf = self._spare.pop() if self._spare else [torch.empty_like(p) for p in params]
         with torch.no_grad():
@@ -77,16 +80,24 @@ class Recomputer:
     def has(self, step: int) -> bool:
         return step in self._snapshots
 
-    def load(self, step: int, params: Sequence[Tensor]) -> None:
-        """Put ``x_step`` into the parameters, keeping the current values to :meth:`restore`."""
+    def load(self, step: int, params: Sequence[Tensor], current: Optional[int] = None) -> None:
+        """Put ``x_step`` into the parameters, keeping the current values to :meth:`restore`.
+
+        ``current``: a step whose kept copy the parameters equal right now (its :meth:`snapshot` was just taken, and
+        nothing changed them since, as at the start of a validator's step): :meth:`restore` copies that back, and the
+        current values need no copy of their own."""
         if self.loaded:
             raise RuntimeError("kept parameters are already loaded: restore them first")
-        if not self._stash:
-            self._stash = [torch.empty_like(p) for p in params]
+        if current is not None and current in self._snapshots:
+            self._back = self._snapshots[current]
+        else:
+            if not self._stash:
+                self._stash = [torch.empty_like(p) for p in params]
+            with torch.no_grad():
+                torch._foreach_copy_(self._stash, [p.detach() for p in params])
+            self._back = self._stash
         with torch.no_grad():
-            torch._foreach_copy_(self._stash, [p.detach() for p in params])
-            for p, s in zip(params, self._snapshots[step]):
-                p.copy_(s)
+            torch._foreach_copy_([p.detach() for p in params], self._snapshots[step])
         self.loaded = True
 
     def restore(self, params: Sequence[Tensor]) -> None:
@@ -94,8 +105,7 @@ class Recomputer:
         if not self.loaded:
             return
         with torch.no_grad():
-            for p, s in zip(params, self._stash):
-                p.copy_(s)
+            torch._foreach_copy_([p.detach() for p in params], self._back)
         self.loaded = False
 
     # ------------------------------------------------------------- the step itself

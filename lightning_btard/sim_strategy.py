@@ -341,7 +341,7 @@ class BTARDSimStrategy(SingleDeviceStrategy):
             try:
                 if peer.task is not None:
                     assert recomputer is not None
-                    recomputer.load(peer.task.record.step, params)
+                    recomputer.load(peer.task.record.step, params, current=step)  # nothing changed them since the snapshot
                 result = closure()
             finally:
                 self._current = None

@@ -109,7 +109,7 @@ class VerifiedSteps:
         task = engine.begin_step(step, kept=self.recomputer.has)
         self.fast_path = task is not None and self.recomputer.accumulate == 1
         if task is not None and self.fast_path:
-            self.recomputer.load(task.record.step, params)
+            self.recomputer.load(task.record.step, params, current=step)  # the snapshot just taken
 
     def end_step(self, params: list[torch.nn.Parameter]) -> int:
         """The step's micro-batches are done: put back this step's parameters (after a fast-path recomputation);
