@@ -37,7 +37,6 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_btard import compat
-from lightning_btard.aggregators import resolve_aggregator
 from lightning_btard.attacks.base import AttackContext
 from lightning_btard.attacks.roster import attacks_of, behaviour_of, count_fired, give_colluders_a_channel
 from lightning_btard.data_splits import DataSplit, dataset_labels
@@ -71,7 +70,7 @@ from lightning_btard.simulated_peers import (
     SimulatedPeer,
     peer_batches_loader,
 )
-from lightning_btard.strategy import verified
+from lightning_btard.strategy import round_aggregator, verified
 from lightning_btard.transports.in_process import InProcessHub
 from lightning_btard.verifiable_batches import seeded_step
 
@@ -121,11 +120,11 @@ class BTARDSimStrategy(SingleDeviceStrategy):
             raise UserError(f"check_params_every must be >= 1, got {check_params_every}")
         self.num_peers = int(num_peers)
         self.tau = float(tau)
+        self.verify = verified(aggregator, topology, verify)
         self._aggregator_spec = (aggregator, aggregator_options, {"tau": self.tau, "eps": eps, "max_iters": max_iters})
-        self.aggregator = resolve_aggregator(aggregator, aggregator_options, tau=self.tau, eps=eps, max_iters=max_iters)
+        self.aggregator = round_aggregator(aggregator, aggregator_options, self.verify, tau=self.tau, eps=eps, max_iters=max_iters)
         self.topology = topology
         self.data_split = DataSplit.of(data_split)
-        self.verify = verified(aggregator, topology, verify)
         self.validators = int(validators) if self.verify else 0
         self.validation_check = ValidationCheck(rtol=float(validation_rtol))
         self.directions = int(directions)
@@ -220,7 +219,7 @@ class BTARDSimStrategy(SingleDeviceStrategy):
             group = InProcessGroup(Membership(peers=list(range(n))), rank, hub, registry, window=self._timeout)
             peer_attacks = [copy.deepcopy(a) for a in attacks]
             engine = PeerEngine(
-                group, resolve_aggregator(self._aggregator_spec[0], self._aggregator_spec[1], **self._aggregator_spec[2]),
+                group, round_aggregator(self._aggregator_spec[0], self._aggregator_spec[1], self.verify, **self._aggregator_spec[2]),
                 verify=self.verify, identity=identities[rank], keys=keys, validators=self.validators,
                 validation_check=self.validation_check, directions=self.directions, topology=self.topology,
                 events=self.events if rank == first else EventLog(observer=rank),

@@ -100,6 +100,18 @@ def verified(aggregator: Any, topology: str, verify: Optional[bool]) -> bool:
     return verify
 
 
+def round_aggregator(aggregator: Any, aggregator_options: Optional[dict[str, Any]], verify: bool, **common: Any) -> Aggregator:
+    """The aggregator of a run's rounds, built with the strategy's ``common`` options (``tau``, ``eps``,
+    ``max_iters``). CenteredClip certifies its residual exactly when the rounds are verified (its ``certify``
+    option): nobody checks an unverified round's aggregates, and a verified round's check needs the certified bound,
+    so a verified run that asks for ``certify=False`` is an error."""
+    built = resolve_aggregator(aggregator, aggregator_options, certify=verify, **common)
+    if verify and getattr(built, "certify", True) is False:
+        raise UserError("verify=True checks every aggregate against the residual CenteredClip certifies: drop "
+                        "certify=False from aggregator_options (or use verify=False)")
+    return built
+
+
 class BTARDStrategy(Processes, Joining, PeerCollectives, Leaving, ParallelStrategy):
     """Multi-process training where gradients are combined by BTARD's ButterflyClip.
 
@@ -247,11 +259,12 @@ class BTARDStrategy(Processes, Joining, PeerCollectives, Leaving, ParallelStrate
                 identity_path=identity_path, rendezvous_timeout=float(rendezvous_timeout), join_every=self.join_every,
             )
         self.tau = float(tau)
-        self.aggregator: Aggregator = resolve_aggregator(aggregator, aggregator_options, tau=self.tau, eps=eps, max_iters=max_iters)
+        self.verify = verified(aggregator, topology, verify)
+        self.aggregator: Aggregator = round_aggregator(aggregator, aggregator_options, self.verify, tau=self.tau, eps=eps,
+                                                       max_iters=max_iters)
         self.check_params_every = int(check_params_every)
         self.topology = topology
         self.data_split = DataSplit.of(data_split)
-        self.verify = verified(aggregator, topology, verify)
         self.validators = int(validators) if self.verify else 0
         self.validation_check = ValidationCheck(rtol=float(validation_rtol))
         self.directions = int(directions)

@@ -17,11 +17,15 @@ from lightning_btard.ops.workspace import Workspace
 class CenteredClip:
     """BTARD's robust aggregation of one part: the CenteredClip fixed point with radius ``tau``."""
 
-    options = ("tau", "eps", "rel_eps", "max_iters")
+    options = ("tau", "eps", "rel_eps", "max_iters", "certify")
 
-    def __init__(self, tau: float = 1.0, eps: float = 0.0, max_iters: int = 500, rel_eps: float = 5e-7) -> None:
+    def __init__(self, tau: float = 1.0, eps: float = 0.0, max_iters: int = 500, rel_eps: float = 5e-7,
+                 certify: bool = True) -> None:
         """``eps``: absolute residual target; ``rel_eps``: relative to ``||v||``. The solver stops at the larger of
-        the two; the verified round uses the same targets (and its check allows for them)."""
+        the two; the verified round uses the same targets (and its check allows for them). ``certify=False`` skips
+        measuring the residual on the full vectors where the rows' Gram matrix already gives the fixed point
+        (:func:`~lightning_btard.ops.centered_clip.centered_clip_with_stats`): what ``BTARDStrategy`` uses when nobody
+        checks the aggregates (``verify=False``); a verified round needs it certified."""
         if not tau > 0:
             raise UserError(f"tau must be positive (or inf), got {tau}")
         if not (eps >= 0 and rel_eps >= 0 and (eps > 0 or rel_eps > 0)):
@@ -29,16 +33,18 @@ class CenteredClip:
         if max_iters < 1:
             raise UserError(f"max_iters must be >= 1, got {max_iters}")
         self.tau, self.eps, self.rel_eps, self.max_iters = float(tau), float(eps), float(rel_eps), int(max_iters)
+        self.certify = bool(certify)
         self._out = Workspace()  # the result is sent before the next call: reuse its memory
 
     def __call__(self, parts: Tensor, weights: Optional[Tensor] = None) -> AggregationResult:
         dtype = torch.float32 if parts.dtype in (torch.float16, torch.bfloat16) else parts.dtype
         out = self._out.get("centered_clip", parts.shape[1:], dtype, parts.device)
         r = centered_clip_with_stats(parts, self.tau, weights, max_iters=self.max_iters, eps=self.eps,
-                                     rel_eps=self.rel_eps, out=out)
+                                     rel_eps=self.rel_eps, out=out, certify=self.certify)
         return AggregationResult(
             r.value, {"clipped": float(r.clipped), "iterations": float(r.iterations), "residual": r.residual}
         )
 
     def __repr__(self) -> str:
-        return f"CenteredClip(tau={self.tau}, eps={self.eps}, rel_eps={self.rel_eps}, max_iters={self.max_iters})"
+        certify = "" if self.certify else ", certify=False"
+        return f"CenteredClip(tau={self.tau}, eps={self.eps}, rel_eps={self.rel_eps}, max_iters={self.max_iters}{certify})"

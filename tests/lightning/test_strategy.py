@@ -90,6 +90,21 @@ def test_aggregator_object_is_used_as_is() -> None:
     assert BTARDStrategy(tau=0.25).aggregator.tau == 0.25
 
 
+def test_centered_clip_is_certified_exactly_when_the_rounds_are_verified() -> None:
+    """Nobody checks an unverified round's aggregates: its CenteredClip skips the certifying pass (certify=False); a
+    verified round's check needs the certified residual, and asking it to skip that is a configuration error."""
+    from lightning_btard.sim_strategy import BTARDSimStrategy
+
+    assert BTARDStrategy().aggregator.certify is True
+    assert BTARDStrategy(verify=False).aggregator.certify is False
+    assert "certify=False" in repr(BTARDStrategy(verify=False).aggregator)
+    assert BTARDStrategy(verify=False, aggregator_options={"certify": True}).aggregator.certify is True
+    assert BTARDSimStrategy(num_peers=2, verify=False).aggregator.certify is False
+    for cls, extra in ((BTARDStrategy, {}), (BTARDSimStrategy, {"num_peers": 2})):
+        with pytest.raises(ValueError, match="certify=False"):
+            cls(verify=True, aggregator_options={"certify": False}, **extra)
+
+
 @pytest.mark.timeout(300)
 def test_resume_from_checkpoint_continues_identically(tmp_path) -> None:
     ckpt = tmp_path / "step6.ckpt"
