@@ -34,6 +34,7 @@ from lightning_btard.ops.workspace import SCRATCH
 from lightning_btard.protocol import records
 from lightning_btard.protocol.digest import digest
 from lightning_btard.protocol.membership import Ban
+from lightning_btard.protocol.round import RoundConfig
 from lightning_btard.transports.base import Transport
 
 __all__ = ["Assignment", "RecomputationDisagrees", "StepRecord", "ValidationCheck", "assign_validators", "resolve_validations"]
@@ -105,7 +106,12 @@ class ValidationCheck:
     - ``|p - <z, g>| <= sigmas rtol ||g|| + floor``;
     - ``||g||`` and ``||g - G||`` within ``sigmas rtol ||g|| + floor`` (each moves by at most ``||e||``);
     - ``s = c <z, g - G>`` (``c = min(1, tau / ||g - G||)``) within ``sigmas rtol ||g|| (c + |s| / ||g - G||) + floor``
-      (``<z, g - G>`` moves by ``<z, e>``, and ``c`` by at most ``c ||e|| / ||g - G||``).
+      (``<z, g - G>`` moves by ``<z, e>``, and ``c`` by at most ``c ||e|| / ||g - G||``);
+    - and ``||g - G||`` and ``s`` also within the float error they carry on their own scale, ``number_rtol ||g - G||``
+      and ``number_rtol (|s| + c ||g - G||)``: what the round's recheck of the same numbers allows. Both are computed
+      against the aggregate, so they are as large as ``||g - G||`` even where ``||g||`` is 0 (a part whose parameters
+      had no gradient that step), and their rounding is not covered by a tolerance relative to ``||g||``: an honest
+      peer with such a part was banned by its own recomputation (its two computations summed in different orders).
 
     ``s`` and the norms are checked when the record keeps them and the step's aggregate: so an aggregator's numbers
     for its own part, and a sender's for a part whose aggregator colludes with it, are checked whenever their
@@ -113,6 +119,8 @@ class ValidationCheck:
 
     rtol: float = 1e-3
     sigmas: float = 7.0
+    number_rtol: float = RoundConfig.number_rtol
+    """The float error of a published number on its own scale (the round's :attr:`RoundConfig.number_rtol`)."""
 
     def agrees(self, record: StepRecord, peer: int, recomputed: Tensor) -> bool:
         published = record.projections.get(peer)
@@ -146,10 +154,11 @@ class ValidationCheck:
 
     def _numbers_agree(self, published: list, s: Tensor, dist: float, norm: float, tol: float, floor: float, tau: float) -> bool:
         pub_s, pub_dist, _, pub_norm = published  # well formed: the round checked every member's numbers
-        if abs(pub_norm - norm) > tol or abs(pub_dist - dist) > tol:
+        if abs(pub_norm - norm) > tol or abs(pub_dist - dist) > tol + self.number_rtol * dist:
             return False
         c = min(1.0, tau / dist) if dist > 0 else 1.0
-        s_tol = self.sigmas * self.rtol * norm * (c + s.abs() / max(dist, 1e-300)) + floor
+        s_tol = (self.sigmas * self.rtol * norm * (c + s.abs() / max(dist, 1e-300)) + self.number_rtol * (s.abs() + c * dist)
+                 + floor)
         return not bool(((torch.tensor(pub_s, dtype=torch.float64) - s).abs() > s_tol).any())
 
 

@@ -121,6 +121,33 @@ def test_a_validator_checks_every_published_number_not_only_p(lie: str) -> None:
     assert check.agrees(record, 0, grads[0])
 
 
+def test_a_part_with_no_gradient_passes_with_its_numbers_rounded_and_a_lie_there_still_fails() -> None:
+    """A peer's part that is exactly 0 (parameters with no gradient that step: it happened to a whole part of the demo
+    model after a late join, in the hivemind swarm test) still has ``s`` and ``||g - G||`` of the size of the aggregate.
+    Computed in another summation order than the validator's, they differ in the last digits: the check must allow
+    that rounding on their own scale, not relative to ``||g|| = 0`` (the honest peer was banned by every peer's
+    recomputation, its own included). A lie in those numbers beyond the round's own slack still fails."""
+    gen = torch.Generator().manual_seed(2)
+    grads = {i: torch.randn(3 * 4000, generator=gen) * 0.01 for i in range(3)}
+    grads[1][4000:8000] = 0.0  # part 1 of peer 1: no gradient at all
+    aggregate = torch.stack(list(grads.values())).mean(0)
+    record = full_record_of(grads, aggregate, tau=1.0)
+    check = ValidationCheck(rtol=1e-3)
+    assert check.agrees(record, 1, grads[1])
+    s, dist = record.numbers[1][1][0], record.numbers[1][1][1]
+    assert record.numbers[1][1][3] == 0.0 and dist > 0
+    record.numbers[1][1][0] = [v * (1 + 3e-9) for v in s]  # the other order's rounding
+    record.numbers[1][1][1] = dist * (1 + 3e-9)
+    assert check.agrees(record, 1, grads[1])
+    for lie in (1e-4, -1e-4):  # 10x what the round's recheck of s allows, on the same scale
+        record.numbers[1][1][0] = [v + lie * dist for v in s]
+        record.numbers[1][1][1] = dist
+        assert not check.agrees(record, 1, grads[1])
+    record.numbers[1][1][0] = s
+    record.numbers[1][1][1] = dist * (1 + 1e-4)
+    assert not check.agrees(record, 1, grads[1])
+
+
 def test_the_comparison_uses_the_published_directions_not_fresh_ones() -> None:
     g = torch.randn(1200)
     record = record_of({0: g, 1: g})
