@@ -350,10 +350,11 @@ def _uncertified(x: Tensor, w: Tensor, tau: float, beta: Tensor, centred: Tensor
     the rows centred on the medoid gives them: at ``u = sum_j beta_j d_j``, ``x_i - v = d_i - u``, so the residual
     ``sum_i a_i (d_i - u) = sum_j (a_j - beta_j sum_i a_i) d_j``."""
     torch.mv(x.T, beta.to(x.dtype), out=v)
-    a = _coefficients(centred, beta, w, tau) / w.sum()
+    coef = clip_coefficients(_distances(centred, beta), tau)
+    a = w * coef / w.sum()
     c = a - beta * a.sum()
     residual = max(float(c @ centred @ c), 0.0) ** 0.5
-    clipped = int((clip_coefficients(_distances(centred, beta), tau) < 1).sum())
+    clipped = int((coef < 1).sum())
     return CenteredClipResult(value=v, iterations=iterations, residual=residual, clipped=clipped, converged=True,
                               certified=False)
 

@@ -151,3 +151,55 @@ def test_bad_arguments() -> None:
         BTARDSimStrategy(num_peers=0)
     with pytest.raises(UserError, match="verify=True checks CenteredClip"):
         BTARDSimStrategy(aggregator="krum", verify=True)
+
+
+class _Wide(pl.LightningModule):
+    """About 17k parameters: parts of thousands of elements, CenteredClip's Gram matrix over 1024-element pieces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(32, 256), torch.nn.Tanh(), torch.nn.Linear(256, 32))
+
+    def training_step(self, batch, batch_idx):
+        loss = torch.nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+        self.log("loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(3)
+        data = torch.utils.data.TensorDataset(torch.randn(256, 32, generator=g), torch.randint(0, 32, (256,), generator=g))
+        return torch.utils.data.DataLoader(data, batch_size=4)
+
+
+def test_unverified_training_with_uncertified_centered_clip_is_the_certified_training(monkeypatch) -> None:
+    """An unverified run skips CenteredClip's certifying pass (certify=False). On the same run with clipping active,
+    it trains to the very parameters the certified solver gives (the pass, where run, finds nothing to move)."""
+    from lightning_btard.aggregators import centered_clip as aggregator_module
+
+    solved = []
+    solve = aggregator_module.centered_clip_with_stats
+
+    def recorded(*args, **kwargs):
+        result = solve(*args, **kwargs)
+        solved.append((kwargs["certify"], result.certified))
+        return result
+
+    monkeypatch.setattr(aggregator_module, "centered_clip_with_stats", recorded)
+    params, clipped = {}, {}
+    for certify in (False, True):
+        pl.seed_everything(0)
+        strategy = BTARDSimStrategy(num_peers=4, verify=False, tau=0.02, aggregator_options={"certify": certify},
+                                    check_params_every=1)
+        assert strategy.aggregator.certify is certify
+        trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_steps=6, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        module = _Wide()
+        trainer.fit(module)
+        params[certify] = torch.cat([p.detach().flatten() for p in module.parameters()])
+        clipped[certify] = float(trainer.callback_metrics["btard/clipped"])
+    assert clipped[False] == clipped[True] > 0  # the rows were clipped: CenteredClip, not the mean
+    assert torch.equal(params[False], params[True])
+    assert (False, False) in solved and (True, False) not in solved  # the uncertified run took the shortcut
